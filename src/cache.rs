@@ -1,0 +1,544 @@
+//! The token cache: one current token behind an [`ArcSwap`], read lock-free on
+//! every request, and one refresh at a time for every caller.
+//!
+//! A token lives through three phases, flipped by a timer rather than by a
+//! clock read per request:
+//!
+//! - **fresh**: requests use it;
+//! - **stale** (inside the refresh-ahead window): requests still use it, and the
+//!   first one to notice starts a background refresh;
+//! - **expired** (inside the expiry margin, or rejected with a 401): requests
+//!   wait for the refresh.
+//!
+//! Refreshes are spawned, so a caller that gives up does not cancel the refresh
+//! others wait for. A refresh presents the refresh token, and falls back to the
+//! password grant when Volt rejects it. A failed refresh is retried after an
+//! exponential, jittered backoff; until then, requests keep the token while it
+//! is valid and otherwise get the refresh's error at once.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tokio::time::{Instant, sleep_until};
+
+use crate::error::{Error, GrantType};
+use crate::oauth::{Grant, Token, TokenSource};
+
+const FRESH: u8 = 0;
+const STALE: u8 = 1;
+const EXPIRED: u8 = 2;
+
+/// How far the refresh-ahead point is moved earlier at random, as a fraction of
+/// the refresh-ahead window, so that processes started together spread out.
+const JITTER: f64 = 0.2;
+
+/// When to refresh and how to back off.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub(crate) refresh_ahead: Duration,
+    pub(crate) expiry_margin: Duration,
+    pub(crate) backoff_min: Duration,
+    pub(crate) backoff_max: Duration,
+}
+
+/// The token requests use, and the phase it is in.
+struct Entry {
+    token: Option<Arc<Token>>,
+    generation: u64,
+    phase: AtomicU8,
+}
+
+/// A token handed to a caller, with the generation that identifies it when a
+/// 401 comes back.
+#[derive(Clone, Debug)]
+pub(crate) struct Lease {
+    pub(crate) token: Arc<Token>,
+    pub(crate) generation: u64,
+}
+
+/// Shared by every clone of the layer, its services and their futures.
+#[derive(Clone)]
+pub(crate) struct TokenCache {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    current: ArcSwap<Entry>,
+    /// Whether a request that sees a stale token may start a background refresh.
+    may_kick: AtomicBool,
+    flight: Mutex<Flight>,
+    done: watch::Sender<Option<Error>>,
+    source: Box<dyn TokenSource>,
+    settings: Settings,
+    counters: Counters,
+}
+
+/// The slow-path state, behind a mutex that is never held across an await.
+#[derive(Default)]
+struct Flight {
+    running: bool,
+    generation: u64,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<Error>,
+    forced_at: Option<Instant>,
+    forced_streak: u32,
+    timer: Option<AbortHandle>,
+}
+
+enum Begin {
+    Ready(Lease),
+    Keep,
+    Wait,
+}
+
+impl TokenCache {
+    pub(crate) fn new(source: impl TokenSource, settings: Settings) -> Self {
+        let (done, _) = watch::channel(None);
+        Self {
+            shared: Arc::new(Shared {
+                current: ArcSwap::from_pointee(Entry {
+                    token: None,
+                    generation: 0,
+                    phase: AtomicU8::new(EXPIRED),
+                }),
+                may_kick: AtomicBool::new(true),
+                flight: Mutex::new(Flight::default()),
+                done,
+                source: Box::new(source),
+                settings,
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// The hot path: the current token's header and generation, or `None` when
+    /// the caller must wait for [`TokenCache::token`]. One atomic load, no lock,
+    /// no clock read.
+    #[inline]
+    pub(crate) fn current(&self) -> Option<(HeaderValue, u64)> {
+        let entry = self.shared.current.load();
+        match entry.phase.load(Ordering::Acquire) {
+            FRESH => {}
+            STALE => self.shared.kick(),
+            _ => return None,
+        }
+        let token = entry.token.as_ref()?;
+        Some((token.header().clone(), entry.generation))
+    }
+
+    /// A valid token, waiting for the one refresh if there is none.
+    pub(crate) async fn token(&self) -> Result<Lease, Error> {
+        match self.acquire(None).await? {
+            Some(lease) => Ok(lease),
+            // Only a rejected generation can be kept; there is none here.
+            None => Err(Error::Interrupted),
+        }
+    }
+
+    /// After a 401 to the token of `rejected`: a newer token (waiting for the one
+    /// refresh if needed), or `None` when no newer token may be had yet because
+    /// 401-driven refreshes are throttled.
+    pub(crate) async fn renew(&self, rejected: u64) -> Result<Option<Lease>, Error> {
+        self.acquire(Some(rejected)).await
+    }
+
+    /// After a 401 that will not be replayed: invalidates the token of
+    /// `rejected` (unless throttled) and starts the refresh without waiting.
+    pub(crate) fn invalidate(&self, rejected: u64) {
+        // Errors reach the next request that waits; nothing waits here.
+        let _ = Shared::begin(&self.shared, Some(rejected));
+    }
+
+    pub(crate) fn record_replay(&self) {
+        self.shared.counters.replays.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let counters = &self.shared.counters;
+        let entry = self.shared.current.load();
+        let remaining = match (&entry.token, entry.phase.load(Ordering::Acquire)) {
+            (Some(token), phase) if phase != EXPIRED => {
+                Some(token.expires_at().saturating_duration_since(Instant::now()))
+            }
+            _ => None,
+        };
+        Stats {
+            password: counters.grant(GrantType::Password),
+            refresh: counters.grant(GrantType::RefreshToken),
+            refreshes: counters.refreshes.load(Ordering::Relaxed),
+            replays: counters.replays.load(Ordering::Relaxed),
+            remaining,
+        }
+    }
+
+    async fn acquire(&self, rejected: Option<u64>) -> Result<Option<Lease>, Error> {
+        loop {
+            let mut done = self.shared.done.subscribe();
+            match Shared::begin(&self.shared, rejected)? {
+                Begin::Ready(lease) => return Ok(Some(lease)),
+                Begin::Keep => return Ok(None),
+                Begin::Wait => {}
+            }
+            if done.changed().await.is_err() {
+                return Err(Error::Interrupted);
+            }
+            if let Some(error) = done.borrow_and_update().clone() {
+                return Err(error);
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Flight> {
+        self.flight.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts a background refresh for a stale token, once.
+    fn kick(self: &Arc<Self>) {
+        if self.may_kick.load(Ordering::Relaxed) && self.may_kick.swap(false, Ordering::AcqRel) {
+            self.start_if_due(&mut self.lock(), Instant::now());
+        }
+    }
+
+    /// Starts a background refresh unless one runs or a backoff is not over.
+    /// Whoever clears `may_kick` calls this; it is set again when a token
+    /// arrives or a backoff ends.
+    fn start_if_due(self: &Arc<Self>, flight: &mut Flight, now: Instant) {
+        if !flight.running && flight.retry_at.is_none_or(|at| now >= at) {
+            // Without a runtime there is no background refresh; the request
+            // that later waits for the token reports the error.
+            let _ = self.start(flight);
+        }
+    }
+
+    /// Decides, under the lock, whether a caller has a token, must wait for a
+    /// refresh (starting it if none runs), or gets the last error.
+    fn begin(self: &Arc<Self>, rejected: Option<u64>) -> Result<Begin, Error> {
+        let now = Instant::now();
+        let mut flight = self.lock();
+        let entry = self.current.load();
+        if let Some(token) = &entry.token {
+            let phase = entry.phase.load(Ordering::Acquire);
+            if rejected == Some(entry.generation) {
+                if phase != EXPIRED {
+                    if !flight.may_force(now, &self.settings) {
+                        return Ok(Begin::Keep);
+                    }
+                    entry.phase.store(EXPIRED, Ordering::Release);
+                    tracing::debug!(generation = entry.generation, "a 401 invalidated the token");
+                }
+            } else if phase != EXPIRED {
+                if phase == STALE && self.may_kick.swap(false, Ordering::AcqRel) {
+                    self.start_if_due(&mut flight, now);
+                }
+                return Ok(Begin::Ready(Lease {
+                    token: token.clone(),
+                    generation: entry.generation,
+                }));
+            }
+        }
+        if flight.running {
+            return Ok(Begin::Wait);
+        }
+        if let (Some(retry_at), Some(error)) = (flight.retry_at, &flight.last_error) {
+            if now < retry_at {
+                return Err(error.clone());
+            }
+        }
+        self.start(&mut flight)?;
+        Ok(Begin::Wait)
+    }
+
+    fn start(self: &Arc<Self>, flight: &mut Flight) -> Result<(), Error> {
+        let handle = Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        flight.running = true;
+        let shared = self.clone();
+        handle.spawn(async move { shared.refresh().await });
+        Ok(())
+    }
+
+    /// One refresh: the refresh grant when there is a refresh token, the
+    /// password grant when there is none or Volt rejects it.
+    async fn refresh(self: Arc<Self>) {
+        let guard = FinishOnDrop(Some(self.clone()));
+        let previous = self.current.load_full();
+        let refresh_token = previous
+            .token
+            .as_ref()
+            .and_then(|t| t.refresh_token().cloned());
+        let result = match refresh_token {
+            Some(refresh_token) => {
+                match self.attempt(Grant::Refresh(refresh_token.clone())).await {
+                    Ok(mut token) => {
+                        token.inherit_refresh_token(Some(&refresh_token));
+                        Ok(token)
+                    }
+                    Err(error) if error.is_rejected() => {
+                        tracing::info!("the refresh token was rejected; authenticating again");
+                        self.attempt(Grant::Password).await
+                    }
+                    Err(error) => Err(error),
+                }
+            }
+            None => self.attempt(Grant::Password).await,
+        };
+        guard.finish(result);
+    }
+
+    async fn attempt(&self, grant: Grant) -> Result<Token, Error> {
+        let started = Instant::now();
+        let result = self.source.fetch(&grant).await;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        self.counters.record(grant.kind(), &result);
+        match &result {
+            Ok(token) => tracing::debug!(
+                grant = %grant.kind(),
+                elapsed_ms,
+                expires_in_s = token.lifetime().as_secs(),
+                "token endpoint issued a token"
+            ),
+            Err(error) => tracing::warn!(
+                grant = %grant.kind(),
+                elapsed_ms,
+                outcome = error.kind(),
+                %error,
+                "token endpoint attempt failed"
+            ),
+        }
+        result
+    }
+
+    /// Publishes a refresh's outcome, then wakes every waiter.
+    fn finish(self: &Arc<Self>, result: Result<Token, Error>) {
+        let now = Instant::now();
+        let outcome = {
+            let mut flight = self.lock();
+            flight.running = false;
+            match result {
+                Ok(token) => {
+                    flight.failures = 0;
+                    flight.retry_at = None;
+                    flight.last_error = None;
+                    flight.generation += 1;
+                    let (stale_at, expired_at) = self.settings.phases(&token);
+                    let entry = Arc::new(Entry {
+                        token: Some(Arc::new(token)),
+                        generation: flight.generation,
+                        phase: AtomicU8::new(FRESH),
+                    });
+                    self.current.store(entry.clone());
+                    if let Some(timer) = flight.timer.take() {
+                        timer.abort();
+                    }
+                    flight.timer = spawn_phase_timer(&entry, stale_at, expired_at);
+                    self.may_kick.store(true, Ordering::Release);
+                    self.counters.refreshes.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                Err(error) => {
+                    flight.failures = flight.failures.saturating_add(1);
+                    let delay = self.settings.backoff(flight.failures, &error);
+                    flight.retry_at = Some(now + delay);
+                    flight.last_error = Some(error.clone());
+                    tracing::warn!(
+                        failures = flight.failures,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "token refresh failed; backing off"
+                    );
+                    // Let a stale token's readers start the next attempt once
+                    // the backoff is over.
+                    let weak = Arc::downgrade(self);
+                    if let Ok(handle) = Handle::try_current() {
+                        handle.spawn(async move {
+                            sleep_until(now + delay).await;
+                            if let Some(shared) = weak.upgrade() {
+                                shared.may_kick.store(true, Ordering::Release);
+                            }
+                        });
+                    }
+                    Some(error)
+                }
+            }
+        };
+        self.done.send_replace(outcome);
+    }
+}
+
+/// Ends a refresh that was dropped (runtime shut down) or panicked, so that no
+/// waiter hangs.
+struct FinishOnDrop(Option<Arc<Shared>>);
+
+impl FinishOnDrop {
+    fn finish(mut self, result: Result<Token, Error>) {
+        if let Some(shared) = self.0.take() {
+            shared.finish(result);
+        }
+    }
+}
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            shared.finish(Err(Error::Interrupted));
+        }
+    }
+}
+
+/// Flips `entry` to stale, then to expired, at the given instants.
+fn spawn_phase_timer(
+    entry: &Arc<Entry>,
+    stale_at: Instant,
+    expired_at: Instant,
+) -> Option<AbortHandle> {
+    let entry: Weak<Entry> = Arc::downgrade(entry);
+    let handle = Handle::try_current().ok()?;
+    let task = handle.spawn(async move {
+        sleep_until(stale_at).await;
+        let Some(live) = entry.upgrade() else { return };
+        let _ = live
+            .phase
+            .compare_exchange(FRESH, STALE, Ordering::AcqRel, Ordering::Acquire);
+        drop(live);
+        sleep_until(expired_at).await;
+        if let Some(live) = entry.upgrade() {
+            live.phase.store(EXPIRED, Ordering::Release);
+        }
+    });
+    Some(task.abort_handle())
+}
+
+impl Settings {
+    /// When a token turns stale and when it counts as expired. Both windows
+    /// shrink with short lifetimes (the margin to a tenth, refresh-ahead to a
+    /// third), so a short-lived token is never refreshed per request.
+    fn phases(&self, token: &Token) -> (Instant, Instant) {
+        let lifetime = token.lifetime();
+        let margin = self.expiry_margin.min(lifetime / 10);
+        let ahead = self.refresh_ahead.min(lifetime / 3).max(margin);
+        let jitter = ahead.mul_f64(JITTER * fastrand::f64());
+        let expires_at = token.expires_at();
+        (expires_at - ahead - jitter, expires_at - margin)
+    }
+
+    /// How long to wait after the `failures`-th failure in a row: exponential
+    /// from `backoff_min`, capped at `backoff_max`, with jitter down to half.
+    /// A rejected password grant waits the cap: only new credentials would help.
+    fn backoff(&self, failures: u32, error: &Error) -> Duration {
+        let exponential = if error.is_rejected() && error.grant() == Some(GrantType::Password) {
+            self.backoff_max
+        } else {
+            let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(20));
+            self.backoff_min
+                .saturating_mul(factor)
+                .min(self.backoff_max)
+        };
+        exponential.mul_f64(0.5 + 0.5 * fastrand::f64())
+    }
+}
+
+impl Flight {
+    /// Whether a 401 may force a refresh now. Forced refreshes are throttled
+    /// like failures, so a server that rejects every token costs one `/oauth`
+    /// call per backoff period, not one per request.
+    fn may_force(&mut self, now: Instant, settings: &Settings) -> bool {
+        if let Some(at) = self.forced_at {
+            let since = now.saturating_duration_since(at);
+            if since > settings.backoff_max.saturating_mul(2) {
+                self.forced_streak = 0;
+            } else {
+                let factor = 2u32.saturating_pow(self.forced_streak.saturating_sub(1).min(20));
+                let wait = settings
+                    .backoff_min
+                    .saturating_mul(factor)
+                    .min(settings.backoff_max);
+                if since < wait {
+                    return false;
+                }
+            }
+        }
+        self.forced_at = Some(now);
+        self.forced_streak = self.forced_streak.saturating_add(1);
+        true
+    }
+}
+
+/// What the cache has done so far, from [`VoltAuthLayer::stats`](crate::VoltAuthLayer::stats).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Password grants sent to `/oauth`, by outcome.
+    pub password: GrantStats,
+    /// Refresh-token grants sent to `/oauth`, by outcome.
+    pub refresh: GrantStats,
+    /// Tokens obtained (the first included).
+    pub refreshes: u64,
+    /// Requests replayed after a 401.
+    pub replays: u64,
+    /// How long the current token remains valid, if there is one.
+    pub remaining: Option<Duration>,
+}
+
+/// `/oauth` attempts of one grant, by outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GrantStats {
+    /// Answered with a token.
+    pub succeeded: u64,
+    /// Refused by Volt (400/401/403).
+    pub rejected: u64,
+    /// Failed otherwise: 5xx, timeout, transport error, unreadable answer.
+    pub failed: u64,
+}
+
+impl GrantStats {
+    /// All attempts.
+    pub fn attempts(&self) -> u64 {
+        self.succeeded + self.rejected + self.failed
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    /// Per grant (password, refresh): succeeded, rejected, failed.
+    grants: [[AtomicU64; 3]; 2],
+    refreshes: AtomicU64,
+    replays: AtomicU64,
+}
+
+impl Counters {
+    fn slot(grant: GrantType) -> usize {
+        match grant {
+            GrantType::Password => 0,
+            GrantType::RefreshToken => 1,
+        }
+    }
+
+    fn record(&self, grant: GrantType, result: &Result<Token, Error>) {
+        let outcome = match result {
+            Ok(_) => 0,
+            Err(error) if error.is_rejected() => 1,
+            Err(_) => 2,
+        };
+        self.grants[Self::slot(grant)][outcome].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn grant(&self, grant: GrantType) -> GrantStats {
+        let [succeeded, rejected, failed] = &self.grants[Self::slot(grant)];
+        GrantStats {
+            succeeded: succeeded.load(Ordering::Relaxed),
+            rejected: rejected.load(Ordering::Relaxed),
+            failed: failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,449 @@
+//! The cache against a scripted token source: exact counts of grants, under
+//! tokio's paused clock where time matters. Under a paused clock, `sleep`
+//! moves the clock (firing every timer due on the way) rather than waiting.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use http::StatusCode;
+use secrecy::ExposeSecret;
+use tokio::time::sleep;
+
+use super::*;
+use crate::error::ErrorResponse;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn settings() -> Settings {
+    Settings {
+        refresh_ahead: Duration::from_secs(300),
+        expiry_margin: Duration::from_secs(30),
+        backoff_min: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(60),
+    }
+}
+
+/// Issues `at-N`/`rt-N` tokens, or the scripted failures first; records which
+/// grant and refresh token each call presented. A closed gate holds calls.
+struct Script {
+    calls: Mutex<Vec<(GrantType, Option<String>)>>,
+    failures: Mutex<VecDeque<Error>>,
+    open: watch::Sender<bool>,
+    lifetime: Duration,
+}
+
+impl Script {
+    fn new(lifetime: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            calls: Mutex::new(Vec::new()),
+            failures: Mutex::new(VecDeque::new()),
+            open: watch::Sender::new(true),
+            lifetime,
+        })
+    }
+
+    fn cache(self: &Arc<Self>) -> TokenCache {
+        TokenCache::new(self.clone(), settings())
+    }
+
+    fn fail_next(&self, error: Error) {
+        self.failures.lock().unwrap().push_back(error);
+    }
+
+    /// Holds every call from now on until `open`.
+    fn close(&self) {
+        self.open.send_replace(false);
+    }
+
+    fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    fn calls(&self) -> Vec<(GrantType, Option<String>)> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn count(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+}
+
+impl TokenSource for Arc<Script> {
+    fn fetch<'a>(
+        &'a self,
+        grant: &'a Grant,
+    ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>> {
+        Box::pin(async move {
+            let presented = match grant {
+                Grant::Password => None,
+                Grant::Refresh(token) => Some(token.expose_secret().to_owned()),
+            };
+            let n = {
+                let mut calls = self.calls.lock().unwrap();
+                calls.push((grant.kind(), presented));
+                calls.len()
+            };
+            let _ = self.open.subscribe().wait_for(|open| *open).await;
+            if let Some(error) = self.failures.lock().unwrap().pop_front() {
+                return Err(error);
+            }
+            Ok(Token::for_test(
+                &format!("at-{n}"),
+                Some(&format!("rt-{n}")),
+                self.lifetime,
+            ))
+        })
+    }
+}
+
+fn server_error(grant: GrantType) -> Error {
+    Error::Failed {
+        grant,
+        response: ErrorResponse {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: None,
+            message: None,
+        },
+    }
+}
+
+fn rejected(grant: GrantType, code: &str) -> Error {
+    Error::Rejected {
+        grant,
+        response: ErrorResponse {
+            status: StatusCode::BAD_REQUEST,
+            code: Some(code.to_owned()),
+            message: None,
+        },
+    }
+}
+
+fn secret(lease: &Lease) -> &str {
+    lease.token.secret()
+}
+
+fn header(cache: &TokenCache) -> Option<String> {
+    cache
+        .current()
+        .map(|(value, _)| value.to_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_first_requests_cost_one_password_grant() {
+    let script = Script::new(HOUR);
+    script.close();
+    let cache = script.cache();
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.token().await })
+        })
+        .collect();
+    script.open();
+    for task in tasks {
+        let lease = task.await.unwrap().unwrap();
+        assert_eq!(secret(&lease), "at-1");
+        assert_eq!(lease.generation, 1);
+    }
+    assert_eq!(script.calls(), [(GrantType::Password, None)]);
+    assert_eq!(cache.stats().password.succeeded, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_ahead_refreshes_once_in_the_background_without_blocking() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    assert_eq!(header(&cache), None, "no token before the first request");
+    cache.token().await.unwrap();
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+
+    // Before the refresh-ahead window (300 s + up to 20 % jitter): nothing.
+    sleep(HOUR - Duration::from_secs(400)).await;
+    for _ in 0..100 {
+        assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+    }
+    assert_eq!(script.count(), 1);
+
+    // Inside it: one background refresh; while /oauth is held, requests go on
+    // with the old token at once.
+    sleep(Duration::from_secs(110)).await;
+    script.close();
+    for _ in 0..100 {
+        assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+        let lease = cache.token().await.unwrap();
+        assert_eq!(secret(&lease), "at-1");
+    }
+    tokio::task::yield_now().await;
+    assert_eq!(script.count(), 2, "exactly one background refresh");
+    script.open();
+    let mut waited = cache.shared.done.subscribe();
+    waited.changed().await.unwrap();
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-2"));
+    assert_eq!(
+        script.calls(),
+        [
+            (GrantType::Password, None),
+            (GrantType::RefreshToken, Some("rt-1".into()))
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_margin_requests_wait_for_the_new_token() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    script.close();
+    // Past the refresh-ahead window the background refresh is held; past the
+    // margin the token counts as expired.
+    sleep(HOUR - Duration::from_secs(20)).await;
+    assert_eq!(header(&cache), None);
+    let waiter = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.token().await }
+    });
+    tokio::task::yield_now().await;
+    assert!(!waiter.is_finished());
+    script.open();
+    assert_eq!(secret(&waiter.await.unwrap().unwrap()), "at-2");
+    assert_eq!(script.count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refreshes_present_the_latest_rotated_refresh_token() {
+    let script = Script::new(Duration::from_secs(60));
+    let cache = script.cache();
+    for expected in 1..=4 {
+        let lease = cache.token().await.unwrap();
+        assert_eq!(secret(&lease), format!("at-{expected}"));
+        // Past the margin (at most 6 s for a 60 s token).
+        sleep(Duration::from_secs(55)).await;
+    }
+    assert_eq!(
+        script.calls(),
+        [
+            (GrantType::Password, None),
+            (GrantType::RefreshToken, Some("rt-1".into())),
+            (GrantType::RefreshToken, Some("rt-2".into())),
+            (GrantType::RefreshToken, Some("rt-3".into())),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejected_refresh_token_falls_back_to_one_password_grant() {
+    for code in ["invalid_grant", "invalid_request"] {
+        let script = Script::new(HOUR);
+        let cache = script.cache();
+        cache.token().await.unwrap();
+        sleep(HOUR).await;
+        script.fail_next(rejected(GrantType::RefreshToken, code));
+        let lease = cache.token().await.unwrap();
+        assert_eq!(secret(&lease), "at-3");
+        assert_eq!(
+            script.calls(),
+            [
+                (GrantType::Password, None),
+                (GrantType::RefreshToken, Some("rt-1".into())),
+                (GrantType::Password, None),
+            ]
+        );
+        let stats = cache.stats();
+        assert_eq!((stats.refresh.rejected, stats.password.succeeded), (1, 2));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_failure_on_refresh_is_not_a_rejection() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    sleep(HOUR).await;
+    script.fail_next(server_error(GrantType::RefreshToken));
+    let error = cache.token().await.unwrap_err();
+    assert!(matches!(error, Error::Failed { .. }));
+    assert_eq!(script.count(), 2, "no password grant after a 503");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_request_that_started_a_refresh_does_not_cancel_it() {
+    let script = Script::new(HOUR);
+    script.close();
+    let cache = script.cache();
+    let first = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.token().await }
+    });
+    tokio::task::yield_now().await;
+    assert_eq!(script.count(), 1);
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    script.open();
+    let lease = cache.token().await.unwrap();
+    assert_eq!(secret(&lease), "at-1");
+    assert_eq!(script.count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_token_a_failing_endpoint_costs_one_attempt_per_backoff() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    script.fail_next(server_error(GrantType::Password));
+    script.fail_next(server_error(GrantType::Password));
+    let waiters: Vec<_> = (0..50)
+        .map(|_| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.token().await })
+        })
+        .collect();
+    for waiter in waiters {
+        assert!(matches!(waiter.await.unwrap(), Err(Error::Failed { .. })));
+    }
+    assert_eq!(script.count(), 1, "one attempt shared by 50 waiters");
+    // Within the backoff: the same error at once, no new attempt.
+    for _ in 0..20 {
+        assert!(cache.token().await.is_err());
+    }
+    assert_eq!(script.count(), 1);
+    // After the first backoff (at most 1 s): one more attempt, failing again.
+    sleep(Duration::from_secs(1)).await;
+    assert!(cache.token().await.is_err());
+    assert!(cache.token().await.is_err());
+    assert_eq!(script.count(), 2);
+    // After the second (at most 2 s): recovery.
+    sleep(Duration::from_secs(2)).await;
+    assert_eq!(secret(&cache.token().await.unwrap()), "at-3");
+    assert_eq!(script.count(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_background_refresh_keeps_the_valid_token_in_service() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    sleep(HOUR - Duration::from_secs(250)).await;
+    script.fail_next(server_error(GrantType::RefreshToken));
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+    tokio::task::yield_now().await;
+    assert_eq!(script.count(), 2);
+    // During the backoff, requests use the token and start nothing.
+    for _ in 0..100 {
+        assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+        assert_eq!(secret(&cache.token().await.unwrap()), "at-1");
+    }
+    assert_eq!(script.count(), 2);
+    // After the backoff, the next request starts one more refresh.
+    sleep(Duration::from_secs(1)).await;
+    script.close();
+    let mut done = cache.shared.done.subscribe();
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+    tokio::task::yield_now().await;
+    assert_eq!(script.count(), 3);
+    script.open();
+    done.changed().await.unwrap();
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-3"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejected_password_grant_waits_the_capped_backoff() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    script.fail_next(rejected(GrantType::Password, "invalid_client"));
+    let error = cache.token().await.unwrap_err();
+    assert!(error.is_rejected());
+    // Half the cap is the earliest jittered retry: nothing before it.
+    sleep(Duration::from_secs(29)).await;
+    assert!(cache.token().await.unwrap_err().is_rejected());
+    assert_eq!(script.count(), 1);
+    sleep(Duration::from_secs(31)).await;
+    assert!(cache.token().await.is_ok());
+    assert_eq!(script.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_401s_for_one_token_cost_one_refresh() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    let first = cache.token().await.unwrap();
+    let renewals: Vec<_> = (0..100)
+        .map(|_| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.renew(first.generation).await })
+        })
+        .collect();
+    for renewal in renewals {
+        let lease = renewal.await.unwrap().unwrap().unwrap();
+        assert_eq!(secret(&lease), "at-2");
+    }
+    assert_eq!(script.count(), 2);
+    // A late 401 for the old token does not wipe the new one.
+    let lease = cache.renew(first.generation).await.unwrap().unwrap();
+    assert_eq!((secret(&lease), script.count()), ("at-2", 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn forced_refreshes_are_throttled() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    let mut generation = cache.token().await.unwrap().generation;
+    generation = cache.renew(generation).await.unwrap().unwrap().generation;
+    assert_eq!(script.count(), 2);
+    // A server that rejects every token: no newer token within the backoff.
+    for _ in 0..50 {
+        assert!(cache.renew(generation).await.unwrap().is_none());
+        cache.invalidate(generation);
+    }
+    assert_eq!(script.count(), 2);
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-2"));
+    sleep(Duration::from_secs(1)).await;
+    generation = cache.renew(generation).await.unwrap().unwrap().generation;
+    assert_eq!(script.count(), 3);
+    // The next one waits twice as long.
+    sleep(Duration::from_secs(1)).await;
+    assert!(cache.renew(generation).await.unwrap().is_none());
+    sleep(Duration::from_secs(1)).await;
+    assert!(cache.renew(generation).await.unwrap().is_some());
+    assert_eq!(script.count(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn short_lifetimes_do_not_refresh_per_request() {
+    let script = Script::new(Duration::from_secs(2));
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    for _ in 0..10 {
+        for _ in 0..100 {
+            assert!(header(&cache).is_some());
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+    // One second in: still the first token, no refresh.
+    assert_eq!(script.count(), 1);
+}
+
+#[tokio::test]
+async fn a_panicking_or_dropped_refresh_releases_its_waiters() {
+    struct Never;
+    impl TokenSource for Never {
+        fn fetch<'a>(
+            &'a self,
+            _: &'a Grant,
+        ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>> {
+            Box::pin(async { panic!("the source failed") })
+        }
+    }
+    let cache = TokenCache::new(Never, settings());
+    assert!(matches!(cache.token().await, Err(Error::Interrupted)));
+}
+
+#[test]
+fn without_a_runtime_the_cache_reports_it() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    assert!(matches!(
+        Shared::begin(&cache.shared, None),
+        Err(Error::NoRuntime)
+    ));
+}

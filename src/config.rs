@@ -1,0 +1,573 @@
+//! What the layer needs to know before it can authenticate: the API user's
+//! [`Credentials`] and the [`Endpoint`] (which Volt API, which environment).
+//!
+//! Both can be built in code or read from the `VOLT_*` environment variables.
+//!
+//! ```
+//! use volt_auth::{Api, Credentials, Endpoint, Environment};
+//!
+//! let credentials = Credentials::new("client-id", "client-secret", "api-user", "password");
+//! assert!(!format!("{credentials:?}").contains("client-secret"));
+//!
+//! let endpoint = Endpoint::new(Api::Gateway, Environment::Sandbox);
+//! assert_eq!(endpoint.token_uri().to_string(), "https://api.sandbox.volt.io/oauth");
+//!
+//! // A plain-http URL is only accepted for loopback hosts, unless explicitly allowed.
+//! assert!(Endpoint::custom("http://127.0.0.1:8080").is_ok());
+//! assert!(Endpoint::custom("http://volt.example.com").is_err());
+//! assert!(Endpoint::custom_insecure("http://volt.example.com").is_ok());
+//! ```
+
+use std::fmt;
+use std::net::IpAddr;
+
+use http::Uri;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use secrecy::{ExposeSecret, SecretString};
+
+/// The credentials of a Volt API user: the application's client id and secret,
+/// and the API user's name and password.
+///
+/// `Debug` shows the client id and the username; the secret and the password are
+/// redacted, and both are zeroized when the last copy is dropped.
+#[derive(Clone)]
+pub struct Credentials {
+    client_id: String,
+    client_secret: SecretString,
+    username: String,
+    password: SecretString,
+}
+
+impl Credentials {
+    /// Credentials from their four parts.
+    pub fn new(
+        client_id: impl Into<String>,
+        client_secret: impl Into<String>,
+        username: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        Self {
+            client_id: client_id.into(),
+            client_secret: SecretString::from(client_secret.into()),
+            username: username.into(),
+            password: SecretString::from(password.into()),
+        }
+    }
+
+    /// Reads `VOLT_CLIENT_ID`, `VOLT_CLIENT_SECRET`, `VOLT_USERNAME` and
+    /// `VOLT_PASSWORD`.
+    ///
+    /// # Errors
+    /// [`ConfigError::MissingVariable`] naming the first variable that is unset,
+    /// empty or not unicode.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&env_lookup)
+    }
+
+    pub(crate) fn from_lookup(
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let get = |name: &'static str| {
+            lookup(name)
+                .filter(|value| !value.trim().is_empty())
+                .ok_or(ConfigError::MissingVariable(name))
+        };
+        Ok(Self::new(
+            get("VOLT_CLIENT_ID")?,
+            get("VOLT_CLIENT_SECRET")?,
+            get("VOLT_USERNAME")?,
+            get("VOLT_PASSWORD")?,
+        ))
+    }
+
+    /// The application's client id.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// The API user's name.
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+
+    pub(crate) fn client_secret(&self) -> &str {
+        self.client_secret.expose_secret()
+    }
+
+    pub(crate) fn password(&self) -> &str {
+        self.password.expose_secret()
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("username", &self.username)
+            .field("password", &"[redacted]")
+            .finish()
+    }
+}
+
+/// Which of Volt's two APIs to authenticate against.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Api {
+    /// The Gateway API (`api.volt.io`): `/oauth` takes a form-encoded body.
+    #[default]
+    Gateway,
+    /// The Global API (`gateway.volt.io`): `/oauth` takes a JSON body.
+    Global,
+}
+
+/// Volt's sandbox or production environment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Environment {
+    /// Test money, test banks.
+    #[default]
+    Sandbox,
+    /// Real money.
+    Production,
+}
+
+/// Where the Volt API lives: its base URL and which [`Api`] it speaks.
+///
+/// The token endpoint is `<base>/oauth`; the base URL's origin is also the
+/// origin that receives the bearer token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    base: Uri,
+    api: Api,
+}
+
+impl Endpoint {
+    /// One of Volt's four documented endpoints.
+    pub fn new(api: Api, environment: Environment) -> Self {
+        let host = match (api, environment) {
+            (Api::Gateway, Environment::Sandbox) => "api.sandbox.volt.io",
+            (Api::Gateway, Environment::Production) => "api.volt.io",
+            (Api::Global, Environment::Sandbox) => "gateway.sandbox.volt.io",
+            (Api::Global, Environment::Production) => "gateway.volt.io",
+        };
+        let base = Uri::builder()
+            .scheme(Scheme::HTTPS)
+            .authority(host)
+            .path_and_query("/")
+            .build()
+            .unwrap_or_default();
+        Self { base, api }
+    }
+
+    /// Any base URL: a proxy, the mock server. It speaks the Gateway API unless
+    /// changed with [`Endpoint::with_api`].
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
+    /// without a query, and [`ConfigError::InsecureUrl`] for `http` to a host that
+    /// is not loopback (see [`Endpoint::custom_insecure`]).
+    pub fn custom(url: &str) -> Result<Self, ConfigError> {
+        let endpoint = Self::custom_insecure(url)?;
+        if endpoint.base.scheme() == Some(&Scheme::HTTP) && !is_loopback(endpoint.host()) {
+            return Err(ConfigError::InsecureUrl(endpoint.host().to_owned()));
+        }
+        Ok(endpoint)
+    }
+
+    /// Like [`Endpoint::custom`], but also accepts plain `http` to any host.
+    /// Passwords and tokens then travel in clear text: use it only on a network
+    /// you trust.
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
+    /// without a query.
+    pub fn custom_insecure(url: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason: &'static str| ConfigError::InvalidUrl {
+            url: url.to_owned(),
+            reason,
+        };
+        let uri: Uri = url.trim().parse().map_err(|_| invalid("not a URL"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| invalid("no scheme"))?;
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(invalid("the scheme must be http or https"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| invalid("no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(invalid("user info is not allowed in the URL"));
+        }
+        if uri.query().is_some() {
+            return Err(invalid("a query is not allowed in the base URL"));
+        }
+        let path = uri.path().trim_end_matches('/');
+        let base = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(format!("{path}/"))
+            .build()
+            .map_err(|_| invalid("not a URL"))?;
+        Ok(Self {
+            base,
+            api: Api::Gateway,
+        })
+    }
+
+    /// The same base URL, speaking `api`.
+    pub fn with_api(mut self, api: Api) -> Self {
+        self.api = api;
+        self
+    }
+
+    /// Which API this endpoint speaks.
+    pub fn api(&self) -> Api {
+        self.api
+    }
+
+    /// The base URL, always ending in `/`.
+    pub fn base_uri(&self) -> &Uri {
+        &self.base
+    }
+
+    /// The token endpoint, `<base>/oauth`.
+    pub fn token_uri(&self) -> Uri {
+        let mut parts = self.base.clone().into_parts();
+        let path = format!("{}oauth", self.base.path());
+        parts.path_and_query = PathAndQuery::try_from(path).ok();
+        Uri::from_parts(parts).unwrap_or_else(|_| self.base.clone())
+    }
+
+    /// The origin (scheme, host, port) of the base URL.
+    pub(crate) fn origin(&self) -> Option<Origin> {
+        Origin::of(&self.base)
+    }
+
+    fn host(&self) -> &str {
+        self.base.host().unwrap_or_default()
+    }
+
+    /// Reads `VOLT_BASE_URL`, or else `VOLT_ENVIRONMENT` (`sandbox` or
+    /// `production`), and `VOLT_API` (`gateway`, the default, or `global`).
+    ///
+    /// # Errors
+    /// [`ConfigError::MissingVariable`] when neither `VOLT_BASE_URL` nor
+    /// `VOLT_ENVIRONMENT` is set, [`ConfigError::InvalidVariable`] for a value
+    /// that is not one of the listed ones, and the errors of
+    /// [`Endpoint::custom`].
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&env_lookup)
+    }
+
+    pub(crate) fn from_lookup(
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+        let api = match get("VOLT_API").map(|value| value.trim().to_ascii_lowercase()) {
+            None => Api::Gateway,
+            Some(value) if value == "gateway" => Api::Gateway,
+            Some(value) if value == "global" => Api::Global,
+            Some(value) => return Err(ConfigError::InvalidVariable("VOLT_API", value)),
+        };
+        if let Some(url) = get("VOLT_BASE_URL") {
+            return Ok(Self::custom(&url)?.with_api(api));
+        }
+        let environment = get("VOLT_ENVIRONMENT")
+            .ok_or(ConfigError::MissingVariable("VOLT_ENVIRONMENT"))?
+            .trim()
+            .to_ascii_lowercase();
+        let environment = match environment.as_str() {
+            "sandbox" => Environment::Sandbox,
+            "production" => Environment::Production,
+            _ => {
+                return Err(ConfigError::InvalidVariable(
+                    "VOLT_ENVIRONMENT",
+                    environment,
+                ));
+            }
+        };
+        Ok(Self::new(api, environment))
+    }
+}
+
+impl Default for Endpoint {
+    fn default() -> Self {
+        Self::new(Api::Gateway, Environment::Sandbox)
+    }
+}
+
+/// Scheme, host and port: where a request goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Origin {
+    https: bool,
+    host: String,
+    port: u16,
+}
+
+impl Origin {
+    pub(crate) fn of(uri: &Uri) -> Option<Self> {
+        let https = match uri.scheme()? {
+            scheme if *scheme == Scheme::HTTPS => true,
+            scheme if *scheme == Scheme::HTTP => false,
+            _ => return None,
+        };
+        let authority: &Authority = uri.authority()?;
+        let default_port = if https { 443 } else { 80 };
+        Some(Self {
+            https,
+            host: authority.host().to_ascii_lowercase(),
+            port: authority.port_u16().unwrap_or(default_port),
+        })
+    }
+
+    /// Whether `uri` goes to this origin. Allocation-free: it runs per request.
+    pub(crate) fn matches(&self, uri: &Uri) -> bool {
+        let Some(authority) = uri.authority() else {
+            return false;
+        };
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return false,
+        };
+        let default_port = if https { 443 } else { 80 };
+        https == self.https
+            && authority.port_u16().unwrap_or(default_port) == self.port
+            && authority.host().eq_ignore_ascii_case(&self.host)
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn env_lookup(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// A configuration the layer cannot work with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A required environment variable is unset, empty or not unicode.
+    #[error("environment variable {0} is not set")]
+    MissingVariable(&'static str),
+    /// An environment variable has a value that is not one of the allowed ones.
+    #[error("environment variable {0} has an unsupported value {1:?}")]
+    InvalidVariable(&'static str, String),
+    /// The base URL cannot be used.
+    #[error("invalid Volt base URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Plain `http` to a host that is not loopback, without opting in.
+    #[error(
+        "refusing to send credentials over plain http to {0}: use https, or Endpoint::custom_insecure to opt in"
+    )]
+    InsecureUrl(String),
+    /// A setting is out of range.
+    #[error("invalid setting: {0}")]
+    InvalidSetting(&'static str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    const FULL: &[(&str, &str)] = &[
+        ("VOLT_CLIENT_ID", "id-1"),
+        ("VOLT_CLIENT_SECRET", "s3cret-value"),
+        ("VOLT_USERNAME", "api-user"),
+        ("VOLT_PASSWORD", "pa55word-value"),
+        ("VOLT_ENVIRONMENT", "Production"),
+    ];
+
+    #[test]
+    fn credentials_debug_redacts_secret_and_password() {
+        let credentials = Credentials::new("id-1", "s3cret-value", "api-user", "pa55word-value");
+        let debug = format!("{credentials:?} {credentials:#?}");
+        assert!(debug.contains("id-1") && debug.contains("api-user"));
+        assert!(!debug.contains("s3cret-value"));
+        assert!(!debug.contains("pa55word-value"));
+        assert_eq!(credentials.client_secret(), "s3cret-value");
+        assert_eq!(credentials.password(), "pa55word-value");
+    }
+
+    #[test]
+    fn presets_are_volts_documented_endpoints() {
+        let cases = [
+            (
+                Api::Gateway,
+                Environment::Sandbox,
+                "https://api.sandbox.volt.io/oauth",
+            ),
+            (
+                Api::Gateway,
+                Environment::Production,
+                "https://api.volt.io/oauth",
+            ),
+            (
+                Api::Global,
+                Environment::Sandbox,
+                "https://gateway.sandbox.volt.io/oauth",
+            ),
+            (
+                Api::Global,
+                Environment::Production,
+                "https://gateway.volt.io/oauth",
+            ),
+        ];
+        for (api, environment, expected) in cases {
+            let endpoint = Endpoint::new(api, environment);
+            assert_eq!(endpoint.token_uri().to_string(), expected);
+            assert_eq!(endpoint.api(), api);
+        }
+    }
+
+    #[test]
+    fn custom_urls_keep_their_path_prefix() {
+        let endpoint = Endpoint::custom("https://proxy.example.com/volt/").unwrap();
+        assert_eq!(
+            endpoint.token_uri().to_string(),
+            "https://proxy.example.com/volt/oauth"
+        );
+        let endpoint = Endpoint::custom("http://127.0.0.1:4000").unwrap();
+        assert_eq!(
+            endpoint.token_uri().to_string(),
+            "http://127.0.0.1:4000/oauth"
+        );
+    }
+
+    #[test]
+    fn plain_http_is_refused_unless_loopback_or_opted_in() {
+        for url in [
+            "http://localhost:1234",
+            "http://127.0.0.1",
+            "http://[::1]:80/x",
+        ] {
+            assert!(Endpoint::custom(url).is_ok(), "{url}");
+        }
+        assert_eq!(
+            Endpoint::custom("http://api.volt.io"),
+            Err(ConfigError::InsecureUrl("api.volt.io".into()))
+        );
+        assert_eq!(
+            Endpoint::custom("http://10.0.0.8:80"),
+            Err(ConfigError::InsecureUrl("10.0.0.8".into()))
+        );
+        assert!(Endpoint::custom_insecure("http://api.volt.io").is_ok());
+        let message = Endpoint::custom("http://api.volt.io")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("custom_insecure"), "{message}");
+    }
+
+    #[test]
+    fn malformed_urls_are_typed_errors() {
+        for url in [
+            "",
+            "not a url",
+            "/relative",
+            "ftp://x.example",
+            "https://u:p@x.example",
+            "https://x.example/?q=1",
+        ] {
+            assert!(
+                matches!(Endpoint::custom(url), Err(ConfigError::InvalidUrl { .. })),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn origins_compare_scheme_host_and_default_port() {
+        let origin = Endpoint::custom("https://API.volt.io")
+            .unwrap()
+            .origin()
+            .unwrap();
+        assert!(origin.matches(&"https://api.volt.io/banks".parse().unwrap()));
+        assert!(origin.matches(&"https://api.volt.io:443/banks".parse().unwrap()));
+        assert!(!origin.matches(&"http://api.volt.io/banks".parse().unwrap()));
+        assert!(!origin.matches(&"https://api.volt.io:8443/banks".parse().unwrap()));
+        assert!(!origin.matches(&"https://api.volt.io.evil.example/banks".parse().unwrap()));
+        assert!(!origin.matches(&"/banks".parse().unwrap()));
+    }
+
+    #[test]
+    fn env_configuration_reads_all_variables() {
+        let credentials = Credentials::from_lookup(&lookup(FULL)).unwrap();
+        assert_eq!(credentials.client_id(), "id-1");
+        assert_eq!(credentials.username(), "api-user");
+        let endpoint = Endpoint::from_lookup(&lookup(FULL)).unwrap();
+        assert_eq!(
+            endpoint,
+            Endpoint::new(Api::Gateway, Environment::Production)
+        );
+    }
+
+    #[test]
+    fn env_configuration_names_the_missing_variable() {
+        for missing in [
+            "VOLT_CLIENT_ID",
+            "VOLT_CLIENT_SECRET",
+            "VOLT_USERNAME",
+            "VOLT_PASSWORD",
+        ] {
+            let vars: Vec<_> = FULL
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != missing)
+                .collect();
+            let err = Credentials::from_lookup(&lookup(&vars)).unwrap_err();
+            assert_eq!(err, ConfigError::MissingVariable(missing));
+            assert!(err.to_string().contains(missing));
+            // Empty counts as missing.
+            let vars: Vec<_> = FULL
+                .iter()
+                .map(|&(k, v)| if k == missing { (k, "  ") } else { (k, v) })
+                .collect();
+            assert_eq!(
+                Credentials::from_lookup(&lookup(&vars)).unwrap_err(),
+                ConfigError::MissingVariable(missing)
+            );
+        }
+        assert_eq!(
+            Endpoint::from_lookup(&lookup(&[])).unwrap_err(),
+            ConfigError::MissingVariable("VOLT_ENVIRONMENT")
+        );
+    }
+
+    #[test]
+    fn env_configuration_prefers_base_url_and_validates_values() {
+        let vars = [
+            ("VOLT_BASE_URL", "http://127.0.0.1:9999"),
+            ("VOLT_ENVIRONMENT", "production"),
+            ("VOLT_API", "global"),
+        ];
+        let endpoint = Endpoint::from_lookup(&lookup(&vars)).unwrap();
+        assert_eq!(
+            endpoint.token_uri().to_string(),
+            "http://127.0.0.1:9999/oauth"
+        );
+        assert_eq!(endpoint.api(), Api::Global);
+        assert_eq!(
+            Endpoint::from_lookup(&lookup(&[("VOLT_ENVIRONMENT", "staging")])).unwrap_err(),
+            ConfigError::InvalidVariable("VOLT_ENVIRONMENT", "staging".into())
+        );
+        assert!(matches!(
+            Endpoint::from_lookup(&lookup(&[("VOLT_BASE_URL", "http://volt.internal")])),
+            Err(ConfigError::InsecureUrl(_))
+        ));
+    }
+}

@@ -1,0 +1,176 @@
+//! The error every token request can end in.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// Which OAuth2 grant a request to `/oauth` used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GrantType {
+    /// `grant_type=password`: the API user's credentials.
+    Password,
+    /// `grant_type=refresh_token`: the refresh token of the last answer.
+    RefreshToken,
+}
+
+impl GrantType {
+    /// The `grant_type` value on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Password => "password",
+            Self::RefreshToken => "refresh_token",
+        }
+    }
+}
+
+impl fmt::Display for GrantType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why no access token could be had.
+///
+/// Cheap to clone: one failed refresh is shared by every request that waited
+/// for it. Neither `Display` nor `Debug` ever contains a secret or a token.
+///
+/// Errors from [`VoltAuth`](crate::VoltAuth) arrive as a `BoxError`; downcast
+/// to tell them from the inner service's errors:
+///
+/// ```
+/// # fn check(err: tower::BoxError) {
+/// if let Some(auth) = err.downcast_ref::<volt_auth::Error>() {
+///     if auth.is_rejected() { /* fix the credentials */ }
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Volt refused the credentials or the refresh token (HTTP 400/401/403 from
+    /// `/oauth`). Retrying the same grant will not help.
+    #[error("Volt rejected the {grant} grant: {response}")]
+    Rejected {
+        /// The grant that was refused.
+        grant: GrantType,
+        /// What Volt answered.
+        response: ErrorResponse,
+    },
+    /// The token endpoint answered with an error that is not a rejection (5xx,
+    /// 429, an unexpected status): try again later.
+    #[error("Volt's token endpoint failed the {grant} grant: {response}")]
+    Failed {
+        /// The grant that was attempted.
+        grant: GrantType,
+        /// What Volt answered.
+        response: ErrorResponse,
+    },
+    /// The answer could not be understood: not JSON, truncated, too large,
+    /// missing the token, or an unsupported token type.
+    #[error("unusable answer to the {grant} grant (HTTP {status}): {reason}")]
+    InvalidResponse {
+        /// The grant that was attempted.
+        grant: GrantType,
+        /// The HTTP status of the answer.
+        status: StatusCode,
+        /// What was wrong with it.
+        reason: &'static str,
+    },
+    /// The token endpoint did not answer in time.
+    #[error("the token endpoint did not answer the {grant} grant within {timeout:?}")]
+    Timeout {
+        /// The grant that was attempted.
+        grant: GrantType,
+        /// The configured timeout.
+        timeout: Duration,
+    },
+    /// The request to the token endpoint failed before an answer arrived.
+    #[error("could not reach the token endpoint for the {grant} grant")]
+    Transport {
+        /// The grant that was attempted.
+        grant: GrantType,
+        /// The transport's error.
+        #[source]
+        source: Arc<dyn StdError + Send + Sync>,
+    },
+    /// The token refresh ended before it produced an answer (its runtime shut
+    /// down, or it panicked).
+    #[error("the token refresh stopped before it finished")]
+    Interrupted,
+    /// There is no Tokio runtime to run the token refresh on.
+    #[error("volt-auth needs a Tokio runtime to refresh tokens")]
+    NoRuntime,
+}
+
+impl Error {
+    /// Whether Volt refused the grant: the credentials (or refresh token) are
+    /// wrong, expired or revoked.
+    pub fn is_rejected(&self) -> bool {
+        matches!(self, Self::Rejected { .. })
+    }
+
+    /// The grant that failed, when one was sent.
+    pub fn grant(&self) -> Option<GrantType> {
+        match self {
+            Self::Rejected { grant, .. }
+            | Self::Failed { grant, .. }
+            | Self::InvalidResponse { grant, .. }
+            | Self::Timeout { grant, .. }
+            | Self::Transport { grant, .. } => Some(*grant),
+            Self::Interrupted | Self::NoRuntime => None,
+        }
+    }
+
+    /// The HTTP status the token endpoint answered, when it answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Self::Rejected { response, .. } | Self::Failed { response, .. } => {
+                Some(response.status)
+            }
+            Self::InvalidResponse { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// A short name of the outcome, for logs and counters.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::Rejected { .. } => "rejected",
+            Self::Failed { .. } => "failed",
+            Self::InvalidResponse { .. } => "invalid_response",
+            Self::Timeout { .. } => "timeout",
+            Self::Transport { .. } => "transport",
+            Self::Interrupted => "interrupted",
+            Self::NoRuntime => "no_runtime",
+        }
+    }
+}
+
+/// An error answer of the token endpoint, in whichever of Volt's shapes it came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ErrorResponse {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The server's error code (`invalid_grant`, `UNAUTHORISED`, `401`, …), if any.
+    pub code: Option<String>,
+    /// The server's message, if any (shortened, with any secret the request
+    /// carried blanked out).
+    pub message: Option<String>,
+}
+
+impl fmt::Display for ErrorResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HTTP {}", self.status.as_u16())?;
+        if let Some(code) = &self.code {
+            write!(f, " {code}")?;
+        }
+        if let Some(message) = &self.message {
+            write!(f, ": {message}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,829 @@
+//! The `/oauth` client: builds the password and refresh-token grants, sends them
+//! through the user's HTTP service, and parses every answer shape Volt uses.
+//!
+//! One call, one request: caching and single flight live in [`crate::cache`].
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body::Body;
+use http_body_util::{BodyExt, Limited};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::time::Instant;
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, Service, ServiceExt};
+
+use crate::config::{Api, Credentials};
+use crate::error::{Error, ErrorResponse, GrantType};
+
+/// The most of an `/oauth` answer that is read; anything longer is refused.
+pub(crate) const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// The lifetime assumed when an answer carries no `expires_in` (Volt documents an hour).
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// The longest lifetime believed, so that a hostile `expires_in` cannot overflow the clock.
+const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+/// How much of a server's error message is kept.
+const MAX_MESSAGE_CHARS: usize = 300;
+
+/// A grant to send, with the refresh token it presents.
+pub(crate) enum Grant {
+    Password,
+    Refresh(SecretString),
+}
+
+impl Grant {
+    pub(crate) fn kind(&self) -> GrantType {
+        match self {
+            Self::Password => GrantType::Password,
+            Self::Refresh(_) => GrantType::RefreshToken,
+        }
+    }
+}
+
+/// An access token as Volt issued it, with the refresh token that came with it.
+pub(crate) struct Token {
+    access: SecretString,
+    refresh: Option<SecretString>,
+    header: HeaderValue,
+    received_at: Instant,
+    lifetime: Duration,
+}
+
+impl Token {
+    pub(crate) fn header(&self) -> &HeaderValue {
+        &self.header
+    }
+
+    pub(crate) fn secret(&self) -> &str {
+        self.access.expose_secret()
+    }
+
+    pub(crate) fn refresh_token(&self) -> Option<&SecretString> {
+        self.refresh.as_ref()
+    }
+
+    /// Keeps `previous` when this answer carried no refresh token of its own.
+    pub(crate) fn inherit_refresh_token(&mut self, previous: Option<&SecretString>) {
+        if self.refresh.is_none() {
+            self.refresh = previous.cloned();
+        }
+    }
+
+    pub(crate) fn received_at(&self) -> Instant {
+        self.received_at
+    }
+
+    pub(crate) fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    pub(crate) fn expires_at(&self) -> Instant {
+        self.received_at + self.lifetime
+    }
+
+    /// A token for tests: `Bearer <access>`, living `lifetime` from now.
+    #[cfg(test)]
+    pub(crate) fn for_test(access: &str, refresh: Option<&str>, lifetime: Duration) -> Self {
+        let body = serde_json::json!({
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": lifetime.as_secs(),
+            "refresh_token": refresh,
+        });
+        let mut token = parse(
+            GrantType::Password,
+            StatusCode::OK,
+            body.to_string().as_bytes(),
+            &[],
+        )
+        .unwrap_or_else(|err| panic!("test token: {err}"));
+        token.lifetime = lifetime;
+        token
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("access_token", &"[redacted]")
+            .field(
+                "refresh_token",
+                &self.refresh.as_ref().map(|_| "[redacted]"),
+            )
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct Success {
+    access_token: String,
+    token_type: Option<String>,
+    expires_in: Option<Value>,
+    refresh_token: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct Failure {
+    error: Option<Value>,
+    error_description: Option<Value>,
+    code: Option<Value>,
+    message: Option<Value>,
+    exception: Option<Exception>,
+}
+
+#[derive(Deserialize, Default)]
+struct Exception {
+    code: Option<Value>,
+    message: Option<Value>,
+    #[serde(rename = "errorList", default)]
+    error_list: Vec<FieldError>,
+}
+
+#[derive(Deserialize)]
+struct FieldError {
+    property: Option<Value>,
+    message: Option<Value>,
+}
+
+/// Parses an answer of `/oauth`. `secrets` are blanked out of any message kept.
+pub(crate) fn parse(
+    grant: GrantType,
+    status: StatusCode,
+    body: &[u8],
+    secrets: &[&str],
+) -> Result<Token, Error> {
+    if status.is_success() {
+        parse_success(grant, status, body)
+    } else {
+        Err(parse_failure(grant, status, body, secrets))
+    }
+}
+
+fn parse_success(grant: GrantType, status: StatusCode, body: &[u8]) -> Result<Token, Error> {
+    let invalid = |reason| Error::InvalidResponse {
+        grant,
+        status,
+        reason,
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(invalid("the body is empty"));
+    }
+    let success: Success = match serde_json::from_slice::<Value>(body) {
+        Err(_) => return Err(invalid("the body is not JSON")),
+        Ok(value) if !value.is_object() => return Err(invalid("the body is not a JSON object")),
+        Ok(value) => serde_json::from_value(value)
+            .map_err(|_| invalid("the body has no access_token string"))?,
+    };
+    if let Some(token_type) = &success.token_type {
+        if !token_type.eq_ignore_ascii_case("bearer") {
+            return Err(invalid("the token_type is not bearer"));
+        }
+    }
+    if success.access_token.is_empty() {
+        return Err(invalid("the access_token is empty"));
+    }
+    let lifetime = match success.expires_in {
+        None | Some(Value::Null) => DEFAULT_LIFETIME,
+        Some(value) => seconds(&value)
+            .ok_or_else(|| invalid("expires_in is not a positive number of seconds"))?,
+    };
+    let header = HeaderValue::try_from(format!("Bearer {}", success.access_token))
+        .map(|mut value| {
+            value.set_sensitive(true);
+            value
+        })
+        .map_err(|_| invalid("the access_token is not a valid header value"))?;
+    Ok(Token {
+        access: SecretString::from(success.access_token),
+        refresh: success
+            .refresh_token
+            .filter(|token| !token.is_empty())
+            .map(SecretString::from),
+        header,
+        received_at: Instant::now(),
+        lifetime,
+    })
+}
+
+/// `expires_in` as a JSON number (or, leniently, a numeric string), capped.
+fn seconds(value: &Value) -> Option<Duration> {
+    let secs = match value {
+        Value::Number(number) => number.as_f64()?,
+        Value::String(text) => text.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(
+        secs.min(MAX_LIFETIME.as_secs_f64()),
+    ))
+}
+
+fn parse_failure(grant: GrantType, status: StatusCode, body: &[u8], secrets: &[&str]) -> Error {
+    let failure: Failure = serde_json::from_slice(body).unwrap_or_default();
+    let exception = failure.exception.unwrap_or_default();
+    let code = failure
+        .error
+        .or(failure.code)
+        .or(exception.code)
+        .and_then(|value| text(&value));
+    let mut message = failure
+        .error_description
+        .or(failure.message)
+        .or(exception.message)
+        .and_then(|value| text(&value));
+    let details: Vec<String> = exception
+        .error_list
+        .iter()
+        .filter_map(|field| {
+            let property = field.property.as_ref().and_then(text);
+            let detail = field.message.as_ref().and_then(text)?;
+            Some(match property {
+                Some(property) => format!("{property}: {detail}"),
+                None => detail,
+            })
+        })
+        .collect();
+    if !details.is_empty() {
+        let joined = details.join("; ");
+        message = Some(match message {
+            Some(message) => format!("{message} ({joined})"),
+            None => joined,
+        });
+    }
+    let response = ErrorResponse {
+        status,
+        code: code.map(|code| scrub(&code, secrets)),
+        message: message.map(|message| scrub(&message, secrets)),
+    };
+    let code_rejects = response.code.as_deref().is_some_and(|code| {
+        matches!(
+            code.to_ascii_lowercase().as_str(),
+            "invalid_grant"
+                | "invalid_request"
+                | "invalid_client"
+                | "unauthorized_client"
+                | "unauthorised"
+        )
+    });
+    let rejected = matches!(
+        status,
+        StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+    ) || (status.is_client_error() && code_rejects);
+    if rejected {
+        Error::Rejected { grant, response }
+    } else {
+        Error::Failed { grant, response }
+    }
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+/// Shortens a server's text, drops control characters and blanks out secrets.
+fn scrub(text: &str, secrets: &[&str]) -> String {
+    let mut clean: String = text.chars().filter(|c| !c.is_control()).collect();
+    for secret in secrets.iter().filter(|secret| secret.len() >= 4) {
+        clean = clean.replace(secret, "[redacted]");
+    }
+    if clean.chars().count() > MAX_MESSAGE_CHARS {
+        clean = clean.chars().take(MAX_MESSAGE_CHARS).collect();
+        clean.push('…');
+    }
+    clean
+}
+
+/// Why a transport produced no readable answer.
+pub(crate) enum FetchError {
+    Transport(BoxError),
+    TooLarge(StatusCode),
+}
+
+/// The user's HTTP service, erased: a request with a complete body in, a
+/// response with a complete (capped) body out.
+pub(crate) type Transport = BoxCloneSyncService<Request<Bytes>, Response<Bytes>, FetchError>;
+
+/// Wraps any tower HTTP service whose request body can be made from `Bytes`.
+pub(crate) fn transport<S, ReqBody, ResBody>(service: S) -> Transport
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    ReqBody: From<Bytes> + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Into<BoxError>,
+{
+    let service = service
+        .map_request(|request: Request<Bytes>| request.map(ReqBody::from))
+        .map_err(|err: S::Error| FetchError::Transport(err.into()))
+        .and_then(|response: Response<ResBody>| async move {
+            let (parts, body) = response.into_parts();
+            match Limited::new(body, MAX_RESPONSE_BYTES).collect().await {
+                Ok(collected) => Ok(Response::from_parts(parts, collected.to_bytes())),
+                Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+                    Err(FetchError::TooLarge(parts.status))
+                }
+                Err(err) => Err(FetchError::Transport(err)),
+            }
+        });
+    BoxCloneSyncService::new(service)
+}
+
+/// Sends grants to one token endpoint.
+#[derive(Clone)]
+pub(crate) struct OAuthClient {
+    transport: Transport,
+    token_uri: Uri,
+    api: Api,
+    credentials: Credentials,
+    timeout: Duration,
+}
+
+impl OAuthClient {
+    pub(crate) fn new(
+        transport: Transport,
+        token_uri: Uri,
+        api: Api,
+        credentials: Credentials,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            transport,
+            token_uri,
+            api,
+            credentials,
+            timeout,
+        }
+    }
+
+    /// Sends `grant` once and parses the answer.
+    pub(crate) async fn fetch(&self, grant: &Grant) -> Result<Token, Error> {
+        let kind = grant.kind();
+        let request = self.request(grant);
+        let sent = tokio::time::timeout(self.timeout, self.transport.clone().oneshot(request));
+        let response = match sent.await {
+            Err(_) => {
+                return Err(Error::Timeout {
+                    grant: kind,
+                    timeout: self.timeout,
+                });
+            }
+            Ok(Err(FetchError::TooLarge(status))) => {
+                return Err(Error::InvalidResponse {
+                    grant: kind,
+                    status,
+                    reason: "the body is larger than 64 KiB",
+                });
+            }
+            Ok(Err(FetchError::Transport(source))) => {
+                return Err(Error::Transport {
+                    grant: kind,
+                    source: source.into(),
+                });
+            }
+            Ok(Ok(response)) => response,
+        };
+        let refresh = match grant {
+            Grant::Refresh(token) => token.expose_secret(),
+            Grant::Password => "",
+        };
+        let secrets = [
+            self.credentials.client_secret(),
+            self.credentials.password(),
+            refresh,
+        ];
+        parse(kind, response.status(), response.body(), &secrets)
+    }
+
+    fn request(&self, grant: &Grant) -> Request<Bytes> {
+        let credentials = &self.credentials;
+        let mut fields = vec![("grant_type", grant.kind().as_str())];
+        match grant {
+            Grant::Password => fields.extend([
+                ("client_id", credentials.client_id()),
+                ("client_secret", credentials.client_secret()),
+                ("username", credentials.username()),
+                ("password", credentials.password()),
+            ]),
+            Grant::Refresh(token) => fields.extend([
+                ("refresh_token", token.expose_secret()),
+                ("client_id", credentials.client_id()),
+                ("client_secret", credentials.client_secret()),
+            ]),
+        }
+        let (content_type, body) = match self.api {
+            Api::Gateway => (
+                "application/x-www-form-urlencoded",
+                serde_urlencoded::to_string(&fields)
+                    .unwrap_or_default()
+                    .into_bytes(),
+            ),
+            Api::Global => {
+                let object: serde_json::Map<String, Value> = fields
+                    .iter()
+                    .map(|(name, value)| ((*name).to_owned(), Value::from(*value)))
+                    .collect();
+                (
+                    "application/json",
+                    Value::Object(object).to_string().into_bytes(),
+                )
+            }
+        };
+        let mut request = Request::new(Bytes::from(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = self.token_uri.clone();
+        let headers = request.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        request
+    }
+}
+
+/// Where the token cache gets tokens from: the seam behind which a store shared
+/// by several processes can later sit, without touching the hot path.
+pub(crate) trait TokenSource: Send + Sync + 'static {
+    /// Sends one grant and parses its answer.
+    fn fetch<'a>(
+        &'a self,
+        grant: &'a Grant,
+    ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>>;
+}
+
+impl TokenSource for OAuthClient {
+    fn fetch<'a>(
+        &'a self,
+        grant: &'a Grant,
+    ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>> {
+        Box::pin(OAuthClient::fetch(self, grant))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    const SECRETS: &[&str] = &["the-client-secret", "the-password"];
+
+    fn ok(body: &str) -> Result<Token, Error> {
+        parse(
+            GrantType::Password,
+            StatusCode::OK,
+            body.as_bytes(),
+            SECRETS,
+        )
+    }
+
+    fn fail(status: u16, body: &str) -> Error {
+        let status = StatusCode::from_u16(status).unwrap();
+        match parse(GrantType::RefreshToken, status, body.as_bytes(), SECRETS) {
+            Ok(token) => panic!("expected an error, got {token:?}"),
+            Err(err) => err,
+        }
+    }
+
+    #[test]
+    fn parses_every_published_success_shape() {
+        let bodies = [
+            (
+                r#"{"access_token":"eyJabc","token_type":"bearer","expires_in":3600,"refresh_token":"def50200aa"}"#,
+                3600,
+            ),
+            (
+                r#"{"token_type":"Bearer","expires_in":3600,"access_token":"eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiIs","refresh_token":"def50200bb"}"#,
+                3600,
+            ),
+            (
+                r#"{"access_token":"eyJ0eXAiOi","token_type":"Bearer","expires_in":86400,"refresh_token":"50679c5d"}"#,
+                86400,
+            ),
+        ];
+        for (body, secs) in bodies {
+            let token = ok(body).unwrap();
+            assert_eq!(token.lifetime(), Duration::from_secs(secs));
+            assert!(token.header().is_sensitive());
+            assert_eq!(
+                token.header().to_str().unwrap(),
+                format!("Bearer {}", token.secret())
+            );
+            assert!(token.refresh_token().is_some());
+        }
+    }
+
+    #[test]
+    fn defaults_and_leniency() {
+        // No expires_in: the documented hour. Unknown fields ignored. No refresh token.
+        let token =
+            ok(r#"{"access_token":"abc","token_type":"Bearer","scope":"x","extra":{"a":1}}"#)
+                .unwrap();
+        assert_eq!(token.lifetime(), DEFAULT_LIFETIME);
+        assert!(token.refresh_token().is_none());
+        // No token_type: taken as bearer. expires_in as a string.
+        let token = ok(r#"{"access_token":"abc","expires_in":"120"}"#).unwrap();
+        assert_eq!(token.lifetime(), Duration::from_secs(120));
+        // A huge expires_in is capped rather than overflowing the clock.
+        let token = ok(r#"{"access_token":"abc","expires_in":1e300}"#).unwrap();
+        assert_eq!(token.lifetime(), MAX_LIFETIME);
+    }
+
+    #[test]
+    fn rejects_unusable_successes() {
+        let cases = [
+            ("", "the body is empty"),
+            ("<html>proxy</html>", "the body is not JSON"),
+            (r#"{"access_token":"abc","#, "the body is not JSON"),
+            ("[1,2]", "the body is not a JSON object"),
+            (
+                r#"{"token_type":"Bearer"}"#,
+                "the body has no access_token string",
+            ),
+            (
+                r#"{"access_token":42}"#,
+                "the body has no access_token string",
+            ),
+            (
+                r#"{"access_token":"abc","token_type":"mac"}"#,
+                "the token_type is not bearer",
+            ),
+            (r#"{"access_token":""}"#, "the access_token is empty"),
+            (
+                r#"{"access_token":"abc","expires_in":0}"#,
+                "expires_in is not a positive number of seconds",
+            ),
+            (
+                r#"{"access_token":"abc","expires_in":-5}"#,
+                "expires_in is not a positive number of seconds",
+            ),
+            (
+                r#"{"access_token":"abc","expires_in":"soon"}"#,
+                "expires_in is not a positive number of seconds",
+            ),
+            (
+                "{\"access_token\":\"a\\nb\"}",
+                "the access_token is not a valid header value",
+            ),
+        ];
+        for (body, expected) in cases {
+            match ok(body) {
+                Err(Error::InvalidResponse {
+                    reason,
+                    status,
+                    grant,
+                }) => {
+                    assert_eq!(reason, expected, "{body}");
+                    assert_eq!(status, StatusCode::OK);
+                    assert_eq!(grant, GrantType::Password);
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn parses_every_failure_shape() {
+        let err = fail(
+            400,
+            r#"{"error":"invalid_grant","error_description":"Refresh token expired"}"#,
+        );
+        assert!(err.is_rejected());
+        assert_eq!(err.status(), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(err.grant(), Some(GrantType::RefreshToken));
+        assert_eq!(
+            err.to_string(),
+            "Volt rejected the refresh_token grant: HTTP 400 invalid_grant: Refresh token expired"
+        );
+
+        let err = fail(401, r#"{"code":401,"message":"Invalid credentials"}"#);
+        let Error::Rejected { response, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(response.code.as_deref(), Some("401"));
+        assert_eq!(response.message.as_deref(), Some("Invalid credentials"));
+
+        let err = fail(
+            400,
+            r#"{"exception":{"code":400,"message":"Validation exception","errorList":[{"property":"username","message":"This value should not be blank."}]}}"#,
+        );
+        let Error::Rejected { response, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(response.code.as_deref(), Some("400"));
+        assert_eq!(
+            response.message.as_deref(),
+            Some("Validation exception (username: This value should not be blank.)")
+        );
+
+        let err = fail(401, r#"{"code":"UNAUTHORISED","message":"Unauthorised."}"#);
+        let Error::Rejected { response, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(response.code.as_deref(), Some("UNAUTHORISED"));
+    }
+
+    #[test]
+    fn classifies_rejections_and_failures_by_status_and_code() {
+        // Some servers answer an expired refresh token with invalid_request.
+        assert!(fail(400, r#"{"error":"invalid_request"}"#).is_rejected());
+        assert!(fail(403, "").is_rejected());
+        assert!(fail(422, r#"{"error":"invalid_grant"}"#).is_rejected());
+        for (status, body) in [
+            (500, r#"{"error":"server_error"}"#),
+            (502, "<html><body>Bad gateway</body></html>"),
+            (503, ""),
+            (429, r#"{"message":"slow down"}"#),
+            (404, "not found"),
+        ] {
+            let err = fail(status, body);
+            assert!(matches!(err, Error::Failed { .. }), "{status}: {err:?}");
+            assert_eq!(err.status().map(|s| s.as_u16()), Some(status));
+        }
+        // A body that is none of the shapes keeps the status and no details.
+        let Error::Failed { response, .. } = fail(502, "<html>") else {
+            panic!()
+        };
+        assert_eq!((response.code, response.message), (None, None));
+        let Error::Rejected { response, .. } = fail(401, r#"{"error":"invalid_cl"#) else {
+            panic!()
+        };
+        assert_eq!(response.code, None);
+    }
+
+    #[test]
+    fn error_messages_never_echo_secrets_and_stay_short() {
+        let body = format!(
+            r#"{{"error":"invalid_client","error_description":"bad secret the-client-secret for the-password {}"}}"#,
+            "x".repeat(5000)
+        );
+        let err = fail(401, &body);
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("the-client-secret") && !shown.contains("the-password"));
+        assert!(shown.contains("[redacted]"));
+        assert!(err.to_string().chars().count() < 500);
+    }
+
+    #[test]
+    fn token_debug_is_redacted() {
+        let token =
+            ok(r#"{"access_token":"at-very-secret","refresh_token":"rt-very-secret"}"#).unwrap();
+        let shown = format!("{token:?} {:?}", token.header());
+        assert!(
+            !shown.contains("at-very-secret") && !shown.contains("rt-very-secret"),
+            "{shown}"
+        );
+    }
+
+    /// A transport that records requests and answers a fixed response.
+    #[derive(Clone)]
+    struct Recorder {
+        seen: Arc<Mutex<Vec<Request<Bytes>>>>,
+        status: StatusCode,
+        body: &'static str,
+    }
+
+    impl Service<Request<http_body_util::Full<Bytes>>> for Recorder {
+        type Response = Response<http_body_util::Full<Bytes>>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<http_body_util::Full<Bytes>>) -> Self::Future {
+            let (parts, body) = request.into_parts();
+            let body = futures_body(body);
+            self.seen
+                .lock()
+                .unwrap()
+                .push(Request::from_parts(parts, body));
+            let mut response = Response::new(http_body_util::Full::from(self.body));
+            *response.status_mut() = self.status;
+            std::future::ready(Ok(response))
+        }
+    }
+
+    fn futures_body(body: http_body_util::Full<Bytes>) -> Bytes {
+        use http_body::Frame;
+        let mut body = std::pin::pin!(body);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        match body.as_mut().poll_frame(&mut cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+            _ => Frame::data(Bytes::new()).into_data().unwrap_or_default(),
+        }
+    }
+
+    fn client(
+        api: Api,
+        status: StatusCode,
+        body: &'static str,
+    ) -> (OAuthClient, Arc<Mutex<Vec<Request<Bytes>>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let recorder = Recorder {
+            seen: seen.clone(),
+            status,
+            body,
+        };
+        let credentials = Credentials::new("cid", "the-client-secret", "user name", "the-password");
+        let client = OAuthClient::new(
+            transport(recorder),
+            "https://api.sandbox.volt.io/oauth".parse().unwrap(),
+            api,
+            credentials,
+            Duration::from_secs(5),
+        );
+        (client, seen)
+    }
+
+    const GOOD: &str =
+        r#"{"access_token":"at1","token_type":"Bearer","expires_in":60,"refresh_token":"rt1"}"#;
+
+    #[tokio::test]
+    async fn password_grant_is_form_encoded_as_documented() {
+        let (client, seen) = client(Api::Gateway, StatusCode::OK, GOOD);
+        let token = client.fetch(&Grant::Password).await.unwrap();
+        assert_eq!(token.secret(), "at1");
+        let seen = seen.lock().unwrap();
+        let request = &seen[0];
+        assert_eq!(request.method(), Method::POST);
+        assert_eq!(request.uri(), "https://api.sandbox.volt.io/oauth");
+        assert_eq!(
+            request.headers()[CONTENT_TYPE],
+            "application/x-www-form-urlencoded"
+        );
+        assert_eq!(request.headers()[ACCEPT], "application/json");
+        let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(request.body()).unwrap();
+        let expected = [
+            ("grant_type", "password"),
+            ("client_id", "cid"),
+            ("client_secret", "the-client-secret"),
+            ("username", "user name"),
+            ("password", "the-password"),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(fields, expected);
+    }
+
+    #[tokio::test]
+    async fn refresh_grant_sends_the_client_credentials_too() {
+        let (client, seen) = client(Api::Gateway, StatusCode::OK, GOOD);
+        client
+            .fetch(&Grant::Refresh(SecretString::from("rt0".to_owned())))
+            .await
+            .unwrap();
+        let seen = seen.lock().unwrap();
+        let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(seen[0].body()).unwrap();
+        let names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            ["grant_type", "refresh_token", "client_id", "client_secret"]
+        );
+        assert_eq!(fields[0].1, "refresh_token");
+        assert_eq!(fields[1].1, "rt0");
+    }
+
+    #[tokio::test]
+    async fn global_api_sends_json() {
+        let (client, seen) = client(Api::Global, StatusCode::OK, GOOD);
+        client.fetch(&Grant::Password).await.unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0].headers()[CONTENT_TYPE], "application/json");
+        let body: Value = serde_json::from_slice(seen[0].body()).unwrap();
+        assert_eq!(body["grant_type"], "password");
+        assert_eq!(body["username"], "user name");
+        assert_eq!(body["client_secret"], "the-client-secret");
+    }
+
+    #[tokio::test]
+    async fn failures_keep_status_and_redact() {
+        let (client, _) = client(
+            Api::Gateway,
+            StatusCode::UNAUTHORIZED,
+            r#"{"error":"invalid_client","error_description":"the-client-secret is wrong"}"#,
+        );
+        let err = client.fetch(&Grant::Password).await.unwrap_err();
+        assert!(err.is_rejected());
+        assert!(!format!("{err} {err:?}").contains("the-client-secret"));
+    }
+}
