@@ -1,15 +1,56 @@
-//! volt-auth (work in progress)
+//! Tower middleware that obtains, caches, refreshes and attaches the OAuth2
+//! bearer token every call to [Volt](https://www.volt.io)'s open-banking API
+//! needs.
+//!
+//! [`VoltAuthLayer`] wraps any tower HTTP service. Requests read the current
+//! token lock-free; one refresh at a time runs in the background ahead of
+//! expiry, using the refresh token and falling back to the password grant; a
+//! 401 invalidates exactly the rejected token and replays the request once.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use volt_auth::mock::{self, MockVolt};
+//! use volt_auth::{Credentials, VoltAuthLayer};
+//!
+//! let volt = MockVolt::start().await?; // an embedded mock of Volt's API
+//! let client = volt.service();          // any tower HTTP client works here
+//!
+//! let credentials = Credentials::new(mock::CLIENT_ID, mock::CLIENT_SECRET, mock::USERNAME, mock::PASSWORD);
+//! let auth = VoltAuthLayer::builder(credentials)
+//!     .base_url(&volt.url())
+//!     .build(client.clone())?;
+//! let mut api = ServiceBuilder::new().layer(auth.clone()).service(client);
+//!
+//! let request = http::Request::get(format!("{}/banks", volt.url())).body(Full::<Bytes>::default())?;
+//! let response = api.ready().await?.call(request).await?;
+//! assert_eq!(response.status(), 200);
+//! assert_eq!(auth.stats().password.succeeded, 1);
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
-#![deny(missing_docs)]
+#![deny(missing_docs, unreachable_pub)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cache;
 mod config;
 mod error;
+mod future;
+mod layer;
 mod oauth;
+mod replay;
+mod service;
 
 pub use cache::{GrantStats, Stats};
 pub use config::{Api, ConfigError, Credentials, Endpoint, Environment};
 pub use error::{Error, ErrorResponse, GrantType};
+pub use future::ResponseFuture;
+pub use layer::{AccessToken, Builder, VoltAuthLayer};
+pub use replay::{DefaultReplay, NoReplay, ReplayPolicy};
+pub use service::VoltAuth;
 
 #[cfg(feature = "mock")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mock")))]

@@ -313,6 +313,17 @@ impl MockVolt {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The credentials this mock accepts, ready for [`VoltAuthLayer::builder`](crate::VoltAuthLayer::builder).
+    pub fn credentials(&self) -> crate::Credentials {
+        let config = &self.shared.config;
+        crate::Credentials::new(
+            config.client_id.clone(),
+            config.client_secret.clone(),
+            config.username.clone(),
+            config.password.clone(),
+        )
+    }
+
     /// An in-process tower service answering exactly like the TCP server, on the same state.
     pub fn service(&self) -> MockService {
         MockService {

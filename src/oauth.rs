@@ -76,10 +76,6 @@ impl Token {
         }
     }
 
-    pub(crate) fn received_at(&self) -> Instant {
-        self.received_at
-    }
-
     pub(crate) fn lifetime(&self) -> Duration {
         self.lifetime
     }

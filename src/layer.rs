@@ -1,0 +1,350 @@
+//! [`VoltAuthLayer`] and its [`Builder`]: configuration in, one shared token
+//! cache out.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body::Body;
+use tokio::time::Instant;
+use tower::{BoxError, Layer, Service};
+
+use crate::cache::{Settings, Stats, TokenCache};
+use crate::config::{Api, ConfigError, Credentials, Endpoint, Environment, Origin};
+use crate::error::Error;
+use crate::oauth::{self, OAuthClient, Token};
+use crate::replay::DefaultReplay;
+use crate::service::VoltAuth;
+
+/// Attaches a Volt bearer token to every request of the services it wraps.
+///
+/// Cheap to clone; every clone, every [`VoltAuth`] it makes and every clone of
+/// those share one token cache, so a process asks `/oauth` for one token at a
+/// time however many services and tasks use it.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), tower::BoxError> {
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use hyper_util::client::legacy::Client;
+/// use hyper_util::rt::TokioExecutor;
+/// use tower::{Service, ServiceBuilder, ServiceExt};
+/// use volt_auth::{Credentials, Environment, VoltAuthLayer};
+///
+/// let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+/// let auth = VoltAuthLayer::builder(Credentials::from_env()?)
+///     .environment(Environment::Sandbox)
+///     .build(client.clone())?; // /oauth requests travel through this client too
+/// let mut api = ServiceBuilder::new().layer(auth.clone()).service(client);
+///
+/// let request = http::Request::get("https://api.sandbox.volt.io/banks").body(Full::default())?;
+/// let response = api.ready().await?.call(request).await?;
+/// # Ok(()) }
+/// ```
+pub struct VoltAuthLayer<P = DefaultReplay> {
+    pub(crate) auth: Arc<Auth>,
+    pub(crate) replay: P,
+}
+
+/// What every service of one layer shares: the token cache and where the token
+/// may go.
+pub(crate) struct Auth {
+    pub(crate) cache: TokenCache,
+    origins: Vec<Origin>,
+    endpoint: Endpoint,
+}
+
+impl Auth {
+    /// Whether a request to `uri` gets the token: the configured origins, and
+    /// relative URIs (the inner service decides where those go).
+    #[inline]
+    pub(crate) fn allows(&self, uri: &http::Uri) -> bool {
+        uri.authority().is_none() || self.origins.iter().any(|origin| origin.matches(uri))
+    }
+}
+
+impl VoltAuthLayer {
+    /// Starts configuring a layer for these credentials, against Volt's Gateway
+    /// sandbox unless told otherwise.
+    pub fn builder(credentials: Credentials) -> Builder {
+        Builder {
+            credentials,
+            endpoint: Ok(Endpoint::default()),
+            origins: Vec::new(),
+            settings: Settings {
+                refresh_ahead: Duration::from_secs(5 * 60),
+                expiry_margin: Duration::from_secs(30),
+                backoff_min: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(60),
+            },
+            timeout: Duration::from_secs(5),
+            replay: DefaultReplay::new(),
+        }
+    }
+
+    /// A builder configured from the `VOLT_*` environment variables; see
+    /// [`Credentials::from_env`] and [`Endpoint::from_env`].
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the variable that is missing or invalid.
+    pub fn from_env() -> Result<Builder, ConfigError> {
+        Ok(Self::builder(Credentials::from_env()?).endpoint(Endpoint::from_env()?))
+    }
+}
+
+impl<P> VoltAuthLayer<P> {
+    /// A valid access token from the same cache the services use, for calls
+    /// made without tower. Waits for the one refresh when there is no valid
+    /// token.
+    ///
+    /// # Errors
+    /// The [`Error`] of the last `/oauth` attempt, when there is no valid token.
+    pub async fn access_token(&self) -> Result<AccessToken, Error> {
+        Ok(AccessToken(self.auth.cache.token().await?.token))
+    }
+
+    /// Counters: `/oauth` attempts by grant and outcome, refreshes, 401
+    /// replays, and the current token's remaining lifetime.
+    pub fn stats(&self) -> Stats {
+        self.auth.cache.stats()
+    }
+
+    /// The endpoint this layer authenticates against.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.auth.endpoint
+    }
+}
+
+impl<P: Clone> Clone for VoltAuthLayer<P> {
+    fn clone(&self) -> Self {
+        Self {
+            auth: self.auth.clone(),
+            replay: self.replay.clone(),
+        }
+    }
+}
+
+impl<P> fmt::Debug for VoltAuthLayer<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VoltAuthLayer")
+            .field("endpoint", &self.auth.endpoint.base_uri())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, P: Clone> Layer<S> for VoltAuthLayer<P> {
+    type Service = VoltAuth<S, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        VoltAuth::from_parts(inner, self.auth.clone(), self.replay.clone())
+    }
+}
+
+/// Configures a [`VoltAuthLayer`]; from [`VoltAuthLayer::builder`].
+#[must_use]
+pub struct Builder<P = DefaultReplay> {
+    credentials: Credentials,
+    endpoint: Result<Endpoint, ConfigError>,
+    origins: Vec<Result<Origin, ConfigError>>,
+    settings: Settings,
+    timeout: Duration,
+    replay: P,
+}
+
+impl<P> Builder<P> {
+    /// One of Volt's documented environments, keeping the chosen [`Api`].
+    pub fn environment(mut self, environment: Environment) -> Self {
+        let api = self
+            .endpoint
+            .as_ref()
+            .map(Endpoint::api)
+            .unwrap_or_default();
+        self.endpoint = Ok(Endpoint::new(api, environment));
+        self
+    }
+
+    /// Which Volt API to speak (Gateway by default), keeping the base URL.
+    pub fn api(mut self, api: Api) -> Self {
+        self.endpoint = self.endpoint.map(|endpoint| endpoint.with_api(api));
+        self
+    }
+
+    /// A custom base URL (the mock server, a proxy), checked as
+    /// [`Endpoint::custom`] does when the layer is built.
+    pub fn base_url(mut self, url: &str) -> Self {
+        let api = self
+            .endpoint
+            .as_ref()
+            .map(Endpoint::api)
+            .unwrap_or_default();
+        self.endpoint = Endpoint::custom(url).map(|endpoint| endpoint.with_api(api));
+        self
+    }
+
+    /// The endpoint, for example one made with [`Endpoint::custom_insecure`].
+    pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
+        self.endpoint = Ok(endpoint);
+        self
+    }
+
+    /// Another origin (scheme, host, port of `url`) that may receive the
+    /// token, besides the endpoint's own. Requests to any other origin pass
+    /// through untouched.
+    pub fn allow_origin(mut self, url: &str) -> Self {
+        let origin = url.parse().ok().and_then(|uri| Origin::of(&uri));
+        self.origins
+            .push(origin.ok_or_else(|| ConfigError::InvalidUrl {
+                url: url.to_owned(),
+                reason: "an origin needs an http or https scheme and a host",
+            }));
+        self
+    }
+
+    /// How long before expiry a request starts a background refresh while the
+    /// token is still used (default 5 minutes, moved earlier by up to 20 % at
+    /// random). Shrinks to a third of a short token lifetime.
+    pub fn refresh_ahead(mut self, window: Duration) -> Self {
+        self.settings.refresh_ahead = window;
+        self
+    }
+
+    /// How long before expiry a token counts as expired, so that clock skew
+    /// and slow requests never present an expired token (default 30 seconds).
+    /// Shrinks to a tenth of a short token lifetime.
+    pub fn expiry_margin(mut self, margin: Duration) -> Self {
+        self.settings.expiry_margin = margin;
+        self
+    }
+
+    /// How long one `/oauth` request may take (default 5 seconds).
+    pub fn token_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The backoff after a failed `/oauth` attempt: doubling from `min` up to
+    /// `max`, jittered (defaults 1 second and 1 minute). A rejected password
+    /// grant waits `max`.
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.settings.backoff_min = min;
+        self.settings.backoff_max = max;
+        self
+    }
+
+    /// Which request bodies are replayed after a 401: [`DefaultReplay`] by
+    /// default, [`NoReplay`](crate::NoReplay) to turn replays off, or any
+    /// [`ReplayPolicy`](crate::ReplayPolicy).
+    pub fn replay<Q>(self, policy: Q) -> Builder<Q> {
+        Builder {
+            credentials: self.credentials,
+            endpoint: self.endpoint,
+            origins: self.origins,
+            settings: self.settings,
+            timeout: self.timeout,
+            replay: policy,
+        }
+    }
+
+    /// Builds the layer. `/oauth` requests travel through `transport`, any
+    /// tower HTTP service (typically the same client the API calls use) whose
+    /// request body can be made from [`Bytes`].
+    ///
+    /// # Errors
+    /// A [`ConfigError`] for an invalid base URL or origin, or settings out of
+    /// range (a zero timeout or backoff, a margin larger than the
+    /// refresh-ahead window).
+    pub fn build<T, ReqBody, ResBody>(self, transport: T) -> Result<VoltAuthLayer<P>, ConfigError>
+    where
+        T: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,
+        T::Future: Send + 'static,
+        T::Error: Into<BoxError>,
+        ReqBody: From<Bytes> + 'static,
+        ResBody: Body + Send + 'static,
+        ResBody::Data: Send,
+        ResBody::Error: Into<BoxError>,
+    {
+        let endpoint = self.endpoint?;
+        let settings = self.settings;
+        if self.timeout.is_zero() {
+            return Err(ConfigError::InvalidSetting(
+                "the token timeout must be positive",
+            ));
+        }
+        if settings.backoff_min.is_zero() || settings.backoff_min > settings.backoff_max {
+            return Err(ConfigError::InvalidSetting(
+                "the backoff needs 0 < min <= max",
+            ));
+        }
+        if settings.expiry_margin > settings.refresh_ahead {
+            return Err(ConfigError::InvalidSetting(
+                "the expiry margin must not exceed the refresh-ahead window",
+            ));
+        }
+        let mut origins = endpoint.origin().into_iter().collect::<Vec<_>>();
+        for origin in self.origins {
+            origins.push(origin?);
+        }
+        let client = OAuthClient::new(
+            oauth::transport(transport),
+            endpoint.token_uri(),
+            endpoint.api(),
+            self.credentials,
+            self.timeout,
+        );
+        Ok(VoltAuthLayer {
+            auth: Arc::new(Auth {
+                cache: TokenCache::new(client, settings),
+                origins,
+                endpoint,
+            }),
+            replay: self.replay,
+        })
+    }
+}
+
+impl<P> fmt::Debug for Builder<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("credentials", &self.credentials)
+            .field("endpoint", &self.endpoint)
+            .field("settings", &self.settings)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A valid access token, for calls made without tower.
+///
+/// `Debug` is redacted; the token itself is only reachable through
+/// [`AccessToken::expose_secret`] and the sensitive
+/// [`AccessToken::header_value`].
+#[derive(Clone)]
+pub struct AccessToken(Arc<Token>);
+
+impl AccessToken {
+    /// The raw access token. Keep it out of logs.
+    pub fn expose_secret(&self) -> &str {
+        self.0.secret()
+    }
+
+    /// `Bearer <token>`, marked sensitive.
+    pub fn header_value(&self) -> &HeaderValue {
+        self.0.header()
+    }
+
+    /// When Volt said the token expires (on tokio's clock).
+    pub fn expires_at(&self) -> Instant {
+        self.0.expires_at()
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("token", &"[redacted]")
+            .field("expires_at", &self.expires_at())
+            .finish()
+    }
+}

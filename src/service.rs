@@ -1,0 +1,111 @@
+//! [`VoltAuth`]: the service that attaches the token and recovers from a 401.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::AUTHORIZATION;
+use http::{Request, Response};
+use tower::{BoxError, Service};
+
+use crate::future::ResponseFuture;
+use crate::layer::Auth;
+use crate::replay::{DefaultReplay, ReplayPolicy};
+
+/// Attaches `Authorization: Bearer <token>` to requests for Volt's origin and
+/// recovers from a 401 by refreshing once and replaying once.
+///
+/// Made by [`VoltAuthLayer`](crate::VoltAuthLayer). Errors are `BoxError`s: the
+/// inner service's own, or a [`volt_auth::Error`](crate::Error) when no token
+/// could be had.
+pub struct VoltAuth<S, P = DefaultReplay> {
+    inner: S,
+    auth: Arc<Auth>,
+    replay: P,
+}
+
+impl<S, P> VoltAuth<S, P> {
+    pub(crate) fn from_parts(inner: S, auth: Arc<Auth>, replay: P) -> Self {
+        Self {
+            inner,
+            auth,
+            replay,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, P, ReqBody, ResBody> Service<Request<ReqBody>> for VoltAuth<S, P>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+    P: ReplayPolicy<ReqBody>,
+{
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        // The instance that was polled ready serves this call; a clone takes
+        // its place (tower's advice for services that are cloned in `call`).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !self.auth.allows(request.uri()) {
+            return ResponseFuture::passthrough(inner.call(request));
+        }
+        let replay = self
+            .replay
+            .clone_body(request.body())
+            .map(|body| copy_request(&request, body));
+        match self.auth.cache.current() {
+            Some((header, generation)) => {
+                request.headers_mut().insert(AUTHORIZATION, header);
+                let spare = replay.as_ref().map(|_| inner.clone());
+                let future = inner.call(request);
+                ResponseFuture::sent(future, self.auth.clone(), generation, replay, spare)
+            }
+            None => {
+                let spare = replay.as_ref().map(|_| inner.clone());
+                ResponseFuture::authorize(self.auth.clone(), inner, request, replay, spare)
+            }
+        }
+    }
+}
+
+/// The request again, with `body`: method, URI, version, headers, extensions.
+fn copy_request<B>(request: &Request<B>, body: B) -> Request<B> {
+    let mut copy = Request::new(body);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    copy
+}
+
+impl<S: Clone, P: Clone> Clone for VoltAuth<S, P> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            auth: self.auth.clone(),
+            replay: self.replay.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for VoltAuth<S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VoltAuth")
+            .field("inner", &self.inner)
+            .field("replay", &self.replay)
+            .finish_non_exhaustive()
+    }
+}
