@@ -63,10 +63,8 @@ where
         future: S::Future,
         auth: Arc<Auth>,
         generation: u64,
-        replay: Option<Request<B>>,
-        spare: Option<S>,
+        replay: Option<(Request<B>, S)>,
     ) -> Self {
-        let replay = replay.zip(spare);
         Self::new(
             State::Call { future },
             Some(auth),
@@ -81,8 +79,7 @@ where
         auth: Arc<Auth>,
         ready_service: S,
         request: Request<B>,
-        replay: Option<Request<B>>,
-        spare: Option<S>,
+        replay: Option<(Request<B>, S)>,
     ) -> Self {
         let cache = auth.cache.clone();
         let token: TokenFuture = Box::pin(async move { cache.token().await.map(Some) });
@@ -91,7 +88,7 @@ where
             Some(auth),
             Some(ready_service),
             Some(request),
-            replay.zip(spare),
+            replay,
             0,
         );
         future.ready = true;
@@ -134,7 +131,14 @@ where
                         Ok(Some(lease)) => lease,
                         // No newer token may be had yet, or none at all:
                         // the 401 goes back as it came.
-                        Ok(None) | Err(_) if held.is_some() => {
+                        Ok(None) if held.is_some() => {
+                            tracing::debug!(
+                                "a 401 came too soon after the last forced refresh; returning it"
+                            );
+                            return Poll::Ready(held.take().ok_or_else(interrupted));
+                        }
+                        Err(error) if held.is_some() => {
+                            tracing::warn!(%error, "no new token after a 401; returning the 401");
                             return Poll::Ready(held.take().ok_or_else(interrupted));
                         }
                         Ok(None) => return Poll::Ready(Err(interrupted())),

@@ -54,27 +54,28 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        // The instance that was polled ready serves this call; a clone takes
-        // its place (tower's advice for services that are cloned in `call`).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         if !self.auth.allows(request.uri()) {
-            return ResponseFuture::passthrough(inner.call(request));
+            return ResponseFuture::passthrough(self.inner.call(request));
         }
+        // The copy to replay after a 401 is taken before sending, with an
+        // unused clone of the service to send it with.
         let replay = self
             .replay
             .clone_body(request.body())
-            .map(|body| copy_request(&request, body));
+            .map(|body| (copy_request(&request, body), self.inner.clone()));
         match self.auth.cache.current() {
             Some((header, generation)) => {
                 request.headers_mut().insert(AUTHORIZATION, header);
-                let spare = replay.as_ref().map(|_| inner.clone());
-                let future = inner.call(request);
-                ResponseFuture::sent(future, self.auth.clone(), generation, replay, spare)
+                let future = self.inner.call(request);
+                ResponseFuture::sent(future, self.auth.clone(), generation, replay)
             }
             None => {
-                let spare = replay.as_ref().map(|_| inner.clone());
-                ResponseFuture::authorize(self.auth.clone(), inner, request, replay, spare)
+                // The instance that was polled ready waits for the token in
+                // the future; a clone takes its place (tower's advice for
+                // services that are moved out of `call`).
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::authorize(self.auth.clone(), ready, request, replay)
             }
         }
     }
