@@ -52,6 +52,12 @@ pub use layer::{AccessToken, Builder, VoltAuthLayer};
 pub use replay::{DefaultReplay, NoReplay, ReplayPolicy};
 pub use service::VoltAuth;
 
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 #[cfg(feature = "mock")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
 pub mod mock;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
