@@ -295,3 +295,59 @@ impl ReplayPolicy<Body> for DefaultReplay {
             .then(|| Body::from(Bytes::copy_from_slice(bytes)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::Full;
+
+    use super::*;
+    use crate::Credentials;
+
+    fn layer() -> VoltAuthLayer {
+        let transport = tower::service_fn(|_: http::Request<Bytes>| async {
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+        });
+        VoltAuthLayer::builder(Credentials::new("id", "secret", "user", "password"))
+            .base_url("https://api.volt.io")
+            .allow_origin("http://[::1]:8080")
+            .build(transport)
+            .unwrap()
+    }
+
+    #[test]
+    fn urls_get_the_token_only_on_the_configured_origins() {
+        let layer = layer();
+        let allows = |url: &str| allows(&layer.auth, &Url::parse(url).unwrap());
+        assert!(allows("https://api.volt.io/banks"));
+        assert!(allows("https://API.Volt.io:443/banks?page=2"));
+        assert!(allows("http://[::1]:8080/banks"));
+        assert!(!allows("http://api.volt.io/banks"));
+        assert!(!allows("https://api.volt.io:8443/banks"));
+        assert!(!allows("https://api.volt.io.evil.example/banks"));
+        assert!(!allows("https://evil.example/api.volt.io"));
+        assert!(!allows("http://[::1]/banks"));
+        assert!(!allows("ws://api.volt.io/banks"));
+        assert!(!allows("data:text/plain,api.volt.io"));
+    }
+
+    #[test]
+    fn default_replay_copies_reqwest_bodies_known_to_be_bytes() {
+        let policy = DefaultReplay::new().max_size(4);
+        let copy = policy.clone_body(&Body::from("four")).unwrap();
+        assert_eq!(copy.as_bytes(), Some(&b"four"[..]));
+        assert!(policy.clone_body(&Body::from("fives")).is_none());
+        let stream = Body::wrap(Full::new(Bytes::from_static(b"x")));
+        assert!(policy.clone_body(&stream).is_none());
+    }
+
+    #[test]
+    fn debug_shows_no_token() {
+        let middleware = layer().middleware().replay(false);
+        assert_eq!(
+            format!("{middleware:?}"),
+            "VoltAuthMiddleware { replay: false, .. }"
+        );
+    }
+}

@@ -345,3 +345,33 @@ async fn the_transport_is_a_tower_service_and_refuses_relative_uris() {
     assert_eq!(response.status(), http::StatusCode::UNAUTHORIZED);
     assert_eq!(volt.api_calls(), 1);
 }
+
+#[tokio::test]
+async fn a_tower_stack_over_the_reqwest_transport_replays_reqwest_bodies() {
+    use tower::{Service, ServiceBuilder};
+
+    let volt = MockVolt::start().await.unwrap();
+    let transport = ReqwestTransport::new(reqwest::Client::new());
+    let auth = VoltAuthLayer::builder(volt.credentials())
+        .base_url(&volt.url())
+        .build(transport.clone())
+        .unwrap();
+    let mut api = ServiceBuilder::new().layer(auth.clone()).service(transport);
+    let pay = || {
+        http::Request::post(format!("{}/v2/payments", volt.url()))
+            .header(CONTENT_TYPE, "application/json")
+            .body(reqwest::Body::from(PAYMENT))
+            .unwrap()
+    };
+
+    let response = api.ready().await.unwrap().call(pay()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    volt.revoke_access_tokens();
+    let response = api.ready().await.unwrap().call(pay()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+
+    assert_eq!(volt.payment_bodies(), vec![Bytes::from(PAYMENT); 3]);
+    assert_eq!(volt.oauth_calls(), 2);
+    assert_eq!(volt.refresh_grants(), 1);
+    assert_eq!(auth.stats().replays, 1);
+}
