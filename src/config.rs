@@ -320,18 +320,26 @@ impl Origin {
 
     /// Whether `uri` goes to this origin. Allocation-free: it runs per request.
     pub(crate) fn matches(&self, uri: &Uri) -> bool {
-        let Some(authority) = uri.authority() else {
-            return false;
-        };
-        let https = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
+        match (uri.scheme_str(), uri.authority()) {
+            (Some(scheme), Some(authority)) => {
+                self.matches_parts(scheme, authority.host(), authority.port_u16())
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `scheme://host[:port]` is this origin; `port` is `None` for the
+    /// scheme's default. Allocation-free: it runs per request.
+    pub(crate) fn matches_parts(&self, scheme: &str, host: &str, port: Option<u16>) -> bool {
+        let https = match scheme {
+            "https" => true,
+            "http" => false,
             _ => return false,
         };
         let default_port = if https { 443 } else { 80 };
         https == self.https
-            && authority.port_u16().unwrap_or(default_port) == self.port
-            && authority.host().eq_ignore_ascii_case(&self.host)
+            && port.unwrap_or(default_port) == self.port
+            && host.eq_ignore_ascii_case(&self.host)
     }
 }
 

@@ -63,6 +63,17 @@ impl Auth {
     pub(crate) fn allows(&self, uri: &http::Uri) -> bool {
         uri.authority().is_none() || self.origins.iter().any(|origin| origin.matches(uri))
     }
+
+    /// Whether a request to `scheme://host[:port]` gets the token (`port` is
+    /// `None` for the scheme's default), for clients whose URLs are not
+    /// [`http::Uri`]s.
+    #[cfg(feature = "reqwest")]
+    #[inline]
+    pub(crate) fn allows_origin(&self, scheme: &str, host: &str, port: Option<u16>) -> bool {
+        self.origins
+            .iter()
+            .any(|origin| origin.matches_parts(scheme, host, port))
+    }
 }
 
 impl VoltAuthLayer {

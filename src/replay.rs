@@ -55,7 +55,7 @@ impl DefaultReplay {
         self
     }
 
-    fn fits<B: Body>(&self, body: &B) -> bool {
+    pub(crate) fn fits<B: Body>(&self, body: &B) -> bool {
         body.size_hint()
             .upper()
             .is_some_and(|upper| upper <= self.max_size)

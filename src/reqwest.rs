@@ -1,0 +1,353 @@
+//! reqwest support: [`VoltAuthMiddleware`] for
+//! [`reqwest_middleware`] clients, and [`ReqwestTransport`], which carries the
+//! `/oauth` requests over the same `reqwest::Client`, so a reqwest user needs
+//! no second HTTP stack.
+//!
+//! The middleware shares the layer's token cache: a process that uses both a
+//! tower stack and a reqwest client from one [`VoltAuthLayer`] asks `/oauth`
+//! for one token at a time. It attaches the token only to the layer's origins,
+//! and after a 401 it renews the token once and replays the request once when
+//! [`reqwest::Request::try_clone`] can copy it (bodies made from bytes or
+//! strings). A streaming body is sent once; its 401 goes back to the caller,
+//! and the next request carries the new token.
+//!
+//! Errors from the token cache arrive as
+//! [`reqwest_middleware::Error::Middleware`], wrapping a
+//! [`volt_auth::Error`](crate::Error).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use volt_auth::VoltAuthLayer;
+//! use volt_auth::mock::MockVolt;
+//! use volt_auth::reqwest::ReqwestTransport;
+//!
+//! let volt = MockVolt::start().await?;
+//! let client = reqwest::Client::new();
+//! let auth = VoltAuthLayer::builder(volt.credentials())
+//!     .base_url(&volt.url())
+//!     .build(ReqwestTransport::new(client.clone()))?; // /oauth through reqwest too
+//! let api = reqwest_middleware::ClientBuilder::new(client)
+//!     .with(auth.middleware())
+//!     .build();
+//!
+//! let response = api.get(format!("{}/banks", volt.url())).send().await?;
+//! assert_eq!(response.status(), 200);
+//! assert_eq!(volt.password_grants(), 1);
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use ::reqwest::header::AUTHORIZATION;
+use ::reqwest::{Body, Client, Request, Response, StatusCode, Url};
+use bytes::Bytes;
+use http::Extensions;
+use pin_project_lite::pin_project;
+use reqwest_middleware::{Middleware, Next};
+use tower::Service;
+
+use crate::layer::{Auth, VoltAuthLayer};
+use crate::replay::{DefaultReplay, ReplayPolicy};
+
+/// A [`reqwest_middleware::Middleware`] that attaches the Volt bearer token
+/// and recovers from a 401, backed by the token cache of the
+/// [`VoltAuthLayer`] it was made from.
+///
+/// Made with [`VoltAuthLayer::middleware`] or `From<VoltAuthLayer>`. Requests
+/// are replayed after a 401 when [`reqwest::Request::try_clone`] can copy them,
+/// regardless of the layer's [`ReplayPolicy`] (which governs `http` bodies);
+/// [`VoltAuthMiddleware::replay`] turns replays off.
+#[derive(Clone)]
+pub struct VoltAuthMiddleware {
+    auth: Arc<Auth>,
+    replay: bool,
+}
+
+impl VoltAuthMiddleware {
+    /// Whether to replay a request once after a 401 (on by default). Off, a
+    /// 401 goes back to the caller and the next request carries a new token.
+    pub fn replay(mut self, enabled: bool) -> Self {
+        self.replay = enabled;
+        self
+    }
+
+    /// Sends `request` with the current token, waiting for the one refresh
+    /// when there is no valid token.
+    async fn send(
+        &self,
+        mut request: Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<Response> {
+        if !allows(&self.auth, request.url()) {
+            return next.run(request, extensions).await;
+        }
+        // Copied before sending, as tower's retry does; `None` for streams.
+        let copy = if self.replay {
+            request.try_clone()
+        } else {
+            None
+        };
+        let generation = match self.auth.cache.current() {
+            Some((header, generation)) => {
+                request.headers_mut().insert(AUTHORIZATION, header);
+                generation
+            }
+            None => {
+                let lease = self
+                    .auth
+                    .cache
+                    .token()
+                    .await
+                    .map_err(reqwest_middleware::Error::middleware)?;
+                request
+                    .headers_mut()
+                    .insert(AUTHORIZATION, lease.token.header().clone());
+                lease.generation
+            }
+        };
+        let response = next.clone().run(request, extensions).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        let Some(mut copy) = copy else {
+            // Not replayable: the next request gets a new token.
+            self.auth.cache.invalidate(generation);
+            return Ok(response);
+        };
+        let lease = match self.auth.cache.renew(generation).await {
+            Ok(Some(lease)) => lease,
+            // No newer token may be had yet, or none at all: the 401 goes
+            // back as it came.
+            Ok(None) | Err(_) => return Ok(response),
+        };
+        drop(response);
+        self.auth.cache.record_replay();
+        tracing::debug!(
+            generation = lease.generation,
+            "replaying a request after a 401"
+        );
+        copy.headers_mut()
+            .insert(AUTHORIZATION, lease.token.header().clone());
+        let response = next.run(copy, extensions).await?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            // At most one replay: this 401 goes back, the next request gets a
+            // new token.
+            self.auth.cache.invalidate(lease.generation);
+        }
+        Ok(response)
+    }
+}
+
+/// Whether a request to `url` gets the token: the layer's origins only.
+#[inline]
+fn allows(auth: &Auth, url: &Url) -> bool {
+    url.host_str()
+        .is_some_and(|host| auth.allows_origin(url.scheme(), host, url.port()))
+}
+
+impl Middleware for VoltAuthMiddleware {
+    // `#[async_trait]`'s expansion of `async fn handle(&self, req: Request,
+    // extensions: &mut Extensions, next: Next<'_>) -> Result<Response>`,
+    // written out so the crate needs no proc-macro for one method.
+    fn handle<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        request: Request,
+        extensions: &'life1 mut Extensions,
+        next: Next<'life2>,
+    ) -> Pin<Box<dyn Future<Output = reqwest_middleware::Result<Response>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(self.send(request, extensions, next))
+    }
+}
+
+impl fmt::Debug for VoltAuthMiddleware {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VoltAuthMiddleware")
+            .field("replay", &self.replay)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P> VoltAuthLayer<P> {
+    /// A [`reqwest_middleware::Middleware`] sharing this layer's token cache
+    /// and origins.
+    pub fn middleware(&self) -> VoltAuthMiddleware {
+        VoltAuthMiddleware {
+            auth: self.auth.clone(),
+            replay: true,
+        }
+    }
+}
+
+impl<P> From<VoltAuthLayer<P>> for VoltAuthMiddleware {
+    fn from(layer: VoltAuthLayer<P>) -> Self {
+        layer.middleware()
+    }
+}
+
+/// A tower service over a [`reqwest::Client`], so that `/oauth` requests (or
+/// any `http` request) can travel through reqwest:
+/// `VoltAuthLayer::builder(..).build(ReqwestTransport::new(client))`.
+///
+/// Converts `http::Request<reqwest::Body>` to [`reqwest::Request`] and the
+/// answer back to `http::Response<reqwest::Body>`; a request whose URI reqwest
+/// cannot take (a relative URI) fails with reqwest's builder error.
+#[derive(Clone, Debug, Default)]
+pub struct ReqwestTransport {
+    client: Client,
+}
+
+impl ReqwestTransport {
+    /// Sends requests through `client`.
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    /// The wrapped client.
+    pub fn get_ref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl From<Client> for ReqwestTransport {
+    fn from(client: Client) -> Self {
+        Self::new(client)
+    }
+}
+
+impl Service<http::Request<Body>> for ReqwestTransport {
+    type Response = http::Response<Body>;
+    type Error = ::reqwest::Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<Request>::poll_ready(&mut self.client, cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let state = match Request::try_from(request) {
+            Ok(request) => State::Sending {
+                future: self.client.call(request),
+            },
+            Err(error) => State::Failed { error: Some(error) },
+        };
+        ResponseFuture { state }
+    }
+}
+
+type Pending = <Client as Service<Request>>::Future;
+
+pin_project! {
+    /// The response future of [`ReqwestTransport`].
+    pub struct ResponseFuture {
+        #[pin]
+        state: State,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State {
+        Sending { #[pin] future: Pending },
+        Failed { error: Option<::reqwest::Error> },
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<http::Response<Body>, ::reqwest::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Sending { future } => future.poll(cx).map_ok(http::Response::from),
+            StateProj::Failed { error } => match error.take() {
+                Some(error) => Poll::Ready(Err(error)),
+                // Polled again after it completed: it never completes again.
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+/// Bodies made from bytes or strings (whose [`Body::as_bytes`] is known) up to
+/// the size limit are copied; streams are not. For `VoltAuth` services over
+/// [`ReqwestTransport`].
+impl ReplayPolicy<Body> for DefaultReplay {
+    fn clone_body(&self, body: &Body) -> Option<Body> {
+        let bytes = body.as_bytes()?;
+        self.fits(body)
+            .then(|| Body::from(Bytes::copy_from_slice(bytes)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::Full;
+
+    use super::*;
+    use crate::Credentials;
+
+    fn layer() -> VoltAuthLayer {
+        let transport = tower::service_fn(|_: http::Request<Bytes>| async {
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+        });
+        VoltAuthLayer::builder(Credentials::new("id", "secret", "user", "password"))
+            .base_url("https://api.volt.io")
+            .allow_origin("http://[::1]:8080")
+            .build(transport)
+            .unwrap()
+    }
+
+    #[test]
+    fn urls_get_the_token_only_on_the_configured_origins() {
+        let layer = layer();
+        let allows = |url: &str| allows(&layer.auth, &Url::parse(url).unwrap());
+        assert!(allows("https://api.volt.io/banks"));
+        assert!(allows("https://API.Volt.io:443/banks?page=2"));
+        assert!(allows("http://[::1]:8080/banks"));
+        assert!(!allows("http://api.volt.io/banks"));
+        assert!(!allows("https://api.volt.io:8443/banks"));
+        assert!(!allows("https://api.volt.io.evil.example/banks"));
+        assert!(!allows("https://evil.example/api.volt.io"));
+        assert!(!allows("http://[::1]/banks"));
+        assert!(!allows("ws://api.volt.io/banks"));
+        assert!(!allows("data:text/plain,api.volt.io"));
+    }
+
+    #[test]
+    fn default_replay_copies_reqwest_bodies_known_to_be_bytes() {
+        let policy = DefaultReplay::new().max_size(4);
+        let copy = policy.clone_body(&Body::from("four")).unwrap();
+        assert_eq!(copy.as_bytes(), Some(&b"four"[..]));
+        assert!(policy.clone_body(&Body::from("fives")).is_none());
+        let stream = Body::wrap(Full::new(Bytes::from_static(b"x")));
+        assert!(policy.clone_body(&stream).is_none());
+    }
+
+    #[test]
+    fn debug_shows_no_token() {
+        let middleware = layer().middleware().replay(false);
+        assert_eq!(
+            format!("{middleware:?}"),
+            "VoltAuthMiddleware { replay: false, .. }"
+        );
+    }
+}

@@ -1,0 +1,564 @@
+//! `VoltAuthLayer` stacked with tower's `TimeoutLayer`, `RetryLayer` and
+//! `ConcurrencyLimitLayer` and tower-http's `TraceLayer`, in the orders that
+//! matter. The in-process mock server keeps every test deterministic, and lets
+//! the timeout tests run on tokio's paused clock; it is reached through
+//! [`Probe`], which also pins the request body type to `Full<Bytes>` (the
+//! mock's own service accepts any body, too many for type inference).
+
+use std::convert::Infallible;
+use std::future::{Future, Ready, ready};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use tokio::time::Instant;
+use tower::limit::ConcurrencyLimit;
+use tower::retry::Policy;
+use tower::timeout::error::Elapsed;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_http::trace::{DefaultMakeSpan, TraceLayer};
+use volt_auth::mock::{self, MockService, MockVolt};
+use volt_auth::{Builder, VoltAuthLayer};
+
+type Req = Request<Full<Bytes>>;
+
+fn volt() -> MockVolt {
+    MockVolt::builder().in_process()
+}
+
+fn builder(volt: &MockVolt) -> Builder {
+    VoltAuthLayer::builder(volt.credentials()).base_url(&volt.url())
+}
+
+fn auth(volt: &MockVolt) -> VoltAuthLayer {
+    builder(volt).build(Probe::new(volt)).unwrap()
+}
+
+fn get(volt: &MockVolt) -> Req {
+    Request::get(format!("{}/banks", volt.url()))
+        .body(Full::default())
+        .unwrap()
+}
+
+fn pay(volt: &MockVolt, body: &'static str) -> Req {
+    Request::post(format!("{}/v2/payments", volt.url()))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+async fn send<S, B>(service: &mut S, request: Req) -> Result<StatusCode, BoxError>
+where
+    S: Service<Req, Response = Response<B>, Error = BoxError>,
+{
+    Ok(service.ready().await?.call(request).await?.status())
+}
+
+fn volt_error(error: &BoxError) -> &volt_auth::Error {
+    error
+        .downcast_ref::<volt_auth::Error>()
+        .unwrap_or_else(|| panic!("not a volt_auth::Error: {error:?}"))
+}
+
+// ---------------------------------------------------------------------------
+// Test helpers: a retry policy that clones requests, and a probe service.
+// ---------------------------------------------------------------------------
+
+/// Retries once on an error or a 5xx; clones `Request<Full<Bytes>>` before
+/// the first send, as tower's `retry` asks. 401s are left to `VoltAuth`.
+#[derive(Clone)]
+struct RetryOnce {
+    left: usize,
+    retries: Arc<AtomicUsize>,
+}
+
+impl RetryOnce {
+    fn new() -> Self {
+        Self {
+            left: 1,
+            retries: Arc::default(),
+        }
+    }
+
+    fn retries(&self) -> usize {
+        self.retries.load(Ordering::SeqCst)
+    }
+}
+
+impl<B, E> Policy<Req, Response<B>, E> for RetryOnce {
+    type Future = Ready<()>;
+
+    fn retry(&mut self, _: &mut Req, result: &mut Result<Response<B>, E>) -> Option<Self::Future> {
+        let failed = match result {
+            Ok(response) => response.status().is_server_error(),
+            Err(_) => true,
+        };
+        if !failed || self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        self.retries.fetch_add(1, Ordering::SeqCst);
+        Some(ready(()))
+    }
+
+    fn clone_request(&mut self, request: &Req) -> Option<Req> {
+        let mut copy = Request::new(request.body().clone());
+        *copy.method_mut() = request.method().clone();
+        *copy.uri_mut() = request.uri().clone();
+        *copy.version_mut() = request.version();
+        *copy.headers_mut() = request.headers().clone();
+        *copy.extensions_mut() = request.extensions().clone();
+        Some(copy)
+    }
+}
+
+/// Wraps the mock's service: counts calls and the most in flight at once, and
+/// can answer the next calls with 503 without passing them on.
+#[derive(Clone)]
+struct Probe {
+    inner: MockService,
+    state: Arc<ProbeState>,
+}
+
+#[derive(Default)]
+struct ProbeState {
+    calls: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    fail_next: AtomicUsize,
+}
+
+impl Probe {
+    fn new(volt: &MockVolt) -> Self {
+        Self {
+            inner: volt.service(),
+            state: Arc::default(),
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.state.calls.load(Ordering::SeqCst)
+    }
+
+    fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    fn fail_next(&self, n: usize) {
+        self.state.fail_next.store(n, Ordering::SeqCst);
+    }
+}
+
+struct InFlight(Arc<ProbeState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Service<Req> for Probe {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Service::<Req>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let state = self.state.clone();
+        state.calls.fetch_add(1, Ordering::SeqCst);
+        let failing = state
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            let mut response = Response::new(Full::default());
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            return Box::pin(ready(Ok(response)));
+        }
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let _in_flight = InFlight(state);
+            future.await
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// RetryLayer
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn retry_outside_or_inside_auth_recovers_a_503_with_one_token() {
+    // Outside: each attempt passes through VoltAuth, which attaches the
+    // current token again.
+    let volt = volt();
+    let probe = Probe::new(&volt);
+    let policy = RetryOnce::new();
+    let mut api = ServiceBuilder::new()
+        .retry(policy.clone())
+        .layer(auth(&volt))
+        .service(probe.clone());
+    probe.fail_next(1);
+    assert_eq!(send(&mut api, get(&volt)).await.unwrap(), StatusCode::OK);
+    assert_eq!(policy.retries(), 1);
+    assert_eq!(probe.calls(), 2);
+    assert_eq!(volt.api_calls(), 1);
+    assert_eq!(volt.oauth_calls(), 1);
+
+    // Inside: the retry resends the request VoltAuth already authorised.
+    let volt = self::volt();
+    let probe = Probe::new(&volt);
+    let policy = RetryOnce::new();
+    let mut api = ServiceBuilder::new()
+        .layer(auth(&volt))
+        .retry(policy.clone())
+        .service(probe.clone());
+    probe.fail_next(1);
+    assert_eq!(send(&mut api, get(&volt)).await.unwrap(), StatusCode::OK);
+    assert_eq!(policy.retries(), 1);
+    assert_eq!(probe.calls(), 2);
+    assert_eq!(volt.api_calls(), 1);
+    assert_eq!(volt.oauth_calls(), 1);
+    let token = &volt.issued_access_tokens()[0];
+    assert_eq!(
+        volt.api_authorizations(),
+        vec![Some(format!("Bearer {token}"))]
+    );
+}
+
+#[tokio::test]
+async fn token_failures_reach_the_retry_policy_only_when_it_is_outside() {
+    const DOWN: &str = r#"{"code":503,"message":"Service Unavailable"}"#;
+
+    // Outside: the policy sees the token error and retries; the retry gets
+    // the same error from the cache's backoff, without a second /oauth call.
+    let volt = volt();
+    volt.fail_oauth(1, StatusCode::SERVICE_UNAVAILABLE, DOWN);
+    let probe = Probe::new(&volt);
+    let policy = RetryOnce::new();
+    let mut api = ServiceBuilder::new()
+        .retry(policy.clone())
+        .layer(auth(&volt))
+        .service(probe.clone());
+    let error = send(&mut api, get(&volt)).await.unwrap_err();
+    let error = volt_error(&error);
+    assert!(
+        matches!(error, volt_auth::Error::Failed { .. }),
+        "{error:?}"
+    );
+    assert_eq!(error.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+    assert_eq!(policy.retries(), 1);
+    assert_eq!(volt.oauth_calls(), 1);
+    assert_eq!(probe.calls(), 0);
+
+    // Inside: the token error happens before the retry layer is reached.
+    let volt = self::volt();
+    volt.fail_oauth(1, StatusCode::SERVICE_UNAVAILABLE, DOWN);
+    let probe = Probe::new(&volt);
+    let policy = RetryOnce::new();
+    let mut api = ServiceBuilder::new()
+        .layer(auth(&volt))
+        .retry(policy.clone())
+        .service(probe.clone());
+    let error = send(&mut api, get(&volt)).await.unwrap_err();
+    assert!(matches!(
+        volt_error(&error),
+        volt_auth::Error::Failed { .. }
+    ));
+    assert_eq!(policy.retries(), 0);
+    assert_eq!(volt.oauth_calls(), 1);
+    assert_eq!(probe.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_401_is_replayed_by_auth_once_not_also_by_retry() {
+    const BODY: &str = r#"{"amount":1}"#;
+    let volt = volt();
+    let auth = auth(&volt);
+    let probe = Probe::new(&volt);
+    let policy = RetryOnce::new();
+    let mut api = ServiceBuilder::new()
+        .retry(policy.clone())
+        .layer(auth.clone())
+        .service(probe.clone());
+    assert_eq!(send(&mut api, get(&volt)).await.unwrap(), StatusCode::OK);
+    volt.revoke_access_tokens();
+
+    assert_eq!(
+        send(&mut api, pay(&volt, BODY)).await.unwrap(),
+        StatusCode::CREATED
+    );
+    assert_eq!(policy.retries(), 0);
+    assert_eq!(auth.stats().replays, 1);
+    assert_eq!(
+        volt.payment_bodies(),
+        vec![Bytes::from(BODY), Bytes::from(BODY)]
+    );
+    assert_eq!(volt.oauth_calls(), 2);
+    assert_eq!(probe.calls(), 3);
+}
+
+// ---------------------------------------------------------------------------
+// TimeoutLayer
+// ---------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_outside_auth_covers_the_token_wait_and_the_refresh_survives_it() {
+    let volt = volt();
+    let mut api = ServiceBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .layer(auth(&volt))
+        .service(Probe::new(&volt));
+    let hold = volt.hold_oauth();
+
+    let started = Instant::now();
+    let error = send(&mut api, get(&volt)).await.unwrap_err();
+    assert!(error.is::<Elapsed>(), "{error:?}");
+    assert!(error.downcast_ref::<volt_auth::Error>().is_none());
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(1) && waited < Duration::from_secs(2));
+    assert_eq!(hold.waiting(), 1);
+    assert_eq!(volt.api_calls(), 0);
+
+    // The refresh was not the caller's: it goes on, and the next request
+    // uses its token without another /oauth call.
+    hold.release();
+    assert_eq!(send(&mut api, get(&volt)).await.unwrap(), StatusCode::OK);
+    assert_eq!(volt.oauth_calls(), 1);
+    assert_eq!(volt.api_calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_inside_auth_does_not_cover_the_token_wait() {
+    let volt = volt();
+    let auth = builder(&volt)
+        .token_timeout(Duration::from_secs(3))
+        .build(Probe::new(&volt))
+        .unwrap();
+    let mut api = ServiceBuilder::new()
+        .layer(auth)
+        .timeout(Duration::from_secs(1))
+        .service(Probe::new(&volt));
+    let hold = volt.hold_oauth();
+
+    // The inner timeout only starts once the token is there; the token wait
+    // is bounded by the layer's own token timeout.
+    let started = Instant::now();
+    let error = send(&mut api, get(&volt)).await.unwrap_err();
+    assert!(!error.is::<Elapsed>());
+    let error = volt_error(&error);
+    assert!(
+        matches!(error, volt_auth::Error::Timeout { .. }),
+        "{error:?}"
+    );
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(3) && waited < Duration::from_secs(4));
+    assert_eq!(volt.oauth_calls(), 1);
+    assert_eq!(volt.api_calls(), 0);
+    drop(hold);
+}
+
+// ---------------------------------------------------------------------------
+// ConcurrencyLimitLayer
+// ---------------------------------------------------------------------------
+
+/// Two payments, `a` then `b`, race a revoked token through a limit of one.
+async fn race_two_payments<S>(volt: &MockVolt, api: S)
+where
+    S: Service<Req, Response = Response<Full<Bytes>>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let mut warm = api.clone();
+    assert_eq!(send(&mut warm, get(volt)).await.unwrap(), StatusCode::OK);
+    volt.revoke_access_tokens();
+    let a = tokio::spawn(api.clone().oneshot(pay(volt, "a")));
+    let b = tokio::spawn(api.oneshot(pay(volt, "b")));
+    assert_eq!(a.await.unwrap().unwrap().status(), StatusCode::CREATED);
+    assert_eq!(b.await.unwrap().unwrap().status(), StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn a_limit_inside_auth_bounds_each_send_and_a_replay_queues_again() {
+    let volt = volt();
+    let auth = auth(&volt);
+    let probe = Probe::new(&volt);
+    let api = ServiceBuilder::new()
+        .layer(auth.clone())
+        .concurrency_limit(1)
+        .service(probe.clone());
+    race_two_payments(&volt, api).await;
+
+    // `a` got the 401 and released its permit; `b`, queued for it, went
+    // first with the new token, then `a` was replayed.
+    assert_eq!(
+        volt.payment_bodies(),
+        vec![Bytes::from("a"), Bytes::from("b"), Bytes::from("a")]
+    );
+    assert_eq!(probe.max_in_flight(), 1);
+    assert_eq!(volt.oauth_calls(), 2);
+    assert_eq!(auth.stats().replays, 1);
+}
+
+#[tokio::test]
+async fn a_limit_outside_auth_bounds_whole_calls_with_their_replay() {
+    let volt = volt();
+    let auth = auth(&volt);
+    let probe = Probe::new(&volt);
+    let api = ServiceBuilder::new()
+        .concurrency_limit(1)
+        .layer(auth.clone())
+        .service(probe.clone());
+    race_two_payments(&volt, api).await;
+
+    // `a` kept its permit through the 401, the refresh and the replay.
+    assert_eq!(
+        volt.payment_bodies(),
+        vec![Bytes::from("a"), Bytes::from("a"), Bytes::from("b")]
+    );
+    assert_eq!(probe.max_in_flight(), 1);
+    assert_eq!(volt.oauth_calls(), 2);
+    assert_eq!(auth.stats().replays, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_limited_service_must_not_be_the_oauth_transport() {
+    // VoltAuth reserves the inner service (and its permit) before it waits
+    // for a token; if /oauth needs a permit of the same limit, it never gets
+    // one and the token request times out.
+    let volt = volt();
+    let limited = ConcurrencyLimit::new(Probe::new(&volt), 1);
+    let auth = builder(&volt)
+        .token_timeout(Duration::from_secs(3))
+        .build(limited.clone())
+        .unwrap();
+    let mut api = ServiceBuilder::new().layer(auth).service(limited);
+    let error = send(&mut api, get(&volt)).await.unwrap_err();
+    assert!(matches!(
+        volt_error(&error),
+        volt_auth::Error::Timeout { .. }
+    ));
+    assert_eq!(volt.oauth_calls(), 0);
+    assert_eq!(volt.api_calls(), 0);
+
+    // The unlimited client as the transport: fine.
+    let volt = self::volt();
+    let auth = builder(&volt).build(Probe::new(&volt)).unwrap();
+    let mut api = ServiceBuilder::new()
+        .layer(auth)
+        .service(ConcurrencyLimit::new(Probe::new(&volt), 1));
+    assert_eq!(send(&mut api, get(&volt)).await.unwrap(), StatusCode::OK);
+    assert_eq!(volt.oauth_calls(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// TraceLayer
+// ---------------------------------------------------------------------------
+
+/// Captures what a `tracing_subscriber::fmt` subscriber writes.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+impl io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
+}
+
+fn secrets(volt: &MockVolt) -> Vec<String> {
+    let mut secrets = volt.issued_access_tokens();
+    secrets.extend(volt.issued_refresh_tokens());
+    secrets.extend([mock::CLIENT_SECRET.to_owned(), mock::PASSWORD.to_owned()]);
+    secrets
+}
+
+#[tokio::test]
+async fn trace_outside_auth_sees_one_call_and_no_token() {
+    let (logs, _guard) = capture();
+    let volt = volt();
+    let mut api = ServiceBuilder::new()
+        .layer(
+            TraceLayer::new_for_http().make_span_with(DefaultMakeSpan::new().include_headers(true)),
+        )
+        .layer(auth(&volt))
+        .service(Probe::new(&volt));
+    assert_eq!(send(&mut api, get(&volt)).await.unwrap(), StatusCode::OK);
+    volt.revoke_access_tokens();
+    assert_eq!(
+        send(&mut api, pay(&volt, "{}")).await.unwrap(),
+        StatusCode::CREATED
+    );
+
+    let text = logs.text();
+    // One span per call, the 401 and its replay inside it.
+    assert_eq!(text.matches("started processing request").count(), 2);
+    assert_eq!(text.matches("finished processing request").count(), 2);
+    assert!(text.contains("status=201"));
+    assert!(!text.contains("status=401"));
+    assert!(!text.contains("authorization"));
+    assert!(text.contains("replaying a request after a 401"));
+    for secret in secrets(&volt) {
+        assert!(!text.contains(&secret));
+    }
+}
+
+#[tokio::test]
+async fn trace_inside_auth_sees_each_send_with_the_token_redacted() {
+    let (logs, _guard) = capture();
+    let volt = volt();
+    let mut api = ServiceBuilder::new()
+        .layer(auth(&volt))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(DefaultMakeSpan::new().include_headers(true)),
+        )
+        .service(Probe::new(&volt));
+    assert_eq!(send(&mut api, get(&volt)).await.unwrap(), StatusCode::OK);
+    volt.revoke_access_tokens();
+    assert_eq!(
+        send(&mut api, pay(&volt, "{}")).await.unwrap(),
+        StatusCode::CREATED
+    );
+
+    let text = logs.text();
+    // Each send is traced: GET, POST (401), POST (replay).
+    assert_eq!(text.matches("started processing request").count(), 3);
+    assert_eq!(text.matches("finished processing request").count(), 3);
+    assert_eq!(text.matches("status=401").count(), 1);
+    // The header is there, marked sensitive: its value is never printed.
+    assert_eq!(text.matches("\"authorization\": Sensitive").count(), 6);
+    for secret in secrets(&volt) {
+        assert!(!text.contains(&secret));
+    }
+}

@@ -1,0 +1,377 @@
+//! `VoltAuthMiddleware` in a `reqwest_middleware::ClientWithMiddleware`, with
+//! `/oauth` carried by `ReqwestTransport` over the same `reqwest::Client`,
+//! against the mock server over TCP on 127.0.0.1.
+#![cfg(feature = "reqwest")]
+
+use bytes::Bytes;
+use http_body_util::Full;
+use reqwest::StatusCode;
+use reqwest::header::CONTENT_TYPE;
+use reqwest_middleware::ClientWithMiddleware;
+use std::time::Duration;
+use tower::ServiceExt;
+use volt_auth::mock::{MockVolt, payment_digest};
+use volt_auth::reqwest::ReqwestTransport;
+
+use volt_auth::{Builder, GrantType, VoltAuthLayer};
+
+const PAYMENT: &str =
+    r#"{"amount":12345,"currencyCode":"EUR","type":"SERVICES","uniqueReference":"order-42"}"#;
+
+struct Setup {
+    volt: MockVolt,
+    auth: VoltAuthLayer,
+    api: ClientWithMiddleware,
+}
+
+async fn setup() -> Setup {
+    setup_with(|builder| builder).await
+}
+
+async fn setup_with(configure: impl FnOnce(Builder) -> Builder) -> Setup {
+    let volt = MockVolt::start().await.unwrap();
+    let client = reqwest::Client::new();
+    let auth = configure(VoltAuthLayer::builder(volt.credentials()).base_url(&volt.url()))
+        .build(ReqwestTransport::new(client.clone()))
+        .unwrap();
+    let api = reqwest_middleware::ClientBuilder::new(client)
+        .with(auth.middleware())
+        .build();
+    Setup { volt, auth, api }
+}
+
+fn bearer(token: &str) -> Option<String> {
+    Some(format!("Bearer {token}"))
+}
+
+impl Setup {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.volt.url())
+    }
+
+    async fn banks(&self) -> StatusCode {
+        let response = self.api.get(self.url("/banks")).send().await.unwrap();
+        response.status()
+    }
+
+    async fn pay(&self, body: reqwest::Body) -> reqwest::Response {
+        self.api
+            .post(self.url("/v2/payments"))
+            .header(CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_password_grant_serves_sequential_and_concurrent_requests() {
+    let s = setup().await;
+    for _ in 0..10 {
+        assert_eq!(s.banks().await, StatusCode::OK);
+    }
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let api = s.api.clone();
+            let url = s.url("/banks");
+            tokio::spawn(async move { api.get(url).send().await.unwrap().status() })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::OK);
+    }
+
+    assert_eq!(s.volt.oauth_calls(), 1);
+    assert_eq!(s.volt.password_grants(), 1);
+    assert_eq!(s.volt.refresh_grants(), 0);
+    assert_eq!(s.volt.api_calls(), 60);
+    assert_eq!(s.volt.unauthorized(), 0);
+    let token = &s.volt.issued_access_tokens()[0];
+    assert_eq!(s.volt.api_authorizations(), vec![bearer(token); 60]);
+    // The /oauth request travelled through reqwest, form-encoded.
+    let oauth = s.volt.oauth_requests();
+    assert_eq!(oauth.len(), 1);
+    assert_eq!(
+        oauth[0].content_type.as_deref(),
+        Some("application/x-www-form-urlencoded")
+    );
+    assert_eq!(s.auth.stats().password.succeeded, 1);
+    assert_eq!(s.auth.stats().replays, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_share_one_password_grant() {
+    let s = setup().await;
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let api = s.api.clone();
+            let url = s.url("/banks");
+            tokio::spawn(async move { api.get(url).send().await.unwrap().status() })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(s.volt.oauth_calls(), 1);
+    assert_eq!(s.volt.password_grants(), 1);
+    assert_eq!(s.volt.max_oauth_in_flight(), 1);
+    let token = &s.volt.issued_access_tokens()[0];
+    assert_eq!(s.volt.api_authorizations(), vec![bearer(token); 100]);
+}
+
+#[tokio::test]
+async fn a_401_renews_once_and_replays_the_json_body_byte_for_byte() {
+    let s = setup().await;
+    assert_eq!(s.banks().await, StatusCode::OK);
+    s.volt.revoke_access_tokens();
+
+    let response = s.pay(reqwest::Body::from(PAYMENT)).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let created: serde_json::Value =
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(created["digest"], payment_digest(PAYMENT.as_bytes()));
+
+    // The server saw the same body twice: 401, then 201.
+    assert_eq!(
+        s.volt.payment_bodies(),
+        vec![Bytes::from(PAYMENT), Bytes::from(PAYMENT)]
+    );
+    assert_eq!(s.volt.unauthorized(), 1);
+    // Exactly one extra /oauth call: the refresh grant.
+    assert_eq!(s.volt.oauth_calls(), 2);
+    assert_eq!(s.volt.password_grants(), 1);
+    assert_eq!(s.volt.refresh_grants(), 1);
+    let tokens = s.volt.issued_access_tokens();
+    assert_eq!(
+        s.volt.api_authorizations(),
+        vec![bearer(&tokens[0]), bearer(&tokens[0]), bearer(&tokens[1])]
+    );
+    let stats = s.auth.stats();
+    assert_eq!(stats.replays, 1);
+    assert_eq!(stats.refresh.succeeded, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_401s_cost_one_refresh() {
+    let s = setup().await;
+    assert_eq!(s.banks().await, StatusCode::OK);
+    s.volt.revoke_access_tokens();
+
+    let tasks: Vec<_> = (0..40)
+        .map(|_| {
+            let api = s.api.clone();
+            let url = s.url("/v2/payments");
+            tokio::spawn(async move {
+                api.post(url)
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(PAYMENT)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::CREATED);
+    }
+    assert_eq!(s.volt.oauth_calls(), 2);
+    assert_eq!(s.volt.refresh_grants(), 1);
+    // Every 401 was replayed once; requests sent after the refresh had none.
+    let rejected = s.volt.unauthorized() as u64;
+    assert!(rejected >= 1);
+    assert_eq!(s.auth.stats().replays, rejected);
+    assert_eq!(s.volt.payment_bodies().len() as u64, 40 + rejected);
+    assert!(
+        s.volt
+            .payment_bodies()
+            .iter()
+            .all(|body| body == PAYMENT.as_bytes())
+    );
+}
+
+#[tokio::test]
+async fn a_streaming_body_is_sent_once_and_the_next_request_gets_a_new_token() {
+    let s = setup().await;
+    assert_eq!(s.banks().await, StatusCode::OK);
+    s.volt.revoke_access_tokens();
+
+    // `Body::wrap` makes a body reqwest cannot clone.
+    let stream = reqwest::Body::wrap(Full::new(Bytes::from(PAYMENT)));
+    assert!(stream.as_bytes().is_none());
+    let response = s.pay(stream).await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        response.headers().get("www-authenticate").unwrap(),
+        "Bearer"
+    );
+    assert_eq!(s.volt.payment_bodies(), vec![Bytes::from(PAYMENT)]);
+    assert_eq!(s.auth.stats().replays, 0);
+
+    // The 401 invalidated the token; the next request waits for the refresh.
+    assert_eq!(s.banks().await, StatusCode::OK);
+    assert_eq!(s.volt.oauth_calls(), 2);
+    assert_eq!(s.volt.refresh_grants(), 1);
+    assert_eq!(s.volt.unauthorized(), 1);
+    let tokens = s.volt.issued_access_tokens();
+    assert_eq!(tokens.len(), 2);
+    assert_eq!(
+        s.volt.api_authorizations(),
+        vec![bearer(&tokens[0]), bearer(&tokens[0]), bearer(&tokens[1])]
+    );
+}
+
+#[tokio::test]
+async fn replay_can_be_turned_off() {
+    let volt = MockVolt::start().await.unwrap();
+    let client = reqwest::Client::new();
+    let auth = VoltAuthLayer::builder(volt.credentials())
+        .base_url(&volt.url())
+        .build(ReqwestTransport::new(client.clone()))
+        .unwrap();
+    let api = reqwest_middleware::ClientBuilder::new(client)
+        .with(auth.middleware().replay(false))
+        .build();
+    let url = format!("{}/v2/payments", volt.url());
+    let pay = || api.post(&url).body(PAYMENT).send();
+
+    assert_eq!(pay().await.unwrap().status(), StatusCode::CREATED);
+    volt.revoke_access_tokens();
+    assert_eq!(pay().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(pay().await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(volt.payment_bodies().len(), 3);
+    assert_eq!(volt.oauth_calls(), 2);
+    assert_eq!(auth.stats().replays, 0);
+}
+
+#[tokio::test]
+async fn a_server_rejecting_every_token_gets_one_replay_and_no_storm() {
+    // A long backoff, so that the throttle holds however slow the machine.
+    let s =
+        setup_with(|builder| builder.backoff(Duration::from_secs(60), Duration::from_secs(120)))
+            .await;
+    assert_eq!(s.banks().await, StatusCode::OK);
+    s.volt.reject_all_tokens(true);
+
+    // One replay with a renewed token, then the 401 goes back.
+    assert_eq!(s.banks().await, StatusCode::UNAUTHORIZED);
+    assert_eq!(s.volt.api_calls(), 3);
+    assert_eq!(s.volt.oauth_calls(), 2);
+    assert_eq!(s.auth.stats().replays, 1);
+
+    // Renewals are throttled: more 401s cost no /oauth call and no replay.
+    for _ in 0..5 {
+        assert_eq!(s.banks().await, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(s.volt.api_calls(), 8);
+    assert_eq!(s.volt.oauth_calls(), 2);
+    assert_eq!(s.auth.stats().replays, 1);
+}
+
+#[tokio::test]
+async fn other_origins_get_no_token() {
+    let s = setup().await;
+    let other = MockVolt::start().await.unwrap();
+
+    // Same host, another port: another origin.
+    let response = s
+        .api
+        .get(format!("{}/banks", other.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(other.api_authorizations(), vec![None]);
+    // The request did not even ask for a token.
+    assert_eq!(s.volt.oauth_calls(), 0);
+}
+
+#[tokio::test]
+async fn allowed_origins_get_the_token_too() {
+    let other = MockVolt::start().await.unwrap();
+    let s = setup_with(|builder| builder.allow_origin(&other.url())).await;
+    let response = s
+        .api
+        .get(format!("{}/banks", other.url()))
+        .send()
+        .await
+        .unwrap();
+    // The other server does not know Volt's tokens, but it received them: the
+    // first, then after its 401 a renewed one (one replay).
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let tokens = s.volt.issued_access_tokens();
+    assert_eq!(
+        other.api_authorizations(),
+        vec![bearer(&tokens[0]), bearer(&tokens[1])]
+    );
+    assert_eq!(s.volt.oauth_calls(), 2);
+    assert_eq!(s.auth.stats().replays, 1);
+}
+
+#[tokio::test]
+async fn token_errors_downcast_to_volt_auth_error() {
+    let s = setup().await;
+    s.volt.fail_oauth(
+        1,
+        http::StatusCode::UNAUTHORIZED,
+        r#"{"code":401,"message":"Invalid credentials"}"#,
+    );
+    let error = s.api.get(s.url("/banks")).send().await.unwrap_err();
+    let reqwest_middleware::Error::Middleware(error) = error else {
+        panic!("expected a middleware error, got {error:?}");
+    };
+    let error = error.downcast_ref::<volt_auth::Error>().unwrap();
+    assert!(error.is_rejected());
+    assert_eq!(error.grant(), Some(GrantType::Password));
+    assert_eq!(s.volt.oauth_calls(), 1);
+    assert_eq!(s.volt.api_calls(), 0);
+}
+
+#[tokio::test]
+async fn the_transport_is_a_tower_service_and_refuses_relative_uris() {
+    let transport = ReqwestTransport::new(reqwest::Client::new());
+    let request = http::Request::get("/banks")
+        .body(reqwest::Body::from(""))
+        .unwrap();
+    let error = transport.clone().oneshot(request).await.unwrap_err();
+    assert!(error.is_builder());
+
+    let volt = MockVolt::start().await.unwrap();
+    let request = http::Request::get(format!("{}/banks", volt.url()))
+        .body(reqwest::Body::from(""))
+        .unwrap();
+    let response = transport.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::UNAUTHORIZED);
+    assert_eq!(volt.api_calls(), 1);
+}
+
+#[tokio::test]
+async fn a_tower_stack_over_the_reqwest_transport_replays_reqwest_bodies() {
+    use tower::{Service, ServiceBuilder};
+
+    let volt = MockVolt::start().await.unwrap();
+    let transport = ReqwestTransport::new(reqwest::Client::new());
+    let auth = VoltAuthLayer::builder(volt.credentials())
+        .base_url(&volt.url())
+        .build(transport.clone())
+        .unwrap();
+    let mut api = ServiceBuilder::new().layer(auth.clone()).service(transport);
+    let pay = || {
+        http::Request::post(format!("{}/v2/payments", volt.url()))
+            .header(CONTENT_TYPE, "application/json")
+            .body(reqwest::Body::from(PAYMENT))
+            .unwrap()
+    };
+
+    let response = api.ready().await.unwrap().call(pay()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    volt.revoke_access_tokens();
+    let response = api.ready().await.unwrap().call(pay()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+
+    assert_eq!(volt.payment_bodies(), vec![Bytes::from(PAYMENT); 3]);
+    assert_eq!(volt.oauth_calls(), 2);
+    assert_eq!(volt.refresh_grants(), 1);
+    assert_eq!(auth.stats().replays, 1);
+}
