@@ -12,17 +12,16 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use volt_auth::VoltAuthLayer;
+use volt_auth::client::https_client;
 use volt_auth::mock::MockVolt;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    // HTTPS for Volt, plain HTTP for the mock on loopback.
+    let client = https_client()?;
 
     let (mock, builder, run_for) = if std::env::var_os("VOLT_CLIENT_ID").is_some() {
         (None, VoltAuthLayer::from_env()?, Duration::from_secs(3))
