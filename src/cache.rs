@@ -72,6 +72,9 @@ struct Shared {
     current: ArcSwap<Entry>,
     /// Whether a request that sees a stale token may start a background refresh.
     may_kick: AtomicBool,
+    /// The generation a forced refresh produced, until a response accepts it
+    /// (0: none pending).
+    unconfirmed: AtomicU64,
     flight: Mutex<Flight>,
     done: watch::Sender<Option<Error>>,
     source: Box<dyn TokenSource>,
@@ -89,6 +92,8 @@ struct Flight {
     last_error: Option<Error>,
     forced_at: Option<Instant>,
     forced_streak: u32,
+    /// Whether the running refresh was forced by a 401.
+    forcing: bool,
     timer: Option<AbortHandle>,
 }
 
@@ -109,6 +114,7 @@ impl TokenCache {
                     phase: AtomicU8::new(EXPIRED),
                 }),
                 may_kick: AtomicBool::new(true),
+                unconfirmed: AtomicU64::new(0),
                 flight: Mutex::new(Flight::default()),
                 done,
                 source: Box::new(source),
@@ -126,7 +132,7 @@ impl TokenCache {
         let entry = self.shared.current.load();
         match entry.phase.load(Ordering::Acquire) {
             FRESH => {}
-            STALE => self.shared.kick(),
+            STALE => self.shared.kick(entry.generation),
             _ => return None,
         }
         let token = entry.token.as_ref()?;
@@ -154,6 +160,18 @@ impl TokenCache {
     pub(crate) fn invalidate(&self, rejected: u64) {
         // Errors reach the next request that waits; nothing waits here.
         let _ = Shared::begin(&self.shared, Some(rejected));
+    }
+
+    /// A response other than 401 to a request that carried `generation`: a
+    /// token from a forced refresh that the server accepts ends the throttle's
+    /// escalation. One relaxed load of a rarely written atomic per response.
+    #[inline]
+    pub(crate) fn accepted(&self, generation: u64) {
+        let shared = &self.shared;
+        if shared.unconfirmed.load(Ordering::Relaxed) == generation && generation != 0 {
+            shared.unconfirmed.store(0, Ordering::Relaxed);
+            shared.lock().forced_streak = 0;
+        }
     }
 
     pub(crate) fn record_replay(&self) {
@@ -201,10 +219,18 @@ impl Shared {
         self.flight.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Starts a background refresh for a stale token, once.
-    fn kick(self: &Arc<Self>) {
+    /// Starts a background refresh for the stale token of `generation`, once.
+    fn kick(self: &Arc<Self>, generation: u64) {
         if self.may_kick.load(Ordering::Relaxed) && self.may_kick.swap(false, Ordering::AcqRel) {
-            self.start_if_due(&mut self.lock(), Instant::now());
+            let mut flight = self.lock();
+            let entry = self.current.load();
+            if entry.generation == generation && entry.phase.load(Ordering::Acquire) == STALE {
+                self.start_if_due(&mut flight, Instant::now());
+            } else {
+                // A refresh finished since the token was read: the flag
+                // belongs to the new token.
+                self.may_kick.store(true, Ordering::Release);
+            }
         }
     }
 
@@ -233,6 +259,7 @@ impl Shared {
                         return Ok(Begin::Keep);
                     }
                     entry.phase.store(EXPIRED, Ordering::Release);
+                    flight.forcing = true;
                     tracing::debug!(generation = entry.generation, "a 401 invalidated the token");
                 }
             } else if phase != EXPIRED {
@@ -335,6 +362,11 @@ impl Shared {
                         phase: AtomicU8::new(FRESH),
                     });
                     self.current.store(entry.clone());
+                    let forced = std::mem::take(&mut flight.forcing);
+                    self.unconfirmed.store(
+                        if forced { flight.generation } else { 0 },
+                        Ordering::Relaxed,
+                    );
                     if let Some(timer) = flight.timer.take() {
                         timer.abort();
                     }
@@ -445,9 +477,11 @@ impl Settings {
 }
 
 impl Flight {
-    /// Whether a 401 may force a refresh now. Forced refreshes are throttled
-    /// like failures, so a server that rejects every token costs one `/oauth`
-    /// call per backoff period, not one per request.
+    /// Whether a 401 may force a refresh now. Forced refreshes whose tokens
+    /// the server keeps rejecting are throttled like failures, so a server
+    /// that rejects every token costs one `/oauth` call per backoff period,
+    /// not one per request; once a forced token is accepted, the next 401
+    /// only waits `backoff_min` after the last forced refresh.
     fn may_force(&mut self, now: Instant, settings: &Settings) -> bool {
         if let Some(at) = self.forced_at {
             let since = now.saturating_duration_since(at);

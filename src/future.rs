@@ -180,13 +180,14 @@ where
                 }
                 StateProj::Call { future } => {
                     let response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if response.status() != StatusCode::UNAUTHORIZED {
-                        return Poll::Ready(Ok(response));
-                    }
                     let Some(auth) = this.auth.as_ref() else {
                         return Poll::Ready(Ok(response));
                     };
                     let generation = *this.generation;
+                    if response.status() != StatusCode::UNAUTHORIZED {
+                        auth.cache.accepted(generation);
+                        return Poll::Ready(Ok(response));
+                    }
                     let Some((request, service)) = this.replay.take() else {
                         // Not replayable, or already replayed: the next
                         // request gets a new token.

@@ -113,6 +113,7 @@ impl VoltAuthMiddleware {
         };
         let response = next.clone().run(request, extensions).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
+            self.auth.cache.accepted(generation);
             return Ok(response);
         }
         let Some(mut copy) = copy else {
@@ -139,6 +140,8 @@ impl VoltAuthMiddleware {
             // At most one replay: this 401 goes back, the next request gets a
             // new token.
             self.auth.cache.invalidate(lease.generation);
+        } else {
+            self.auth.cache.accepted(lease.generation);
         }
         Ok(response)
     }
