@@ -14,8 +14,12 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use secrecy::{ExposeSecret, SecretString};
+use std::collections::HashMap;
+
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
@@ -118,14 +122,6 @@ impl fmt::Debug for Token {
     }
 }
 
-#[derive(Deserialize)]
-struct Success {
-    access_token: String,
-    token_type: Option<String>,
-    expires_in: Option<Value>,
-    refresh_token: Option<String>,
-}
-
 #[derive(Deserialize, Default)]
 struct Failure {
     error: Option<Value>,
@@ -172,51 +168,72 @@ fn parse_success(grant: GrantType, status: StatusCode, body: &[u8]) -> Result<To
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(invalid("the body is empty"));
     }
-    let success: Success = match serde_json::from_slice::<Value>(body) {
-        Err(_) => return Err(invalid("the body is not JSON")),
-        Ok(value) if !value.is_object() => return Err(invalid("the body is not a JSON object")),
-        Ok(value) => serde_json::from_value(value)
-            .map_err(|_| invalid("the body has no access_token string"))?,
-    };
-    if let Some(token_type) = &success.token_type {
-        if !token_type.eq_ignore_ascii_case("bearer") {
-            return Err(invalid("the token_type is not bearer"));
+    // Values stay raw JSON text, so that a number beyond f64 (a hostile
+    // `expires_in`) is capped rather than failing the whole answer.
+    let fields: HashMap<String, Box<RawValue>> = match serde_json::from_slice(body) {
+        Ok(fields) => fields,
+        Err(_) if serde_json::from_slice::<IgnoredAny>(body).is_ok() => {
+            return Err(invalid("the body is not a JSON object"));
         }
+        Err(_) => return Err(invalid("the body is not JSON")),
+    };
+    let field = |name: &str| {
+        fields
+            .get(name)
+            .map(|raw| raw.get())
+            .filter(|raw| *raw != "null")
+    };
+    let string = |raw: &str| serde_json::from_str::<String>(raw).ok();
+    let access_token = field("access_token")
+        .and_then(string)
+        .ok_or_else(|| invalid("the body has no access_token string"))?;
+    if field("token_type")
+        .is_some_and(|raw| !string(raw).is_some_and(|t| t.eq_ignore_ascii_case("bearer")))
+    {
+        return Err(invalid("the token_type is not bearer"));
     }
-    if success.access_token.is_empty() {
+    if access_token.is_empty() {
         return Err(invalid("the access_token is empty"));
     }
-    let lifetime = match success.expires_in {
-        None | Some(Value::Null) => DEFAULT_LIFETIME,
-        Some(value) => seconds(&value)
-            .ok_or_else(|| invalid("expires_in is not a positive number of seconds"))?,
+    let lifetime = match field("expires_in") {
+        None => DEFAULT_LIFETIME,
+        Some(raw) => {
+            seconds(raw).ok_or_else(|| invalid("expires_in is not a positive number of seconds"))?
+        }
     };
-    let header = HeaderValue::try_from(format!("Bearer {}", success.access_token))
+    let header = HeaderValue::try_from(format!("Bearer {access_token}"))
         .map(|mut value| {
             value.set_sensitive(true);
             value
         })
         .map_err(|_| invalid("the access_token is not a valid header value"))?;
+    // A refresh token that is not a non-empty string is ignored, not fatal:
+    // the access token is still good, and the password grant still works.
+    let refresh = field("refresh_token")
+        .and_then(string)
+        .filter(|token| !token.is_empty());
     Ok(Token {
-        access: SecretString::from(success.access_token),
-        refresh: success
-            .refresh_token
-            .filter(|token| !token.is_empty())
-            .map(SecretString::from),
+        access: SecretString::from(access_token),
+        refresh: refresh.map(SecretString::from),
         header,
         received_at: Instant::now(),
         lifetime,
     })
 }
 
-/// `expires_in` as a JSON number (or, leniently, a numeric string), capped.
-fn seconds(value: &Value) -> Option<Duration> {
-    let secs = match value {
-        Value::Number(number) => number.as_f64()?,
-        Value::String(text) => text.trim().parse::<f64>().ok()?,
-        _ => return None,
+/// `expires_in` from its raw JSON: a number (or, leniently, a numeric
+/// string), positive, capped at [`MAX_LIFETIME`].
+fn seconds(raw: &str) -> Option<Duration> {
+    let secs = match serde_json::from_str::<String>(raw) {
+        Ok(text) => text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|secs| secs.is_finite())?,
+        // A JSON number; beyond f64 it parses as infinity and is capped.
+        Err(_) => raw.parse::<f64>().ok()?,
     };
-    if !secs.is_finite() || secs <= 0.0 {
+    if secs.is_nan() || secs <= 0.0 {
         return None;
     }
     Some(Duration::from_secs_f64(
@@ -271,10 +288,11 @@ fn parse_failure(grant: GrantType, status: StatusCode, body: &[u8], secrets: &[&
                 | "unauthorised"
         )
     });
-    let rejected = matches!(
-        status,
-        StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-    ) || (status.is_client_error() && code_rejects);
+    let rejected =
+        matches!(
+            status,
+            StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ) || (status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS && code_rejects);
     if rejected {
         Error::Rejected { grant, response }
     } else {
