@@ -673,7 +673,10 @@ fn paired_end_to_end<S>(
 
 criterion_group! {
     name = benches;
+    // No plots: rendering them takes longer than measuring on a small machine,
+    // and the table needs only the estimates.
     config = Criterion::default()
+        .without_plots()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .noise_threshold(0.05);

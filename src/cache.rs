@@ -62,6 +62,10 @@ pub(crate) struct Lease {
     pub(crate) generation: u64,
 }
 
+/// A service's own handle on the current token (see [`TokenCache::current_local`]).
+#[derive(Clone)]
+pub(crate) struct LocalToken(arc_swap::Cache<Arc<ArcSwap<Entry>>, Arc<Entry>>);
+
 /// Shared by every clone of the layer, its services and their futures.
 #[derive(Clone)]
 pub(crate) struct TokenCache {
@@ -69,7 +73,7 @@ pub(crate) struct TokenCache {
 }
 
 struct Shared {
-    current: ArcSwap<Entry>,
+    current: Arc<ArcSwap<Entry>>,
     /// Whether a request that sees a stale token may start a background refresh.
     may_kick: AtomicBool,
     /// The generation a forced refresh produced, until a response accepts it
@@ -108,11 +112,11 @@ impl TokenCache {
         let (done, _) = watch::channel(None);
         Self {
             shared: Arc::new(Shared {
-                current: ArcSwap::from_pointee(Entry {
+                current: Arc::new(ArcSwap::from_pointee(Entry {
                     token: None,
                     generation: 0,
                     phase: AtomicU8::new(EXPIRED),
-                }),
+                })),
                 may_kick: AtomicBool::new(true),
                 unconfirmed: AtomicU64::new(0),
                 flight: Mutex::new(Flight::default()),
@@ -129,7 +133,23 @@ impl TokenCache {
     /// no clock read.
     #[inline]
     pub(crate) fn current(&self) -> Option<(HeaderValue, u64)> {
-        let entry = self.shared.current.load();
+        self.read(&self.shared.current.load())
+    }
+
+    /// The hot path through a per-service [`LocalToken`]: while the token is
+    /// unchanged, one relaxed load of the shared pointer.
+    #[inline]
+    pub(crate) fn current_local(&self, local: &mut LocalToken) -> Option<(HeaderValue, u64)> {
+        self.read(local.0.load())
+    }
+
+    /// A per-service view of the current token.
+    pub(crate) fn local(&self) -> LocalToken {
+        LocalToken(arc_swap::Cache::new(self.shared.current.clone()))
+    }
+
+    #[inline]
+    fn read(&self, entry: &Entry) -> Option<(HeaderValue, u64)> {
         match entry.phase.load(Ordering::Acquire) {
             FRESH => {}
             STALE => self.shared.kick(entry.generation),
@@ -401,6 +421,15 @@ impl Shared {
             }
         };
         self.done.send_replace(outcome);
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The phase timer holds only a weak reference; stop it sleeping.
+        if let Some(timer) = self.lock().timer.take() {
+            timer.abort();
+        }
     }
 }
 

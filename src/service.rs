@@ -8,6 +8,7 @@ use http::header::AUTHORIZATION;
 use http::{Request, Response};
 use tower::{BoxError, Service};
 
+use crate::cache::LocalToken;
 use crate::future::ResponseFuture;
 use crate::layer::Auth;
 use crate::replay::{DefaultReplay, ReplayPolicy};
@@ -21,6 +22,7 @@ use crate::replay::{DefaultReplay, ReplayPolicy};
 pub struct VoltAuth<S, P = DefaultReplay> {
     inner: S,
     auth: Arc<Auth>,
+    token: LocalToken,
     replay: P,
 }
 
@@ -28,6 +30,7 @@ impl<S, P> VoltAuth<S, P> {
     pub(crate) fn from_parts(inner: S, auth: Arc<Auth>, replay: P) -> Self {
         Self {
             inner,
+            token: auth.cache.local(),
             auth,
             replay,
         }
@@ -63,7 +66,7 @@ where
             .replay
             .clone_body(request.body())
             .map(|body| (copy_request(&request, body), self.inner.clone()));
-        match self.auth.cache.current() {
+        match self.auth.cache.current_local(&mut self.token) {
             Some((header, generation)) => {
                 request.headers_mut().insert(AUTHORIZATION, header);
                 let future = self.inner.call(request);
@@ -97,6 +100,7 @@ impl<S: Clone, P: Clone> Clone for VoltAuth<S, P> {
         Self {
             inner: self.inner.clone(),
             auth: self.auth.clone(),
+            token: self.token.clone(),
             replay: self.replay.clone(),
         }
     }

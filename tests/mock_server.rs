@@ -1,0 +1,127 @@
+//! The mock Volt server over real TCP, spoken to the way Volt's page says:
+//! form-encoded grants to `/oauth`, refresh-token rotation, bearer-protected
+//! API calls.
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use volt_auth::mock::{self, MockVolt};
+
+type Http = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> Http {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn oauth(client: &Http, volt: &MockVolt, fields: &[(&str, &str)]) -> (StatusCode, Value) {
+    let body = serde_urlencoded::to_string(fields).unwrap();
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{}/oauth", volt.url()))
+        .header(
+            "content-type",
+            "application/x-www-form-urlencoded;charset=UTF-8",
+        )
+        .body(Full::from(body))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+fn password_grant() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("client_id", mock::CLIENT_ID),
+        ("client_secret", mock::CLIENT_SECRET),
+        ("username", mock::USERNAME),
+        ("password", mock::PASSWORD),
+        ("grant_type", "password"),
+    ]
+}
+
+fn refresh_grant(refresh_token: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("client_id", mock::CLIENT_ID),
+        ("client_secret", mock::CLIENT_SECRET),
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh_token),
+    ]
+}
+
+async fn banks(client: &Http, volt: &MockVolt, token: &str) -> StatusCode {
+    let request = Request::get(format!("{}/banks", volt.url()))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::default())
+        .unwrap();
+    client.request(request).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn refresh_tokens_rotate_and_a_reused_one_is_rejected() {
+    let volt = MockVolt::start().await.unwrap();
+    let client = client();
+
+    let (status, first) = oauth(&client, &volt, &password_grant()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first["token_type"], "Bearer");
+    assert_eq!(first["expires_in"], 3600);
+    let access = first["access_token"].as_str().unwrap();
+    let refresh = first["refresh_token"].as_str().unwrap();
+    assert_eq!(banks(&client, &volt, access).await, StatusCode::OK);
+
+    let (status, second) = oauth(&client, &volt, &refresh_grant(refresh)).await;
+    assert_eq!(status, StatusCode::OK);
+    let rotated = second["refresh_token"].as_str().unwrap();
+    assert_ne!(rotated, refresh);
+    assert_ne!(second["access_token"], first["access_token"]);
+
+    // The used refresh token no longer works; the rotated one does, once.
+    let (status, reused) = oauth(&client, &volt, &refresh_grant(refresh)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(reused["error"], "invalid_grant");
+    let (status, _) = oauth(&client, &volt, &refresh_grant(rotated)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    assert_eq!((volt.password_grants(), volt.refresh_grants()), (1, 3));
+    assert_eq!(volt.oauth_calls(), 4);
+}
+
+#[tokio::test]
+async fn wrong_credentials_and_missing_tokens_are_refused() {
+    let volt = MockVolt::start().await.unwrap();
+    let client = client();
+
+    let mut wrong_secret = password_grant();
+    wrong_secret[1] = ("client_secret", "not-the-secret");
+    let (status, body) = oauth(&client, &volt, &wrong_secret).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_client"))
+    );
+
+    let mut wrong_password = password_grant();
+    wrong_password[3] = ("password", "not-the-password");
+    let (status, body) = oauth(&client, &volt, &wrong_password).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_grant"))
+    );
+
+    assert_eq!(
+        banks(&client, &volt, "made-up-token").await,
+        StatusCode::UNAUTHORIZED
+    );
+    let (_, granted) = oauth(&client, &volt, &password_grant()).await;
+    let access = granted["access_token"].as_str().unwrap();
+    volt.revoke_access_tokens();
+    assert_eq!(
+        banks(&client, &volt, access).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!((volt.api_calls(), volt.unauthorized()), (2, 2));
+}
