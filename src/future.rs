@@ -1,5 +1,8 @@
 //! [`ResponseFuture`]: wait for a token if needed, call, and after a 401 renew
 //! the token and replay once.
+//!
+//! The future stays small on the hot path (a token was cached, the request was
+//! sent in `call`): what only a wait for a token needs lives in a box.
 
 use std::fmt;
 use std::future::Future;
@@ -25,26 +28,33 @@ pin_project! {
         S: Service<Request<B>>,
     {
         #[pin]
-        state: State<S::Future, S::Response>,
+        state: State<S::Future>,
         // Token handling; `None` for requests to other origins.
         auth: Option<Arc<Auth>>,
-        // The service for the next call: polled ready first unless `ready`.
-        service: Option<S>,
-        ready: bool,
-        // The request for the next call.
-        request: Option<Request<B>>,
-        // A copy to replay after a 401, and an unused service to send it with.
-        replay: Option<(Request<B>, S)>,
         // The token generation the last call carried.
         generation: u64,
+        // A copy to replay after a 401, and an unused service to send it with.
+        replay: Option<(Request<B>, S)>,
+        slow: Option<Box<Slow<S, B, S::Response>>>,
     }
+}
+
+/// What waiting for a token needs.
+struct Slow<S, B, R> {
+    // The service for the next call: polled ready first unless `ready`.
+    service: Option<S>,
+    ready: bool,
+    // The request for the next call.
+    request: Option<Request<B>>,
+    // The 401 being recovered from, returned if no newer token comes.
+    held: Option<R>,
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, R> {
-        // Waiting for a token; `held` is the 401 being recovered from, if any.
-        Token { token: TokenFuture, held: Option<R> },
+    enum State<F> {
+        // Waiting for a token.
+        Token { token: TokenFuture },
         // Driving the service to ready, then calling it.
         Ready,
         Call { #[pin] future: F },
@@ -56,7 +66,13 @@ where
     S: Service<Request<B>>,
 {
     pub(crate) fn passthrough(future: S::Future) -> Self {
-        Self::new(State::Call { future }, None, None, None, None, 0)
+        Self {
+            state: State::Call { future },
+            auth: None,
+            generation: 0,
+            replay: None,
+            slow: None,
+        }
     }
 
     pub(crate) fn sent(
@@ -65,14 +81,13 @@ where
         generation: u64,
         replay: Option<(Request<B>, S)>,
     ) -> Self {
-        Self::new(
-            State::Call { future },
-            Some(auth),
-            None,
-            None,
-            replay,
+        Self {
+            state: State::Call { future },
+            auth: Some(auth),
             generation,
-        )
+            replay,
+            slow: None,
+        }
     }
 
     pub(crate) fn authorize(
@@ -83,34 +98,17 @@ where
     ) -> Self {
         let cache = auth.cache.clone();
         let token: TokenFuture = Box::pin(async move { cache.token().await.map(Some) });
-        let mut future = Self::new(
-            State::Token { token, held: None },
-            Some(auth),
-            Some(ready_service),
-            Some(request),
-            replay,
-            0,
-        );
-        future.ready = true;
-        future
-    }
-
-    fn new(
-        state: State<S::Future, S::Response>,
-        auth: Option<Arc<Auth>>,
-        service: Option<S>,
-        request: Option<Request<B>>,
-        replay: Option<(Request<B>, S)>,
-        generation: u64,
-    ) -> Self {
         Self {
-            state,
-            auth,
-            service,
-            ready: false,
-            request,
+            state: State::Token { token },
+            auth: Some(auth),
+            generation: 0,
             replay,
-            generation,
+            slow: Some(Box::new(Slow {
+                service: Some(ready_service),
+                ready: true,
+                request: Some(request),
+                held: None,
+            })),
         }
     }
 }
@@ -126,34 +124,40 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Token { token, held } => {
-                    let lease = match ready!(token.as_mut().poll(cx)) {
-                        Ok(Some(lease)) => lease,
-                        // No newer token may be had yet, or none at all:
-                        // the 401 goes back as it came.
-                        Ok(None) if held.is_some() => {
+                StateProj::Token { token } => {
+                    let outcome = ready!(token.as_mut().poll(cx));
+                    let Some(slow) = this.slow.as_mut() else {
+                        return Poll::Ready(Err(interrupted()));
+                    };
+                    let lease = match (outcome, slow.held.take()) {
+                        (Ok(Some(lease)), held) => {
+                            if held.is_some() {
+                                if let Some(auth) = this.auth.as_ref() {
+                                    auth.cache.record_replay();
+                                }
+                                tracing::debug!(
+                                    generation = lease.generation,
+                                    "replaying a request after a 401"
+                                );
+                            }
+                            lease
+                        }
+                        // No newer token may be had yet, or none at all: the
+                        // 401 goes back as it came.
+                        (Ok(None), Some(held)) => {
                             tracing::debug!(
                                 "a 401 came too soon after the last forced refresh; returning it"
                             );
-                            return Poll::Ready(held.take().ok_or_else(interrupted));
+                            return Poll::Ready(Ok(held));
                         }
-                        Err(error) if held.is_some() => {
+                        (Err(error), Some(held)) => {
                             tracing::warn!(%error, "no new token after a 401; returning the 401");
-                            return Poll::Ready(held.take().ok_or_else(interrupted));
+                            return Poll::Ready(Ok(held));
                         }
-                        Ok(None) => return Poll::Ready(Err(interrupted())),
-                        Err(error) => return Poll::Ready(Err(error.into())),
+                        (Ok(None), None) => return Poll::Ready(Err(interrupted())),
+                        (Err(error), None) => return Poll::Ready(Err(error.into())),
                     };
-                    if held.take().is_some() {
-                        if let Some(auth) = this.auth.as_ref() {
-                            auth.cache.record_replay();
-                        }
-                        tracing::debug!(
-                            generation = lease.generation,
-                            "replaying a request after a 401"
-                        );
-                    }
-                    let Some(request) = this.request.as_mut() else {
+                    let Some(request) = slow.request.as_mut() else {
                         return Poll::Ready(Err(interrupted()));
                     };
                     request
@@ -163,18 +167,21 @@ where
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {
-                    let Some(service) = this.service.as_mut() else {
+                    let Some(slow) = this.slow.as_mut() else {
                         return Poll::Ready(Err(interrupted()));
                     };
-                    if !*this.ready {
+                    let Some(service) = slow.service.as_mut() else {
+                        return Poll::Ready(Err(interrupted()));
+                    };
+                    if !slow.ready {
                         ready!(service.poll_ready(cx)).map_err(Into::into)?;
                     }
                     let (Some(mut service), Some(request)) =
-                        (this.service.take(), this.request.take())
+                        (slow.service.take(), slow.request.take())
                     else {
                         return Poll::Ready(Err(interrupted()));
                     };
-                    *this.ready = false;
+                    slow.ready = false;
                     let future = service.call(request);
                     this.state.set(State::Call { future });
                 }
@@ -194,14 +201,21 @@ where
                         auth.cache.invalidate(generation);
                         return Poll::Ready(Ok(response));
                     };
-                    *this.request = Some(request);
-                    *this.service = Some(service);
+                    let slow = this.slow.get_or_insert_with(|| {
+                        Box::new(Slow {
+                            service: None,
+                            ready: false,
+                            request: None,
+                            held: None,
+                        })
+                    });
+                    slow.request = Some(request);
+                    slow.service = Some(service);
+                    slow.ready = false;
+                    slow.held = Some(response);
                     let cache = auth.cache.clone();
                     let token: TokenFuture = Box::pin(async move { cache.renew(generation).await });
-                    this.state.set(State::Token {
-                        token,
-                        held: Some(response),
-                    });
+                    this.state.set(State::Token { token });
                 }
             }
         }
