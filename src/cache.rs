@@ -132,6 +132,7 @@ impl TokenCache {
     /// the caller must wait for [`TokenCache::token`]. One atomic load, no lock,
     /// no clock read.
     #[inline]
+    #[cfg(any(feature = "reqwest", test))]
     pub(crate) fn current(&self) -> Option<(HeaderValue, u64)> {
         self.read(&self.shared.current.load())
     }

@@ -351,6 +351,7 @@ impl Origin {
 
     /// Whether `scheme://host[:port]` is this origin; `port` is `None` for the
     /// scheme's default. Allocation-free: it runs per request.
+    #[cfg(feature = "reqwest")]
     pub(crate) fn matches_parts(&self, scheme: &str, host: &str, port: Option<u16>) -> bool {
         let https = match scheme {
             "https" => true,
