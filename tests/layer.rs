@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -26,47 +25,17 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::{Barrier, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
-use tower::util::MapRequest;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use volt_auth::mock::{self, MockFuture, MockService, MockVolt};
-use volt_auth::{Api, Builder, ConfigError, GrantType, VoltAuthLayer};
+use volt_auth::{Api, ConfigError, GrantType, VoltAuthLayer};
 
-type Body = Full<Bytes>;
+mod common;
+
+use common::{Body, GUARD, bearer, builder, get, layer, pinned};
 type HttpClient = Client<HttpConnector, Body>;
-
-/// A guard against hangs: far longer than any test needs, never a synchronisation.
-const GUARD: Duration = Duration::from_secs(60);
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
-}
-
-fn builder(mock: &MockVolt) -> Builder {
-    VoltAuthLayer::builder(mock.credentials()).base_url(&mock.url())
-}
-
-/// The in-process mock service taking `Full<Bytes>` request bodies only.
-type Pinned = MapRequest<MockService, fn(Request<Body>) -> Request<Body>>;
-
-/// The in-process mock service, its request body type pinned to `Full<Bytes>`
-/// (the mock accepts any body): the `/oauth` transport and the API service.
-fn pinned(mock: &MockVolt) -> Pinned {
-    mock.service().map_request(std::convert::identity)
-}
-
-/// A layer whose `/oauth` requests go through the in-process mock.
-fn layer(mock: &MockVolt) -> VoltAuthLayer {
-    builder(mock).build(pinned(mock)).expect("layer")
-}
-
-fn get(mock: &MockVolt, path: &str) -> Request<Body> {
-    Request::get(format!("{}{path}", mock.url()))
-        .body(Body::default())
-        .expect("request")
-}
-
-fn bearer(token: &str) -> Option<String> {
-    Some(format!("Bearer {token}"))
 }
 
 async fn send<S, B>(service: &mut S, request: Request<Body>) -> Response<B>

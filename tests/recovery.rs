@@ -27,17 +27,15 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
-use tower::util::MapRequest;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use volt_auth::mock::{self, MockFuture, MockService, MockVolt};
-use volt_auth::{Builder, ConfigError, DefaultReplay, NoReplay, VoltAuthLayer};
+use volt_auth::{ConfigError, DefaultReplay, NoReplay};
 
-type Body = Full<Bytes>;
+mod common;
+
+use common::{Body, GUARD, Pinned, bearer, builder, get, layer, pinned};
 type HttpClient = Client<HttpConnector, Body>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// A guard against hangs: far longer than any test needs, never a synchronisation.
-const GUARD: Duration = Duration::from_secs(60);
 
 /// The mock's answer to a request with a missing, revoked or rejected token.
 const UNAUTHORIZED_BODY: &str = r#"{"code":401,"message":"Unauthorized"}"#;
@@ -46,39 +44,11 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-fn builder(mock: &MockVolt) -> Builder {
-    VoltAuthLayer::builder(mock.credentials()).base_url(&mock.url())
-}
-
-/// The in-process mock service taking `Full<Bytes>` request bodies only.
-type Pinned = MapRequest<MockService, fn(Request<Body>) -> Request<Body>>;
-
-/// The in-process mock service, its request body type pinned to `Full<Bytes>`
-/// (the mock accepts any body): the `/oauth` transport and the API service.
-fn pinned(mock: &MockVolt) -> Pinned {
-    mock.service().map_request(std::convert::identity)
-}
-
-/// A layer whose `/oauth` requests go through the in-process mock.
-fn layer(mock: &MockVolt) -> VoltAuthLayer {
-    builder(mock).build(pinned(mock)).expect("layer")
-}
-
-fn get(mock: &MockVolt, path: &str) -> Request<Body> {
-    Request::get(format!("{}{path}", mock.url()))
-        .body(Body::default())
-        .expect("request")
-}
-
 fn payment(mock: &MockVolt, body: &[u8]) -> Request<Body> {
     Request::post(format!("{}/v2/payments", mock.url()))
         .header(CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::copy_from_slice(body)))
         .expect("request")
-}
-
-fn bearer(token: &str) -> Option<String> {
-    Some(format!("Bearer {token}"))
 }
 
 async fn send<S, ReqBody, ResBody>(service: &mut S, request: Request<ReqBody>) -> Response<ResBody>
