@@ -342,7 +342,8 @@ impl Origin {
         };
         let authority = authority.as_str();
         https == self.https
-            && (authority.eq_ignore_ascii_case(&self.with_port)
+            && (authority == self.with_port
+                || authority.eq_ignore_ascii_case(&self.with_port)
                 || self
                     .without_port
                     .as_deref()

@@ -34,7 +34,7 @@ pin_project! {
         // The token generation the last call carried.
         generation: u64,
         // A copy to replay after a 401, and an unused service to send it with.
-        replay: Option<(Request<B>, S)>,
+        replay: Option<Box<(Request<B>, S)>>,
         slow: Option<Box<Slow<S, B, S::Response>>>,
     }
 }
@@ -79,7 +79,7 @@ where
         future: S::Future,
         auth: Arc<Auth>,
         generation: u64,
-        replay: Option<(Request<B>, S)>,
+        replay: Option<Box<(Request<B>, S)>>,
     ) -> Self {
         Self {
             state: State::Call { future },
@@ -94,7 +94,7 @@ where
         auth: Arc<Auth>,
         ready_service: S,
         request: Request<B>,
-        replay: Option<(Request<B>, S)>,
+        replay: Option<Box<(Request<B>, S)>>,
     ) -> Self {
         let cache = auth.cache.clone();
         let token: TokenFuture = Box::pin(async move { cache.token().await.map(Some) });
@@ -195,7 +195,7 @@ where
                         auth.cache.accepted(generation);
                         return Poll::Ready(Ok(response));
                     }
-                    let Some((request, service)) = this.replay.take() else {
+                    let Some((request, service)) = this.replay.take().map(|replay| *replay) else {
                         // Not replayable, or already replayed: the next
                         // request gets a new token.
                         auth.cache.invalidate(generation);

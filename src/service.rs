@@ -62,10 +62,12 @@ where
         }
         // The copy to replay after a 401 is taken before sending, with an
         // unused clone of the service to send it with.
-        let replay = self
-            .replay
-            .clone_body(request.body())
-            .map(|body| (copy_request(&request, body), self.inner.clone()));
+        let replay = self.replay.clone_body(request.body()).map(|body| {
+            // Built in place: a request is a few hundred bytes to move.
+            let mut replay = Box::new((Request::new(body), self.inner.clone()));
+            copy_parts(&request, &mut replay.0);
+            replay
+        });
         match self.auth.cache.current_local(&mut self.token) {
             Some((header, generation)) => {
                 request.headers_mut().insert(AUTHORIZATION, header);
@@ -84,15 +86,13 @@ where
     }
 }
 
-/// The request again, with `body`: method, URI, version, headers, extensions.
-fn copy_request<B>(request: &Request<B>, body: B) -> Request<B> {
-    let mut copy = Request::new(body);
+/// Gives `copy` the method, URI, version, headers and extensions of `request`.
+fn copy_parts<B>(request: &Request<B>, copy: &mut Request<B>) {
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();
     *copy.headers_mut() = request.headers().clone();
     *copy.extensions_mut() = request.extensions().clone();
-    copy
 }
 
 impl<S: Clone, P: Clone> Clone for VoltAuth<S, P> {
