@@ -7,16 +7,14 @@
 //! multi-thread runtime, over real TCP on 127.0.0.1 or in process. `/oauth` is
 //! held open with `hold_oauth()` and `wait_for(n)`, never by sleeping.
 
-use std::convert::Infallible;
 use std::fmt;
 use std::future::{Future, poll_fn};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::AUTHORIZATION;
-use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -26,12 +24,12 @@ use tokio::sync::{Barrier, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
-use volt_auth::mock::{self, MockFuture, MockService, MockVolt};
+use volt_auth::mock::{self, MockVolt};
 use volt_auth::{Api, ConfigError, GrantType, VoltAuthLayer};
 
 mod common;
 
-use common::{Body, GUARD, bearer, builder, get, layer, pinned};
+use common::{Body, GUARD, Recorder, bearer, builder, get, layer, pinned};
 type HttpClient = Client<HttpConnector, Body>;
 
 fn secs(n: u64) -> Duration {
@@ -103,42 +101,6 @@ impl Service<Request<Body>> for LimitedClient {
             let bytes = body.collect().await?.to_bytes();
             Ok(Response::from_parts(parts, Full::new(bytes)))
         })
-    }
-}
-
-/// The in-process mock, recording the head of every request it receives.
-#[derive(Clone)]
-struct Recorder {
-    mock: MockService,
-    seen: Arc<Mutex<Vec<Parts>>>,
-}
-
-impl Recorder {
-    fn new(mock: &MockVolt) -> Self {
-        Self {
-            mock: mock.service(),
-            seen: Arc::default(),
-        }
-    }
-
-    fn seen(&self) -> Vec<Parts> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-impl Service<Request<Body>> for Recorder {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = MockFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Body>) -> MockFuture {
-        let (parts, body) = request.into_parts();
-        self.seen.lock().unwrap().push(parts.clone());
-        self.mock.call(Request::from_parts(parts, body))
     }
 }
 

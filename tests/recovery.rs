@@ -10,8 +10,8 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ use volt_auth::{ConfigError, DefaultReplay, NoReplay};
 
 mod common;
 
-use common::{Body, GUARD, Pinned, bearer, builder, get, layer, pinned};
+use common::{Body, GUARD, Pinned, Recorder, bearer, builder, get, layer, pinned};
 type HttpClient = Client<HttpConnector, Body>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -93,47 +93,6 @@ where
 
 fn http_client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http::<Body>()
-}
-
-/// The in-process mock, recording the head of every request it receives.
-#[derive(Clone)]
-struct Recorder {
-    mock: MockService,
-    seen: Arc<Mutex<Vec<Parts>>>,
-}
-
-impl Recorder {
-    fn new(mock: &MockVolt) -> Self {
-        Self {
-            mock: mock.service(),
-            seen: Arc::default(),
-        }
-    }
-
-    fn seen(&self) -> Vec<Parts> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-impl<B> Service<Request<B>> for Recorder
-where
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = MockFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<B>) -> MockFuture {
-        let (parts, body) = request.into_parts();
-        self.seen.lock().unwrap().push(parts.clone());
-        self.mock.call(Request::from_parts(parts, body))
-    }
 }
 
 /// A request body that arrives in chunks, of unknown size: it cannot be

@@ -2,14 +2,18 @@
 //! mock server. Each test binary uses some of them.
 #![allow(dead_code)]
 
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Request;
+use http::request::Parts;
+use http::{Request, Response};
 use http_body_util::Full;
-use tower::ServiceExt;
 use tower::util::MapRequest;
-use volt_auth::mock::{MockService, MockVolt};
+use tower::{BoxError, Service, ServiceExt};
+use volt_auth::mock::{MockFuture, MockService, MockVolt};
 use volt_auth::{Builder, VoltAuthLayer};
 
 /// The request body every helper uses.
@@ -47,4 +51,45 @@ pub fn get(mock: &MockVolt, path: &str) -> Request<Body> {
 /// The Authorization value the mock records for `token`.
 pub fn bearer(token: &str) -> Option<String> {
     Some(format!("Bearer {token}"))
+}
+
+/// The in-process mock, recording the head of every request it receives.
+#[derive(Clone)]
+pub struct Recorder {
+    mock: MockService,
+    seen: Arc<Mutex<Vec<Parts>>>,
+}
+
+impl Recorder {
+    pub fn new(mock: &MockVolt) -> Self {
+        Self {
+            mock: mock.service(),
+            seen: Arc::default(),
+        }
+    }
+
+    pub fn seen(&self) -> Vec<Parts> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl<B> Service<Request<B>> for Recorder
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = MockFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> MockFuture {
+        let (parts, body) = request.into_parts();
+        self.seen.lock().unwrap().push(parts.clone());
+        self.mock.call(Request::from_parts(parts, body))
+    }
 }
