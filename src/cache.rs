@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::HeaderValue;
+use http::HeaderMap;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -29,6 +29,11 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::error::{Error, GrantType};
 use crate::oauth::{Grant, Token, TokenSource};
+
+mod copies;
+mod ticket;
+
+pub(crate) use ticket::Ticket;
 
 const FRESH: u8 = 0;
 const STALE: u8 = 1;
@@ -54,15 +59,14 @@ struct Entry {
     phase: AtomicU8,
 }
 
-/// A token handed to a caller, with the generation that identifies it when a
-/// 401 comes back.
+/// A token handed to a caller, with the ticket its response is settled with.
 #[derive(Clone, Debug)]
 pub(crate) struct Lease {
     pub(crate) token: Arc<Token>,
-    pub(crate) generation: u64,
+    pub(crate) ticket: Ticket,
 }
 
-/// A service's own handle on the current token (see [`TokenCache::current_local`]).
+/// A service's own handle on the current token (see [`TokenCache::attach_local`]).
 #[derive(Clone)]
 pub(crate) struct LocalToken(arc_swap::Cache<Arc<ArcSwap<Entry>>, Arc<Entry>>);
 
@@ -73,6 +77,8 @@ pub(crate) struct TokenCache {
 }
 
 struct Shared {
+    /// This cache's key in the registry that [`Ticket`]s look it up in.
+    id: u64,
     current: Arc<ArcSwap<Entry>>,
     /// Whether a request that sees a stale token may start a background refresh.
     may_kick: AtomicBool,
@@ -110,8 +116,9 @@ enum Begin {
 impl TokenCache {
     pub(crate) fn new(source: impl TokenSource, settings: Settings) -> Self {
         let (done, _) = watch::channel(None);
-        Self {
+        let cache = Self {
             shared: Arc::new(Shared {
+                id: ticket::next_id(),
                 current: Arc::new(ArcSwap::from_pointee(Entry {
                     token: None,
                     generation: 0,
@@ -125,23 +132,30 @@ impl TokenCache {
                 settings,
                 counters: Counters::default(),
             }),
-        }
+        };
+        ticket::register(&cache.shared);
+        cache
     }
 
-    /// The hot path: the current token's header and generation, or `None` when
-    /// the caller must wait for [`TokenCache::token`]. One atomic load, no lock,
-    /// no clock read.
+    /// The hot path: puts the current token in `headers` and returns the
+    /// ticket to settle the response with, or `None` when the caller must wait
+    /// for [`TokenCache::token`]. One atomic load, no lock, no clock read, no
+    /// reference count shared with other threads.
     #[inline]
     #[cfg(any(feature = "reqwest", test))]
-    pub(crate) fn current(&self) -> Option<(HeaderValue, u64)> {
-        self.read(&self.shared.current.load())
+    pub(crate) fn attach(&self, headers: &mut HeaderMap) -> Option<Ticket> {
+        self.read(&self.shared.current.load(), headers)
     }
 
-    /// The hot path through a per-service [`LocalToken`]: while the token is
-    /// unchanged, one relaxed load of the shared pointer.
+    /// [`TokenCache::attach`] through a per-service [`LocalToken`]: while the
+    /// token is unchanged, one relaxed load of the shared pointer.
     #[inline]
-    pub(crate) fn current_local(&self, local: &mut LocalToken) -> Option<(HeaderValue, u64)> {
-        self.read(local.0.load())
+    pub(crate) fn attach_local(
+        &self,
+        local: &mut LocalToken,
+        headers: &mut HeaderMap,
+    ) -> Option<Ticket> {
+        self.read(local.0.load(), headers)
     }
 
     /// A per-service view of the current token.
@@ -149,15 +163,16 @@ impl TokenCache {
         LocalToken(arc_swap::Cache::new(self.shared.current.clone()))
     }
 
-    #[inline]
-    fn read(&self, entry: &Entry) -> Option<(HeaderValue, u64)> {
+    #[inline(always)]
+    fn read(&self, entry: &Entry, headers: &mut HeaderMap) -> Option<Ticket> {
         match entry.phase.load(Ordering::Acquire) {
             FRESH => {}
             STALE => self.shared.kick(entry.generation),
             _ => return None,
         }
         let token = entry.token.as_ref()?;
-        Some((token.header().clone(), entry.generation))
+        copies::insert(headers, self.shared.id, entry.generation, token.header());
+        Some(self.shared.ticket(entry.generation))
     }
 
     /// A valid token, waiting for the one refresh if there is none.
@@ -169,11 +184,19 @@ impl TokenCache {
         }
     }
 
-    /// After a 401 to the token of `rejected`: a newer token (waiting for the one
-    /// refresh if needed), or `None` when no newer token may be had yet because
-    /// 401-driven refreshes are throttled.
+    /// After a 401 to the token of `rejected`, for the request's replay: a
+    /// newer token (waiting for the one refresh if needed), or `None` when no
+    /// newer token may be had yet because 401-driven refreshes are throttled.
     pub(crate) async fn renew(&self, rejected: u64) -> Result<Option<Lease>, Error> {
-        self.acquire(Some(rejected)).await
+        let lease = self.acquire(Some(rejected)).await?;
+        if let Some(lease) = &lease {
+            self.shared.counters.replays.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                generation = lease.ticket.generation,
+                "replaying a request after a 401"
+            );
+        }
+        Ok(lease)
     }
 
     /// After a 401 that will not be replayed: invalidates the token of
@@ -185,18 +208,13 @@ impl TokenCache {
 
     /// A response other than 401 to a request that carried `generation`: a
     /// token from a forced refresh that the server accepts ends the throttle's
-    /// escalation. One relaxed load of a rarely written atomic per response.
-    #[inline]
+    /// escalation.
     pub(crate) fn accepted(&self, generation: u64) {
         let shared = &self.shared;
         if shared.unconfirmed.load(Ordering::Relaxed) == generation && generation != 0 {
             shared.unconfirmed.store(0, Ordering::Relaxed);
             shared.lock().forced_streak = 0;
         }
-    }
-
-    pub(crate) fn record_replay(&self) {
-        self.shared.counters.replays.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn stats(&self) -> Stats {
@@ -289,7 +307,7 @@ impl Shared {
                 }
                 return Ok(Begin::Ready(Lease {
                     token: token.clone(),
-                    generation: entry.generation,
+                    ticket: self.ticket(entry.generation),
                 }));
             }
         }
@@ -382,12 +400,14 @@ impl Shared {
                         generation: flight.generation,
                         phase: AtomicU8::new(FRESH),
                     });
-                    self.current.store(entry.clone());
+                    // Set before the token is published, so that a request
+                    // carrying a forced token sees that it is unconfirmed.
                     let forced = std::mem::take(&mut flight.forcing);
                     self.unconfirmed.store(
                         if forced { flight.generation } else { 0 },
-                        Ordering::Relaxed,
+                        Ordering::Release,
                     );
+                    self.current.store(entry.clone());
                     if let Some(timer) = flight.timer.take() {
                         timer.abort();
                     }
@@ -427,6 +447,7 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        ticket::unregister(self.id);
         // The phase timer holds only a weak reference; stop it sleeping.
         if let Some(timer) = self.lock().timer.take() {
             timer.abort();

@@ -330,18 +330,17 @@ impl Origin {
     /// allocation, one or two short case-insensitive comparisons.
     #[inline]
     pub(crate) fn matches(&self, uri: &Uri) -> bool {
-        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+        // `http` spells the two standard schemes in lower case, however the
+        // request did.
+        let scheme = match uri.scheme_str() {
+            Some("https") => self.https,
+            Some("http") => !self.https,
+            _ => false,
+        };
+        let Some(authority) = uri.authority().map(Authority::as_str) else {
             return false;
         };
-        let https = if *scheme == Scheme::HTTPS {
-            true
-        } else if *scheme == Scheme::HTTP {
-            false
-        } else {
-            return false;
-        };
-        let authority = authority.as_str();
-        https == self.https
+        scheme
             && (authority == self.with_port
                 || authority.eq_ignore_ascii_case(&self.with_port)
                 || self

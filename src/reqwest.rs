@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use ::reqwest::header::AUTHORIZATION;
-use ::reqwest::{Body, Client, Request, Response, StatusCode, Url};
+use ::reqwest::{Body, Client, Request, Response, Url};
 use bytes::Bytes;
 use http::Extensions;
 use pin_project_lite::pin_project;
@@ -93,11 +93,8 @@ impl VoltAuthMiddleware {
         } else {
             None
         };
-        let generation = match self.auth.cache.current() {
-            Some((header, generation)) => {
-                request.headers_mut().insert(AUTHORIZATION, header);
-                generation
-            }
+        let ticket = match self.auth.cache.attach(request.headers_mut()) {
+            Some(ticket) => ticket,
             None => {
                 let lease = self
                     .auth
@@ -108,41 +105,29 @@ impl VoltAuthMiddleware {
                 request
                     .headers_mut()
                     .insert(AUTHORIZATION, lease.token.header().clone());
-                lease.generation
+                lease.ticket
             }
         };
         let response = next.clone().run(request, extensions).await?;
-        if response.status() != StatusCode::UNAUTHORIZED {
-            self.auth.cache.accepted(generation);
-            return Ok(response);
-        }
-        let Some(mut copy) = copy else {
-            // Not replayable: the next request gets a new token.
-            self.auth.cache.invalidate(generation);
+        let Some(cache) = ticket.settle(response.status(), copy.is_some()) else {
             return Ok(response);
         };
-        let lease = match self.auth.cache.renew(generation).await {
+        let Some(mut copy) = copy else {
+            return Ok(response);
+        };
+        let lease = match cache.renew(ticket.generation).await {
             Ok(Some(lease)) => lease,
             // No newer token may be had yet, or none at all: the 401 goes
             // back as it came.
             Ok(None) | Err(_) => return Ok(response),
         };
         drop(response);
-        self.auth.cache.record_replay();
-        tracing::debug!(
-            generation = lease.generation,
-            "replaying a request after a 401"
-        );
         copy.headers_mut()
             .insert(AUTHORIZATION, lease.token.header().clone());
         let response = next.run(copy, extensions).await?;
-        if response.status() == StatusCode::UNAUTHORIZED {
-            // At most one replay: this 401 goes back, the next request gets a
-            // new token.
-            self.auth.cache.invalidate(lease.generation);
-        } else {
-            self.auth.cache.accepted(lease.generation);
-        }
+        // At most one replay: a second 401 goes back, and the next request
+        // gets a new token.
+        lease.ticket.settle(response.status(), false);
         Ok(response)
     }
 }

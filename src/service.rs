@@ -4,7 +4,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::header::AUTHORIZATION;
 use http::{Request, Response};
 use tower::{BoxError, Service};
 
@@ -68,19 +67,15 @@ where
             copy_parts(&request, &mut replay.0);
             replay
         });
-        match self.auth.cache.current_local(&mut self.token) {
-            Some((header, generation)) => {
-                request.headers_mut().insert(AUTHORIZATION, header);
-                let future = self.inner.call(request);
-                ResponseFuture::sent(future, self.auth.clone(), generation, replay)
-            }
+        match (self.auth.cache).attach_local(&mut self.token, request.headers_mut()) {
+            Some(ticket) => ResponseFuture::sent(self.inner.call(request), ticket, replay),
             None => {
                 // The instance that was polled ready waits for the token in
                 // the future; a clone takes its place (tower's advice for
                 // services that are moved out of `call`).
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::authorize(self.auth.clone(), ready, request, replay)
+                ResponseFuture::authorize(self.auth.cache.clone(), ready, request, replay)
             }
         }
     }

@@ -124,10 +124,16 @@ fn secret(lease: &Lease) -> &str {
     lease.token.secret()
 }
 
+/// The header a request would carry now, if it need not wait.
 fn header(cache: &TokenCache) -> Option<String> {
-    cache
-        .current()
-        .map(|(value, _)| value.to_str().unwrap().to_owned())
+    let mut headers = http::HeaderMap::new();
+    cache.attach(&mut headers)?;
+    Some(
+        headers[http::header::AUTHORIZATION]
+            .to_str()
+            .unwrap()
+            .to_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -145,7 +151,7 @@ async fn a_thousand_concurrent_first_requests_cost_one_password_grant() {
     for task in tasks {
         let lease = task.await.unwrap().unwrap();
         assert_eq!(secret(&lease), "at-1");
-        assert_eq!(lease.generation, 1);
+        assert_eq!(lease.ticket.generation, 1);
     }
     assert_eq!(script.calls(), [(GrantType::Password, None)]);
     assert_eq!(cache.stats().password.succeeded, 1);
@@ -370,7 +376,7 @@ async fn concurrent_401s_for_one_token_cost_one_refresh() {
     let renewals: Vec<_> = (0..100)
         .map(|_| {
             let cache = cache.clone();
-            tokio::spawn(async move { cache.renew(first.generation).await })
+            tokio::spawn(async move { cache.renew(first.ticket.generation).await })
         })
         .collect();
     for renewal in renewals {
@@ -379,7 +385,7 @@ async fn concurrent_401s_for_one_token_cost_one_refresh() {
     }
     assert_eq!(script.count(), 2);
     // A late 401 for the old token does not wipe the new one.
-    let lease = cache.renew(first.generation).await.unwrap().unwrap();
+    let lease = cache.renew(first.ticket.generation).await.unwrap().unwrap();
     assert_eq!((secret(&lease), script.count()), ("at-2", 2));
 }
 
@@ -387,8 +393,14 @@ async fn concurrent_401s_for_one_token_cost_one_refresh() {
 async fn forced_refreshes_are_throttled() {
     let script = Script::new(HOUR);
     let cache = script.cache();
-    let mut generation = cache.token().await.unwrap().generation;
-    generation = cache.renew(generation).await.unwrap().unwrap().generation;
+    let mut generation = cache.token().await.unwrap().ticket.generation;
+    generation = cache
+        .renew(generation)
+        .await
+        .unwrap()
+        .unwrap()
+        .ticket
+        .generation;
     assert_eq!(script.count(), 2);
     // A server that rejects every token: no newer token within the backoff.
     for _ in 0..50 {
@@ -398,7 +410,13 @@ async fn forced_refreshes_are_throttled() {
     assert_eq!(script.count(), 2);
     assert_eq!(header(&cache).as_deref(), Some("Bearer at-2"));
     sleep(Duration::from_secs(1)).await;
-    generation = cache.renew(generation).await.unwrap().unwrap().generation;
+    generation = cache
+        .renew(generation)
+        .await
+        .unwrap()
+        .unwrap()
+        .ticket
+        .generation;
     assert_eq!(script.count(), 3);
     // The next one waits twice as long.
     sleep(Duration::from_secs(1)).await;
@@ -446,4 +464,61 @@ fn without_a_runtime_the_cache_reports_it() {
         Shared::begin(&cache.shared, None),
         Err(Error::NoRuntime)
     ));
+}
+
+#[tokio::test]
+async fn a_ticket_finds_its_cache_until_the_cache_is_dropped() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    let ticket = cache.token().await.unwrap().ticket;
+    let found = ticket.settle(StatusCode::UNAUTHORIZED, true);
+    assert!(found.is_some_and(|found| Arc::ptr_eq(&found.shared, &cache.shared)));
+    drop(cache);
+    // Nothing left to find, and nothing to invalidate.
+    assert!(ticket.settle(StatusCode::UNAUTHORIZED, true).is_none());
+    assert!(ticket.settle(StatusCode::UNAUTHORIZED, false).is_none());
+    assert_eq!(script.count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn settling_a_401_invalidates_the_token_unless_it_is_replayed() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    let ticket = cache.token().await.unwrap().ticket;
+    assert!(ticket.settle(StatusCode::OK, false).is_none());
+    assert!(ticket.settle(StatusCode::UNAUTHORIZED, true).is_some());
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+    assert!(ticket.settle(StatusCode::UNAUTHORIZED, false).is_none());
+    assert_eq!(header(&cache), None);
+    assert_eq!(secret(&cache.token().await.unwrap()), "at-2");
+    assert_eq!(script.count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_accepted_forced_token_ends_the_throttles_escalation() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    let first = cache.token().await.unwrap().ticket;
+    assert!(!first.unconfirmed());
+    // Two forced refreshes in a row: the next may come only after 2 s.
+    let forced = cache.renew(first.generation).await.unwrap().unwrap().ticket;
+    sleep(Duration::from_secs(1)).await;
+    let forced = cache
+        .renew(forced.generation)
+        .await
+        .unwrap()
+        .unwrap()
+        .ticket;
+    assert!(forced.unconfirmed());
+    let seen = cache.attach(&mut http::HeaderMap::new()).unwrap();
+    assert_eq!(seen, forced, "requests carry the unconfirmed mark");
+    sleep(Duration::from_secs(1)).await;
+    assert!(cache.renew(forced.generation).await.unwrap().is_none());
+    // A 200 to the forced token: the next 401 waits the minimum again.
+    assert!(forced.settle(StatusCode::OK, false).is_none());
+    let next = cache.attach(&mut http::HeaderMap::new()).unwrap();
+    assert!(!next.unconfirmed());
+    let renewed = cache.renew(forced.generation).await.unwrap().unwrap();
+    assert_eq!(secret(&renewed), "at-4");
+    assert_eq!(cache.stats().replays, 3);
 }

@@ -1,0 +1,105 @@
+//! [`Ticket`]: what a request in flight keeps of its token cache.
+//!
+//! A response future must reach the cache when its response is a 401, yet
+//! holding a reference would cost two atomic writes per request to a counter
+//! every core shares. A ticket holds the cache's id instead, and the rare
+//! response that needs the cache looks it up in a process-wide registry.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+
+use http::StatusCode;
+
+use super::{Shared, TokenCache};
+
+/// Every live cache by id. Ids are never reused, so a ticket that outlives its
+/// cache finds nothing rather than another cache.
+static CACHES: Mutex<BTreeMap<u64, Weak<Shared>>> = Mutex::new(BTreeMap::new());
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn caches() -> MutexGuard<'static, BTreeMap<u64, Weak<Shared>>> {
+    CACHES.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(super) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+pub(super) fn register(shared: &Arc<Shared>) {
+    caches().insert(shared.id, Arc::downgrade(shared));
+}
+
+pub(super) fn unregister(id: u64) {
+    caches().remove(&id);
+}
+
+pub(super) fn is_live(id: u64) -> bool {
+    caches().contains_key(&id)
+}
+
+/// The request's token generation and where to report its response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    cache: u64,
+    pub(crate) generation: u64,
+    /// The token came from a refresh a 401 forced and no response has
+    /// accepted it yet.
+    unconfirmed: bool,
+}
+
+impl Shared {
+    #[inline]
+    pub(super) fn ticket(&self, generation: u64) -> Ticket {
+        Ticket {
+            cache: self.id,
+            generation,
+            unconfirmed: generation != 0 && self.unconfirmed.load(Ordering::Acquire) == generation,
+        }
+    }
+}
+
+impl Ticket {
+    /// Reports the response to the request this ticket went with. A 401 that
+    /// may be `replayable` returns the cache to renew the token through
+    /// ([`TokenCache::renew`]); any other 401 invalidates the token, and any
+    /// other status confirms a token a 401 forced.
+    #[inline]
+    pub(crate) fn settle(self, status: StatusCode, replayable: bool) -> Option<TokenCache> {
+        if status != StatusCode::UNAUTHORIZED && !self.unconfirmed {
+            return None;
+        }
+        self.settle_rare(status, replayable)
+    }
+
+    #[cold]
+    fn settle_rare(self, status: StatusCode, replayable: bool) -> Option<TokenCache> {
+        if status != StatusCode::UNAUTHORIZED {
+            if let Some(cache) = self.cache() {
+                cache.accepted(self.generation);
+            }
+            return None;
+        }
+        // A cache that is gone has no token left to invalidate.
+        let cache = self.cache()?;
+        if replayable {
+            return Some(cache);
+        }
+        cache.invalidate(self.generation);
+        None
+    }
+
+    #[cfg(test)]
+    pub(super) fn unconfirmed(&self) -> bool {
+        self.unconfirmed
+    }
+
+    fn cache(&self) -> Option<TokenCache> {
+        // Upgraded after the lock is released: if this were the last
+        // reference, dropping it would unregister under the same lock.
+        let weak = caches().get(&self.cache).cloned()?;
+        Some(TokenCache {
+            shared: weak.upgrade()?,
+        })
+    }
+}
