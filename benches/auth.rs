@@ -54,6 +54,12 @@ const HERD: usize = 10_000;
 /// Interleaved end-to-end rounds, and requests per block in each.
 const PAIRED_ROUNDS: usize = 400;
 const PAIRED_BLOCK: u64 = 25;
+/// Interleaved hot-path rounds, and requests per block in each.
+const HOT_ROUNDS: usize = 200;
+const HOT_BLOCK: u64 = 5_000;
+/// Interleaved contention rounds, and requests per thread in each block.
+const CONTENTION_ROUNDS: usize = 60;
+const CONTENTION_BLOCK: u64 = 20_000;
 /// What the herd's `/oauth` transport answers, after 1 ms.
 const TOKEN_JSON: &[u8] =
     br#"{"access_token":"herd-access-token","token_type":"Bearer","expires_in":3600}"#;
@@ -199,6 +205,19 @@ where
     }
 }
 
+/// The time to [`send`] `HOT_BLOCK` requests one after another.
+fn send_block<S>(service: &mut S, uri: &Uri) -> Duration
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+    S::Error: std::fmt::Debug,
+{
+    let start = Instant::now();
+    for _ in 0..HOT_BLOCK {
+        black_box(send(service, uri));
+    }
+    start.elapsed()
+}
+
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -269,11 +288,47 @@ fn hot_path(c: &mut Criterion) {
     group.bench_function("rwlock_cache", |b| b.iter(|| send(&mut rwlock, &uri)));
 
     let mut volt = layer.layer(Ok200);
-    group.bench_function("volt_auth", |b| b.iter(|| send(&mut volt, &uri)));
+    let mut measured = false;
+    group.bench_function("volt_auth", |b| {
+        measured = true;
+        b.iter(|| send(&mut volt, &uri))
+    });
 
-    let mut volt = no_replay.layer(Ok200);
-    group.bench_function("volt_auth_no_replay", |b| b.iter(|| send(&mut volt, &uri)));
+    let mut volt_no_replay = no_replay.layer(Ok200);
+    group.bench_function("volt_auth_no_replay", |b| {
+        b.iter(|| send(&mut volt_no_replay, &uri))
+    });
     group.finish();
+
+    if measured {
+        // The same five, interleaved: each round times a block of each, so
+        // that all see the same load; the ratios to `SetRequestHeader` are
+        // taken within each round.
+        let rounds = interleaved(
+            HOT_ROUNDS,
+            &mut [
+                &mut || send_block(&mut set_header, &uri),
+                &mut || send_block(&mut bare, &uri),
+                &mut || send_block(&mut rwlock, &uri),
+                &mut || send_block(&mut volt, &uri),
+                &mut || send_block(&mut volt_no_replay, &uri),
+            ],
+        );
+        let over_set_header = |i: usize| Quartiles::of(rounds.iter().map(|r| r[i] / r[0]));
+        write_record(
+            "volt-auth-hot-path.json",
+            &serde_json::json!({
+                "rounds": HOT_ROUNDS,
+                "requests_per_block": HOT_BLOCK,
+                "over_set_header": {
+                    "bare": over_set_header(1).json(),
+                    "rwlock_cache": over_set_header(2).json(),
+                    "volt_auth": over_set_header(3).json(),
+                    "volt_auth_no_replay": over_set_header(4).json(),
+                },
+            }),
+        );
+    }
 
     // Every request above was served from the one cached token.
     assert_eq!(mock.oauth_calls(), 2);
@@ -333,6 +388,7 @@ fn contention(c: &mut Criterion) {
     let set_header = SetRequestHeaderLayer::overriding(AUTHORIZATION, header.clone()).layer(Ok200);
     let rwlock = RwLockAuth::new(Ok200, header);
     let volt = layer.layer(Ok200);
+    let mut measured = false;
     for threads in [1, 2] {
         // One iteration is one request on every thread.
         group.throughput(Throughput::Elements(threads as u64));
@@ -347,10 +403,55 @@ fn contention(c: &mut Criterion) {
             |b, &n| b.iter_custom(|iters| on_threads(&rt, &rwlock, n, iters)),
         );
         group.bench_with_input(BenchmarkId::new("volt_auth", threads), &threads, |b, &n| {
+            measured = true;
             b.iter_custom(|iters| on_threads(&rt, &volt, n, iters))
         });
     }
     group.finish();
+
+    if measured {
+        // Interleaved: each round runs every service on one thread and on
+        // two, so that each scaling figure compares blocks under one load.
+        let set_header = |n| on_threads(&rt, &set_header, n, CONTENTION_BLOCK);
+        let rwlock = |n| on_threads(&rt, &rwlock, n, CONTENTION_BLOCK);
+        let volt = |n| on_threads(&rt, &volt, n, CONTENTION_BLOCK);
+        let rounds = interleaved(
+            CONTENTION_ROUNDS,
+            &mut [
+                &mut || set_header(1),
+                &mut || set_header(2),
+                &mut || rwlock(1),
+                &mut || rwlock(2),
+                &mut || volt(1),
+                &mut || volt(2),
+            ],
+        );
+        // Two threads send twice the requests: throughput on two over one.
+        let scaling = |i: usize| Quartiles::of(rounds.iter().map(|r| 2.0 * r[i] / r[i + 1]));
+        // Throughput of VoltAuth over the baseline's, on as many threads.
+        let versus =
+            |volt: usize, base: usize| Quartiles::of(rounds.iter().map(|r| r[base] / r[volt]));
+        write_record(
+            "volt-auth-contention.json",
+            &serde_json::json!({
+                "rounds": CONTENTION_ROUNDS,
+                "requests_per_thread": CONTENTION_BLOCK,
+                "scaling": {
+                    "set_header": scaling(0).json(),
+                    "rwlock_cache": scaling(2).json(),
+                    "volt_auth": scaling(4).json(),
+                },
+                "volt_auth_over_set_header": {
+                    "one_thread": versus(4, 0).json(),
+                    "two_threads": versus(5, 1).json(),
+                },
+                "volt_auth_over_rwlock_cache": {
+                    "one_thread": versus(4, 2).json(),
+                    "two_threads": versus(5, 3).json(),
+                },
+            }),
+        );
+    }
     assert_eq!(mock.oauth_calls(), 1);
 }
 
@@ -542,6 +643,47 @@ fn write_record(name: &str, value: &serde_json::Value) {
     }
 }
 
+/// Runs every block once per round, `rounds` times, each round starting one
+/// block further on; returns each round's times in seconds, in `blocks` order.
+/// Ratios taken within a round compare blocks that ran under the same load.
+fn interleaved(rounds: usize, blocks: &mut [&mut dyn FnMut() -> Duration]) -> Vec<Vec<f64>> {
+    let n = blocks.len();
+    (0..rounds)
+        .map(|round| {
+            let mut times = vec![0.0; n];
+            for k in 0..n {
+                let i = (round + k) % n;
+                times[i] = blocks[i]().as_secs_f64();
+            }
+            times
+        })
+        .collect()
+}
+
+/// The median and quartiles of some ratios.
+struct Quartiles {
+    p25: f64,
+    median: f64,
+    p75: f64,
+}
+
+impl Quartiles {
+    fn of(ratios: impl IntoIterator<Item = f64>) -> Self {
+        let mut ratios: Vec<f64> = ratios.into_iter().collect();
+        ratios.sort_by(f64::total_cmp);
+        let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+        Self {
+            p25: at(0.25),
+            median: at(0.5),
+            p75: at(0.75),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "median": self.median, "p25": self.p25, "p75": self.p75 })
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 4. End to end
 // ---------------------------------------------------------------------------
@@ -622,7 +764,7 @@ fn end_to_end(c: &mut Criterion) {
 
 /// The end-to-end comparison interleaved: blocks of requests without and with
 /// the layer, alternately, so that both see the same load on a shared machine.
-/// The median of the blocks' ratios is the robust figure for the table.
+/// The median of the rounds' ratios is the robust figure for the table.
 fn paired_end_to_end<S>(
     rt: &Runtime,
     client: &Client<HttpConnector, Full<Bytes>>,
@@ -633,40 +775,30 @@ fn paired_end_to_end<S>(
     S: Service<Request<Full<Bytes>>, Response = Response<hyper::body::Incoming>> + Clone,
     S::Error: std::fmt::Debug,
 {
-    let mut ratios: Vec<f64> = rt.block_on(async {
-        let mut ratios = Vec::with_capacity(PAIRED_ROUNDS);
-        for round in 0..PAIRED_ROUNDS {
-            let without = || {
-                get_banks(
+    let rounds = interleaved(
+        PAIRED_ROUNDS,
+        &mut [
+            &mut || {
+                rt.block_on(get_banks(
                     client.clone(),
                     uri.clone(),
                     Some(header.clone()),
                     PAIRED_BLOCK,
-                )
-            };
-            let with = || get_banks(api.clone(), uri.clone(), None, PAIRED_BLOCK);
-            let (without, with) = if round % 2 == 0 {
-                let without = without().await;
-                (without, with().await)
-            } else {
-                let with = with().await;
-                (without().await, with)
-            };
-            // Requests per second with the layer, over without.
-            ratios.push(without.as_secs_f64() / with.as_secs_f64());
-        }
-        ratios
-    });
-    ratios.sort_by(f64::total_cmp);
-    let quantile = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+                ))
+            },
+            &mut || rt.block_on(get_banks(api.clone(), uri.clone(), None, PAIRED_BLOCK)),
+        ],
+    );
+    // Requests per second with the layer, over without.
+    let ratio = Quartiles::of(rounds.iter().map(|r| r[0] / r[1]));
     write_record(
         "volt-auth-end-to-end.json",
         &serde_json::json!({
             "rounds": PAIRED_ROUNDS,
             "requests_per_block": PAIRED_BLOCK,
-            "ratio_median": quantile(0.5),
-            "ratio_p25": quantile(0.25),
-            "ratio_p75": quantile(0.75),
+            "ratio_median": ratio.median,
+            "ratio_p25": ratio.p25,
+            "ratio_p75": ratio.p75,
         }),
     );
 }
