@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use http::header::AUTHORIZATION;
-use http::{Request, Response};
+use http::{Extensions, HeaderMap, Method, Request, Response, Uri, Version};
 use pin_project_lite::pin_project;
 use tower::{BoxError, Service};
 
@@ -32,9 +32,50 @@ pin_project! {
         // What the call carried; `None` for requests to other origins.
         ticket: Option<Ticket>,
         // A copy to replay after a 401, and an unused service to send it with.
-        replay: Option<Box<(Request<B>, S)>>,
+        replay: Option<Box<Replay<S, B>>>,
         // A token being awaited and the call to make with it.
         wait: Option<Box<Wait<S, B, S::Response>>>,
+    }
+}
+
+/// A request kept to be sent again after a 401, and an unused clone of the
+/// service to send it with.
+pub(crate) struct Replay<S, B> {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    // `None` for a request without headers: no map to make and drop.
+    headers: Option<HeaderMap>,
+    extensions: Extensions,
+    body: B,
+    service: S,
+}
+
+impl<S, B> Replay<S, B> {
+    /// A copy of `request`, with `body` for its body.
+    pub(crate) fn of(request: &Request<B>, body: B, service: S) -> Box<Self> {
+        let headers = request.headers();
+        Box::new(Self {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            version: request.version(),
+            headers: (!headers.is_empty()).then(|| headers.clone()),
+            extensions: request.extensions().clone(),
+            body,
+            service,
+        })
+    }
+
+    fn unpack(self) -> (Request<B>, S) {
+        let mut request = Request::new(self.body);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.version_mut() = self.version;
+        if let Some(headers) = self.headers {
+            *request.headers_mut() = headers;
+        }
+        *request.extensions_mut() = self.extensions;
+        (request, self.service)
     }
 }
 
@@ -65,7 +106,7 @@ where
     pub(crate) fn sent(
         future: S::Future,
         ticket: Ticket,
-        replay: Option<Box<(Request<B>, S)>>,
+        replay: Option<Box<Replay<S, B>>>,
     ) -> Self {
         Self {
             call: Some(future),
@@ -79,7 +120,7 @@ where
         cache: TokenCache,
         ready_service: S,
         request: Request<B>,
-        replay: Option<Box<(Request<B>, S)>>,
+        replay: Option<Box<Replay<S, B>>>,
     ) -> Self {
         Self {
             call: None,
@@ -116,7 +157,8 @@ where
                 let Some(cache) = ticket.settle(response.status(), this.replay.is_some()) else {
                     return Poll::Ready(Ok(response));
                 };
-                let Some((request, service)) = this.replay.take().map(|replay| *replay) else {
+                let Some((request, service)) = this.replay.take().map(|replay| replay.unpack())
+                else {
                     return Poll::Ready(Ok(response));
                 };
                 this.call.set(None);

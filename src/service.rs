@@ -8,7 +8,7 @@ use http::{Request, Response};
 use tower::{BoxError, Service};
 
 use crate::cache::LocalToken;
-use crate::future::ResponseFuture;
+use crate::future::{Replay, ResponseFuture};
 use crate::layer::Auth;
 use crate::replay::{DefaultReplay, ReplayPolicy};
 
@@ -61,13 +61,15 @@ where
         }
         // The copy to replay after a 401 is taken before sending, with an
         // unused clone of the service to send it with.
-        let replay = self.replay.clone_body(request.body()).map(|body| {
-            // Built in place: a request is a few hundred bytes to move.
-            let mut replay = Box::new((Request::new(body), self.inner.clone()));
-            copy_parts(&request, &mut replay.0);
-            replay
-        });
-        match (self.auth.cache).attach_local(&mut self.token, request.headers_mut()) {
+        let replay = self
+            .replay
+            .clone_body(request.body())
+            .map(|body| Replay::of(&request, body, self.inner.clone()));
+        match self
+            .auth
+            .cache
+            .attach_local(&mut self.token, request.headers_mut())
+        {
             Some(ticket) => ResponseFuture::sent(self.inner.call(request), ticket, replay),
             None => {
                 // The instance that was polled ready waits for the token in
@@ -79,15 +81,6 @@ where
             }
         }
     }
-}
-
-/// Gives `copy` the method, URI, version, headers and extensions of `request`.
-fn copy_parts<B>(request: &Request<B>, copy: &mut Request<B>) {
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    *copy.extensions_mut() = request.extensions().clone();
 }
 
 impl<S: Clone, P: Clone> Clone for VoltAuth<S, P> {
