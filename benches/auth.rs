@@ -58,8 +58,8 @@ const PAIRED_BLOCK: u64 = 25;
 const HOT_ROUNDS: usize = 200;
 const HOT_BLOCK: u64 = 5_000;
 /// Interleaved contention rounds, and requests per thread in each block.
-const CONTENTION_ROUNDS: usize = 60;
-const CONTENTION_BLOCK: u64 = 20_000;
+const CONTENTION_ROUNDS: usize = 20;
+const CONTENTION_BLOCK: u64 = 200_000;
 /// What the herd's `/oauth` transport answers, after 1 ms.
 const TOKEN_JSON: &[u8] =
     br#"{"access_token":"herd-access-token","token_type":"Bearer","expires_in":3600}"#;
