@@ -68,6 +68,12 @@ fn replace(
     copy
 }
 
+/// This thread's copies: cache and generation.
+#[cfg(test)]
+pub(super) fn held() -> Vec<(u64, u64)> {
+    COPIES.with_borrow(|copies| copies.iter().map(|c| (c.cache, c.generation)).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +106,17 @@ mod tests {
 
         let renewed = HeaderValue::from_static("Bearer at-2");
         assert_eq!(inserted(u64::MAX, 2, &renewed), renewed);
+    }
+
+    #[test]
+    fn copies_of_replaced_tokens_and_of_caches_that_are_gone_are_dropped() {
+        let shared = HeaderValue::from_static("Bearer at-1");
+        // No cache with this id is registered: it counts as gone.
+        inserted(u64::MAX - 1, 1, &shared);
+        assert_eq!(held(), [(u64::MAX - 1, 1)]);
+        inserted(u64::MAX, 1, &shared);
+        assert_eq!(held(), [(u64::MAX, 1)]);
+        inserted(u64::MAX, 2, &shared);
+        assert_eq!(held(), [(u64::MAX, 2)]);
     }
 }

@@ -522,3 +522,24 @@ async fn an_accepted_forced_token_ends_the_throttles_escalation() {
     assert_eq!(secret(&renewed), "at-4");
     assert_eq!(cache.stats().replays, 3);
 }
+
+#[tokio::test]
+async fn a_thread_keeps_one_header_copy_per_live_cache() {
+    let (first, second) = (Script::new(HOUR).cache(), Script::new(HOUR).cache());
+    first.token().await.unwrap();
+    second.token().await.unwrap();
+    assert_eq!(header(&first).as_deref(), Some("Bearer at-1"));
+    assert_eq!(header(&second).as_deref(), Some("Bearer at-1"));
+    let mut held = copies::held();
+    held.sort_unstable();
+    assert_eq!(held, [(first.shared.id, 1), (second.shared.id, 1)]);
+
+    // A new token replaces its cache's copy; a dropped cache's copy goes at
+    // the next replacement.
+    let second_id = second.shared.id;
+    drop(second);
+    first.renew(1).await.unwrap().unwrap();
+    assert_eq!(header(&first).as_deref(), Some("Bearer at-2"));
+    assert_eq!(copies::held(), [(first.shared.id, 2)]);
+    assert_ne!(first.shared.id, second_id);
+}
