@@ -22,6 +22,7 @@ type TokenFuture = Pin<Box<dyn Future<Output = Result<Option<Lease>, Error>> + S
 
 pin_project! {
     /// The response future of [`VoltAuth`](crate::VoltAuth).
+    #[project = Proj]
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<B>>,
@@ -144,6 +145,7 @@ where
 {
     type Output = Result<Response<ResBody>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
@@ -157,63 +159,97 @@ where
                 let Some(cache) = ticket.settle(response.status(), this.replay.is_some()) else {
                     return Poll::Ready(Ok(response));
                 };
-                let Some((request, service)) = this.replay.take().map(|replay| replay.unpack())
-                else {
+                if let Err(response) = replay(&mut this, cache, ticket, response) {
                     return Poll::Ready(Ok(response));
-                };
-                this.call.set(None);
-                let generation = ticket.generation;
-                *this.wait = Some(Box::new(Wait {
-                    token: Some(Box::pin(async move { cache.renew(generation).await })),
-                    service,
-                    ready: false,
-                    request,
-                    held: Some(response),
-                }));
+                }
             }
-            let Some(wait) = this.wait.as_mut() else {
-                return Poll::Ready(Err(interrupted()));
-            };
-            if let Some(token) = wait.token.as_mut() {
-                let outcome = ready!(token.as_mut().poll(cx));
-                wait.token = None;
-                let lease = match (outcome, wait.held.take()) {
-                    (Ok(Some(lease)), _) => lease,
-                    // No newer token may be had yet, or none at all: the
-                    // 401 goes back as it came.
-                    (Ok(None), Some(held)) => {
-                        tracing::debug!(
-                            "a 401 came too soon after the last forced refresh; returning it"
-                        );
-                        return Poll::Ready(Ok(held));
-                    }
-                    (Err(error), Some(held)) => {
-                        tracing::warn!(%error, "no new token after a 401; returning the 401");
-                        return Poll::Ready(Ok(held));
-                    }
-                    (Ok(None), None) => return Poll::Ready(Err(interrupted())),
-                    (Err(error), None) => return Poll::Ready(Err(error.into())),
-                };
-                wait.request
-                    .headers_mut()
-                    .insert(AUTHORIZATION, lease.token.header().clone());
-                *this.ticket = Some(lease.ticket);
+            if let Err(output) = ready!(wait(&mut this, cx)) {
+                return Poll::Ready(output);
             }
-            if !wait.ready {
-                ready!(wait.service.poll_ready(cx)).map_err(Into::into)?;
-                wait.ready = true;
-            }
-            let Some(wait) = this.wait.take() else {
-                return Poll::Ready(Err(interrupted()));
-            };
-            let Wait {
-                mut service,
-                request,
-                ..
-            } = *wait;
-            this.call.set(Some(service.call(request)));
         }
     }
+}
+
+/// After a 401 to the request of `ticket`: sets up its replay with a renewed
+/// token, or gives the 401 back when there is no copy to replay.
+#[cold]
+fn replay<S, B, ResBody>(
+    this: &mut Proj<'_, S, B>,
+    cache: TokenCache,
+    ticket: Ticket,
+    response: Response<ResBody>,
+) -> Result<(), Response<ResBody>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+{
+    let Some((request, service)) = this.replay.take().map(|replay| replay.unpack()) else {
+        return Err(response);
+    };
+    this.call.set(None);
+    let generation = ticket.generation;
+    *this.wait = Some(Box::new(Wait {
+        token: Some(Box::pin(async move { cache.renew(generation).await })),
+        service,
+        ready: false,
+        request,
+        held: Some(response),
+    }));
+    Ok(())
+}
+
+/// Waits for the token, drives the service ready and makes the call; or
+/// ends the future (`Err`) with the held 401 or an error.
+#[cold]
+fn wait<S, B, ResBody>(
+    this: &mut Proj<'_, S, B>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), Result<Response<ResBody>, BoxError>>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    let Some(wait) = this.wait.as_mut() else {
+        return Poll::Ready(Err(Err(interrupted())));
+    };
+    if let Some(token) = wait.token.as_mut() {
+        let outcome = ready!(token.as_mut().poll(cx));
+        wait.token = None;
+        let lease = match (outcome, wait.held.take()) {
+            (Ok(Some(lease)), _) => lease,
+            // No newer token may be had yet, or none at all: the 401 goes
+            // back as it came.
+            (Ok(None), Some(held)) => {
+                tracing::debug!("a 401 came too soon after the last forced refresh; returning it");
+                return Poll::Ready(Err(Ok(held)));
+            }
+            (Err(error), Some(held)) => {
+                tracing::warn!(%error, "no new token after a 401; returning the 401");
+                return Poll::Ready(Err(Ok(held)));
+            }
+            (Ok(None), None) => return Poll::Ready(Err(Err(interrupted()))),
+            (Err(error), None) => return Poll::Ready(Err(Err(error.into()))),
+        };
+        wait.request
+            .headers_mut()
+            .insert(AUTHORIZATION, lease.token.header().clone());
+        *this.ticket = Some(lease.ticket);
+    }
+    if !wait.ready {
+        if let Err(error) = ready!(wait.service.poll_ready(cx)) {
+            return Poll::Ready(Err(Err(error.into())));
+        }
+        wait.ready = true;
+    }
+    let Some(wait) = this.wait.take() else {
+        return Poll::Ready(Err(Err(interrupted())));
+    };
+    let Wait {
+        mut service,
+        request,
+        ..
+    } = *wait;
+    this.call.set(Some(service.call(request)));
+    Poll::Ready(Ok(()))
 }
 
 fn interrupted() -> BoxError {
