@@ -43,7 +43,7 @@ use tokio::runtime::Runtime;
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_http::set_header::SetRequestHeaderLayer;
 use volt_auth::mock::{self, MockVolt};
-use volt_auth::{Credentials, NoReplay, VoltAuthLayer};
+use volt_auth::{Builder, Credentials, NoReplay, VoltAuthLayer};
 
 /// What the in-process mock reports as its URL; the layer's origin.
 const ORIGIN: &str = "http://127.0.0.1:9";
@@ -58,8 +58,8 @@ const PAIRED_BLOCK: u64 = 25;
 const HOT_ROUNDS: usize = 200;
 const HOT_BLOCK: u64 = 5_000;
 /// Interleaved contention rounds, and requests per thread in each block.
-const CONTENTION_ROUNDS: usize = 20;
-const CONTENTION_BLOCK: u64 = 200_000;
+const CONTENTION_ROUNDS: usize = 10;
+const CONTENTION_BLOCK: u64 = 400_000;
 /// What the herd's `/oauth` transport answers, after 1 ms.
 const TOKEN_JSON: &[u8] =
     br#"{"access_token":"herd-access-token","token_type":"Bearer","expires_in":3600}"#;
@@ -229,7 +229,20 @@ fn runtime() -> Runtime {
 /// A layer against the in-process mock, with a token in its cache; and that
 /// token's header, for the baselines.
 fn warm_layer(rt: &Runtime, mock: &MockVolt) -> (VoltAuthLayer, HeaderValue) {
-    let layer = VoltAuthLayer::builder(mock.credentials())
+    warm(rt, VoltAuthLayer::builder(mock.credentials()), mock)
+}
+
+/// The same with `.replay(NoReplay)`.
+fn warm_no_replay(rt: &Runtime, mock: &MockVolt) -> (VoltAuthLayer<NoReplay>, HeaderValue) {
+    warm(
+        rt,
+        VoltAuthLayer::builder(mock.credentials()).replay(NoReplay),
+        mock,
+    )
+}
+
+fn warm<P>(rt: &Runtime, builder: Builder<P>, mock: &MockVolt) -> (VoltAuthLayer<P>, HeaderValue) {
+    let layer = builder
         .base_url(&mock.url())
         .build::<_, Full<Bytes>, _>(mock.service())
         .expect("layer");
@@ -248,16 +261,7 @@ fn hot_path(c: &mut Criterion) {
     let mock = MockVolt::builder().in_process();
     assert_eq!(mock.url(), ORIGIN);
     let (layer, header) = warm_layer(&rt, &mock);
-    let no_replay = VoltAuthLayer::builder(mock.credentials())
-        .base_url(&mock.url())
-        .replay(NoReplay)
-        .build::<_, Full<Bytes>, _>(mock.service())
-        .expect("layer");
-    let no_replay_header = rt
-        .block_on(no_replay.access_token())
-        .expect("a token")
-        .header_value()
-        .clone();
+    let (no_replay, no_replay_header) = warm_no_replay(&rt, &mock);
 
     // Every variant attaches the same token, without waiting.
     let expect = Expect(header.clone());
@@ -378,6 +382,7 @@ fn contention(c: &mut Criterion) {
     let _guard = rt.enter();
     let mock = MockVolt::builder().in_process();
     let (layer, header) = warm_layer(&rt, &mock);
+    let (no_replay, _) = warm_no_replay(&rt, &mock);
 
     let mut group = c.benchmark_group("contention");
     group
@@ -388,6 +393,7 @@ fn contention(c: &mut Criterion) {
     let set_header = SetRequestHeaderLayer::overriding(AUTHORIZATION, header.clone()).layer(Ok200);
     let rwlock = RwLockAuth::new(Ok200, header);
     let volt = layer.layer(Ok200);
+    let volt_no_replay = no_replay.layer(Ok200);
     let mut measured = false;
     for threads in [1, 2] {
         // One iteration is one request on every thread.
@@ -406,6 +412,11 @@ fn contention(c: &mut Criterion) {
             measured = true;
             b.iter_custom(|iters| on_threads(&rt, &volt, n, iters))
         });
+        group.bench_with_input(
+            BenchmarkId::new("volt_auth_no_replay", threads),
+            &threads,
+            |b, &n| b.iter_custom(|iters| on_threads(&rt, &volt_no_replay, n, iters)),
+        );
     }
     group.finish();
 
@@ -415,6 +426,9 @@ fn contention(c: &mut Criterion) {
         let set_header = |n| on_threads(&rt, &set_header, n, CONTENTION_BLOCK);
         let rwlock = |n| on_threads(&rt, &rwlock, n, CONTENTION_BLOCK);
         let volt = |n| on_threads(&rt, &volt, n, CONTENTION_BLOCK);
+        let volt_no_replay = |n| on_threads(&rt, &volt_no_replay, n, CONTENTION_BLOCK);
+        // The inner service alone: how far this machine scales at all.
+        let bare = |n| on_threads(&rt, &Ok200, n, CONTENTION_BLOCK);
         let rounds = interleaved(
             CONTENTION_ROUNDS,
             &mut [
@@ -424,13 +438,20 @@ fn contention(c: &mut Criterion) {
                 &mut || rwlock(2),
                 &mut || volt(1),
                 &mut || volt(2),
+                &mut || volt_no_replay(1),
+                &mut || volt_no_replay(2),
+                &mut || bare(1),
+                &mut || bare(2),
             ],
         );
         // Two threads send twice the requests: throughput on two over one.
         let scaling = |i: usize| Quartiles::of(rounds.iter().map(|r| 2.0 * r[i] / r[i + 1]));
-        // Throughput of VoltAuth over the baseline's, on as many threads.
-        let versus =
-            |volt: usize, base: usize| Quartiles::of(rounds.iter().map(|r| r[base] / r[volt]));
+        // Throughput of VoltAuth (`volt`: its one-thread block) over the
+        // baseline's (`base`), on one thread and on two.
+        let versus = |volt: usize, base: usize| {
+            let on = |t: usize| Quartiles::of(rounds.iter().map(|r| r[base + t] / r[volt + t]));
+            serde_json::json!({ "one_thread": on(0).json(), "two_threads": on(1).json() })
+        };
         write_record(
             "volt-auth-contention.json",
             &serde_json::json!({
@@ -440,19 +461,21 @@ fn contention(c: &mut Criterion) {
                     "set_header": scaling(0).json(),
                     "rwlock_cache": scaling(2).json(),
                     "volt_auth": scaling(4).json(),
+                    "volt_auth_no_replay": scaling(6).json(),
+                    "bare": scaling(8).json(),
                 },
-                "volt_auth_over_set_header": {
-                    "one_thread": versus(4, 0).json(),
-                    "two_threads": versus(5, 1).json(),
+                "over_set_header": {
+                    "volt_auth": versus(4, 0),
+                    "volt_auth_no_replay": versus(6, 0),
                 },
-                "volt_auth_over_rwlock_cache": {
-                    "one_thread": versus(4, 2).json(),
-                    "two_threads": versus(5, 3).json(),
+                "over_rwlock_cache": {
+                    "volt_auth": versus(4, 2),
+                    "volt_auth_no_replay": versus(6, 2),
                 },
             }),
         );
     }
-    assert_eq!(mock.oauth_calls(), 1);
+    assert_eq!(mock.oauth_calls(), 2);
 }
 
 // ---------------------------------------------------------------------------
