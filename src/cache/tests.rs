@@ -466,11 +466,17 @@ fn without_a_runtime_the_cache_reports_it() {
     ));
 }
 
-#[tokio::test]
-async fn a_ticket_finds_its_cache_until_the_cache_is_dropped() {
+/// A cache holding its first token (`at-1`), and that token's ticket.
+async fn warm() -> (Arc<Script>, TokenCache, Ticket) {
     let script = Script::new(HOUR);
     let cache = script.cache();
     let ticket = cache.token().await.unwrap().ticket;
+    (script, cache, ticket)
+}
+
+#[tokio::test]
+async fn a_ticket_finds_its_cache_until_the_cache_is_dropped() {
+    let (script, cache, ticket) = warm().await;
     let found = ticket.settle(StatusCode::UNAUTHORIZED, true);
     assert!(found.is_some_and(|found| Arc::ptr_eq(&found.shared, &cache.shared)));
     drop(cache);
@@ -482,9 +488,7 @@ async fn a_ticket_finds_its_cache_until_the_cache_is_dropped() {
 
 #[tokio::test(start_paused = true)]
 async fn settling_a_401_invalidates_the_token_unless_it_is_replayed() {
-    let script = Script::new(HOUR);
-    let cache = script.cache();
-    let ticket = cache.token().await.unwrap().ticket;
+    let (script, cache, ticket) = warm().await;
     assert!(ticket.settle(StatusCode::OK, false).is_none());
     assert!(ticket.settle(StatusCode::UNAUTHORIZED, true).is_some());
     assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
@@ -496,9 +500,7 @@ async fn settling_a_401_invalidates_the_token_unless_it_is_replayed() {
 
 #[tokio::test(start_paused = true)]
 async fn an_accepted_forced_token_ends_the_throttles_escalation() {
-    let script = Script::new(HOUR);
-    let cache = script.cache();
-    let first = cache.token().await.unwrap().ticket;
+    let (_script, cache, first) = warm().await;
     assert!(!first.unconfirmed());
     // Two forced refreshes in a row: the next may come only after 2 s.
     let forced = cache.renew(first.generation).await.unwrap().unwrap().ticket;
