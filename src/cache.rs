@@ -211,9 +211,15 @@ impl TokenCache {
     /// escalation.
     pub(crate) fn accepted(&self, generation: u64) {
         let shared = &self.shared;
-        if shared.unconfirmed.load(Ordering::Relaxed) == generation && generation != 0 {
+        if generation == 0 {
+            return;
+        }
+        // Under the lock that refreshes publish under: a newer forced token
+        // keeps its own mark and its own streak.
+        let mut flight = shared.lock();
+        if shared.unconfirmed.load(Ordering::Relaxed) == generation {
             shared.unconfirmed.store(0, Ordering::Relaxed);
-            shared.lock().forced_streak = 0;
+            flight.forced_streak = 0;
         }
     }
 

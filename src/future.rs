@@ -22,6 +22,10 @@ type TokenFuture = Pin<Box<dyn Future<Output = Result<Option<Lease>, Error>> + S
 
 pin_project! {
     /// The response future of [`VoltAuth`](crate::VoltAuth).
+    ///
+    /// It does not keep the token cache alive: a 401 that arrives after every
+    /// layer and service sharing the cache has been dropped is returned as it
+    /// came, without a replay.
     #[project = Proj]
     pub struct ResponseFuture<S, B>
     where
@@ -164,6 +168,9 @@ where
                 }
             }
             if let Err(output) = ready!(wait(&mut this, cx)) {
+                // Nothing is left to send: polled again, the future sends
+                // nothing more.
+                *this.wait = None;
                 return Poll::Ready(output);
             }
         }

@@ -738,6 +738,49 @@ async fn a_failed_renewal_returns_the_401_unchanged() {
     assert_eq!(mock.api_authorizations().last(), Some(&bearer(&issued[1])));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_future_polled_again_after_returning_a_401_sends_nothing() {
+    let mock = MockVolt::builder().in_process();
+    let mut api = layer(&mock).layer(pinned(&mock));
+    assert_eq!(
+        send(&mut api, get(&mock, "/banks")).await.status(),
+        StatusCode::OK
+    );
+    mock.revoke_access_tokens();
+    mock.fail_oauth(
+        1,
+        StatusCode::SERVICE_UNAVAILABLE,
+        r#"{"code":503,"message":"Service Unavailable"}"#,
+    );
+    api.ready().await.expect("ready");
+    let mut future = Box::pin(api.call(payment(&mock, b"once")));
+    assert_unchanged_401(future.as_mut().await.expect("the 401")).await;
+
+    // Polling past completion breaks the future's contract, but must not send
+    // the kept copy (without a token) a second time.
+    let again = poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await;
+    assert!(matches!(again, Poll::Ready(Err(_))));
+    assert_eq!(mock.api_calls(), 2);
+    assert_eq!(mock.payment_bodies(), [&b"once"[..]]);
+}
+
+#[tokio::test]
+async fn a_401_after_every_layer_and_service_is_dropped_goes_back_unchanged() {
+    let mock = MockVolt::builder().in_process();
+    let mut api = layer(&mock).layer(pinned(&mock));
+    assert_eq!(
+        send(&mut api, get(&mock, "/banks")).await.status(),
+        StatusCode::OK
+    );
+    mock.revoke_access_tokens();
+    // `oneshot` drops the service, the last owner of the token cache, as soon
+    // as the request is sent: no cache is left to renew the token with.
+    let response = api.oneshot(payment(&mock, b"once")).await.expect("the 401");
+    assert_unchanged_401(response).await;
+    assert_eq!(mock.payment_bodies(), [&b"once"[..]]);
+    assert_eq!(mock.oauth_calls(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bodies that are not replayed
 // ---------------------------------------------------------------------------------------------

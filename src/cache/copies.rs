@@ -4,7 +4,8 @@
 //! shared by every thread, every request on every core writes to the same
 //! count, and requests stop scaling across cores (`SetRequestHeader` with a
 //! fixed value gains nothing from a second thread). A thread clones its own
-//! copy instead, made once per token.
+//! copy instead, made once per token. A thread keeps one copy per cache it
+//! uses, found by a linear scan: made for the one or few layers a process has.
 
 use std::cell::RefCell;
 
@@ -55,7 +56,9 @@ fn replace(
     generation: u64,
     shared: &HeaderValue,
 ) -> HeaderValue {
-    copies.retain(|copy| copy.cache != cache && super::ticket::is_live(copy.cache));
+    let live = super::ticket::caches();
+    copies.retain(|copy| copy.cache != cache && live.contains_key(&copy.cache));
+    drop(live);
     let Ok(mut copy) = HeaderValue::from_bytes(shared.as_bytes()) else {
         return shared.clone();
     };

@@ -18,7 +18,7 @@ use super::{Shared, TokenCache};
 static CACHES: Mutex<BTreeMap<u64, Weak<Shared>>> = Mutex::new(BTreeMap::new());
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-fn caches() -> MutexGuard<'static, BTreeMap<u64, Weak<Shared>>> {
+pub(super) fn caches() -> MutexGuard<'static, BTreeMap<u64, Weak<Shared>>> {
     CACHES.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -32,10 +32,6 @@ pub(super) fn register(shared: &Arc<Shared>) {
 
 pub(super) fn unregister(id: u64) {
     caches().remove(&id);
-}
-
-pub(super) fn is_live(id: u64) -> bool {
-    caches().contains_key(&id)
 }
 
 /// The request's token generation and where to report its response.
