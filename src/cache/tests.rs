@@ -545,3 +545,57 @@ async fn a_thread_keeps_one_header_copy_per_live_cache() {
     assert_eq!(copies::held(), [(first.shared.id, 2)]);
     assert_ne!(first.shared.id, second_id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_readers_always_send_the_header_of_their_tickets_token() {
+    const READERS: usize = 200;
+    let script = Script::new(HOUR);
+    // No throttle: every renewal below forces a refresh.
+    let unthrottled = Settings {
+        backoff_min: Duration::ZERO,
+        ..settings()
+    };
+    let cache = TokenCache::new(script.clone(), unthrottled);
+    cache.token().await.unwrap();
+    let started = Arc::new(tokio::sync::Barrier::new(READERS + 1));
+    let readers: Vec<_> = (0..READERS)
+        .map(|_| {
+            let (cache, started) = (cache.clone(), started.clone());
+            tokio::spawn(async move {
+                let mut attached = 0;
+                for i in 0..100 {
+                    let mut headers = http::HeaderMap::new();
+                    if let Some(ticket) = cache.attach(&mut headers) {
+                        // `at-N` is the N-th token, and the N-th generation.
+                        let expected = format!("Bearer at-{}", ticket.generation);
+                        assert_eq!(headers[http::header::AUTHORIZATION], expected.as_str());
+                        attached += 1;
+                    }
+                    if i == 0 {
+                        started.wait().await;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                attached
+            })
+        })
+        .collect();
+    started.wait().await;
+    let mut generation = 1;
+    for _ in 0..20 {
+        generation = cache
+            .renew(generation)
+            .await
+            .unwrap()
+            .unwrap()
+            .ticket
+            .generation;
+    }
+    let mut attached = 0;
+    for reader in readers {
+        attached += reader.await.unwrap();
+    }
+    // Each reader attached at least its first header, before any renewal.
+    assert!(attached >= READERS, "{attached}");
+    assert_eq!((generation, script.count()), (21, 21));
+}
