@@ -6,6 +6,7 @@
 //! fixed value gains nothing from a second thread). A thread clones its own
 //! copy instead, made once per token. A thread keeps one copy per cache it
 //! uses, found by a linear scan: made for the one or few layers a process has.
+//! Its copies of a dropped cache's token go at its next request.
 
 use std::cell::RefCell;
 
@@ -13,7 +14,18 @@ use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderValue};
 
 thread_local! {
-    static COPIES: RefCell<Vec<Copy>> = const { RefCell::new(Vec::new()) };
+    static COPIES: RefCell<Copies> = const {
+        RefCell::new(Copies {
+            dropped: 0,
+            list: Vec::new(),
+        })
+    };
+}
+
+/// A thread's copies, as of the `dropped`-th dropped cache.
+struct Copies {
+    dropped: u64,
+    list: Vec<Copy>,
 }
 
 /// A thread's copy of one cache's header.
@@ -31,12 +43,14 @@ pub(super) fn insert(headers: &mut HeaderMap, cache: u64, generation: u64, share
         let Ok(mut copies) = copies.try_borrow_mut() else {
             return false;
         };
+        let dropped = super::ticket::dropped();
         let header = match copies
+            .list
             .iter()
             .find(|copy| copy.cache == cache && copy.generation == generation)
         {
-            Some(copy) => copy.header.clone(),
-            None => replace(&mut copies, cache, generation, shared),
+            Some(copy) if copies.dropped == dropped => copy.header.clone(),
+            _ => update(&mut copies, cache, generation, shared, dropped),
         };
         headers.insert(AUTHORIZATION, header);
         true
@@ -47,23 +61,30 @@ pub(super) fn insert(headers: &mut HeaderMap, cache: u64, generation: u64, share
     }
 }
 
-/// Makes this thread's copy of a new token, dropping the copy of the token it
-/// replaces and those of caches that are gone.
+/// Drops this thread's copies of replaced tokens and of caches that are gone,
+/// then returns its copy of this token, made now if it has none.
 #[cold]
-fn replace(
-    copies: &mut Vec<Copy>,
+fn update(
+    copies: &mut Copies,
     cache: u64,
     generation: u64,
     shared: &HeaderValue,
+    dropped: u64,
 ) -> HeaderValue {
     let live = super::ticket::caches();
-    copies.retain(|copy| copy.cache != cache && live.contains_key(&copy.cache));
+    copies.list.retain(|copy| {
+        live.contains_key(&copy.cache) && (copy.cache != cache || copy.generation == generation)
+    });
     drop(live);
+    copies.dropped = dropped;
+    if let Some(copy) = copies.list.iter().find(|copy| copy.cache == cache) {
+        return copy.header.clone();
+    }
     let Ok(mut copy) = HeaderValue::from_bytes(shared.as_bytes()) else {
         return shared.clone();
     };
     copy.set_sensitive(true);
-    copies.push(Copy {
+    copies.list.push(Copy {
         cache,
         generation,
         header: copy.clone(),
@@ -74,52 +95,8 @@ fn replace(
 /// This thread's copies: cache and generation.
 #[cfg(test)]
 pub(super) fn held() -> Vec<(u64, u64)> {
-    COPIES.with_borrow(|copies| copies.iter().map(|c| (c.cache, c.generation)).collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The header `insert` puts in an empty map.
-    fn inserted(cache: u64, generation: u64, shared: &HeaderValue) -> HeaderValue {
-        let mut headers = HeaderMap::new();
-        insert(&mut headers, cache, generation, shared);
-        headers.remove(AUTHORIZATION).unwrap()
-    }
-
-    #[test]
-    fn a_thread_clones_its_own_copy_until_the_token_changes() {
-        let shared = HeaderValue::from_static("Bearer at-1");
-        let first = inserted(u64::MAX, 1, &shared);
-        assert_eq!(first, shared);
-        assert!(first.is_sensitive());
-        // Same bytes, another allocation: not the shared header's.
-        assert_ne!(first.as_bytes().as_ptr(), shared.as_bytes().as_ptr());
-        let again = inserted(u64::MAX, 1, &shared);
-        assert_eq!(again.as_bytes().as_ptr(), first.as_bytes().as_ptr());
-
-        let other = std::thread::spawn({
-            let shared = shared.clone();
-            move || inserted(u64::MAX, 1, &shared).as_bytes().as_ptr() as usize
-        })
-        .join()
-        .unwrap();
-        assert_ne!(other, first.as_bytes().as_ptr() as usize);
-
-        let renewed = HeaderValue::from_static("Bearer at-2");
-        assert_eq!(inserted(u64::MAX, 2, &renewed), renewed);
-    }
-
-    #[test]
-    fn copies_of_replaced_tokens_and_of_caches_that_are_gone_are_dropped() {
-        let shared = HeaderValue::from_static("Bearer at-1");
-        // No cache with this id is registered: it counts as gone.
-        inserted(u64::MAX - 1, 1, &shared);
-        assert_eq!(held(), [(u64::MAX - 1, 1)]);
-        inserted(u64::MAX, 1, &shared);
-        assert_eq!(held(), [(u64::MAX, 1)]);
-        inserted(u64::MAX, 2, &shared);
-        assert_eq!(held(), [(u64::MAX, 2)]);
-    }
+    COPIES.with_borrow(|copies| {
+        let list = copies.list.iter();
+        list.map(|copy| (copy.cache, copy.generation)).collect()
+    })
 }

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 
-use http::StatusCode;
+use http::{HeaderValue, StatusCode};
 use secrecy::ExposeSecret;
 use tokio::time::sleep;
 
@@ -525,6 +525,39 @@ async fn an_accepted_forced_token_ends_the_throttles_escalation() {
     assert_eq!(cache.stats().replays, 3);
 }
 
+/// The header a request would carry now, as sent.
+fn attached(cache: &TokenCache) -> HeaderValue {
+    let mut headers = http::HeaderMap::new();
+    cache.attach(&mut headers).expect("a token");
+    headers
+        .remove(http::header::AUTHORIZATION)
+        .expect("a header")
+}
+
+fn address(header: &HeaderValue) -> usize {
+    header.as_bytes().as_ptr() as usize
+}
+
+#[tokio::test]
+async fn a_thread_clones_its_own_header_copy_until_the_token_changes() {
+    let (_script, cache, ticket) = warm().await;
+    let shared = cache.shared.current.load().token.clone().unwrap();
+    let first = attached(&cache);
+    assert_eq!(first, shared.header());
+    assert!(first.is_sensitive());
+    // The same bytes in another allocation, cloned by every request here.
+    assert_ne!(address(&first), address(shared.header()));
+    assert_eq!(address(&attached(&cache)), address(&first));
+    let elsewhere = std::thread::spawn({
+        let cache = cache.clone();
+        move || address(&attached(&cache))
+    });
+    assert_ne!(elsewhere.join().unwrap(), address(&first));
+
+    cache.renew(ticket.generation).await.unwrap().unwrap();
+    assert_eq!(attached(&cache), "Bearer at-2");
+}
+
 #[tokio::test]
 async fn a_thread_keeps_one_header_copy_per_live_cache() {
     let (first, second) = (Script::new(HOUR).cache(), Script::new(HOUR).cache());
@@ -536,14 +569,14 @@ async fn a_thread_keeps_one_header_copy_per_live_cache() {
     held.sort_unstable();
     assert_eq!(held, [(first.shared.id, 1), (second.shared.id, 1)]);
 
-    // A new token replaces its cache's copy; a dropped cache's copy goes at
-    // the next replacement.
-    let second_id = second.shared.id;
+    // A dropped cache's copy goes at the thread's next request; a new token
+    // replaces its cache's copy.
     drop(second);
+    assert_eq!(header(&first).as_deref(), Some("Bearer at-1"));
+    assert_eq!(copies::held(), [(first.shared.id, 1)]);
     first.renew(1).await.unwrap().unwrap();
     assert_eq!(header(&first).as_deref(), Some("Bearer at-2"));
     assert_eq!(copies::held(), [(first.shared.id, 2)]);
-    assert_ne!(first.shared.id, second_id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
