@@ -244,7 +244,7 @@ fn warm_no_replay(rt: &Runtime, mock: &MockVolt) -> (VoltAuthLayer<NoReplay>, He
 fn warm<P>(rt: &Runtime, builder: Builder<P>, mock: &MockVolt) -> (VoltAuthLayer<P>, HeaderValue) {
     let layer = builder
         .base_url(&mock.url())
-        .build::<_, Full<Bytes>, _>(mock.service())
+        .build(mock.service())
         .expect("layer");
     let token = rt.block_on(layer.access_token()).expect("a token");
     (layer, token.header_value().clone())

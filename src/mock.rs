@@ -18,12 +18,34 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! In process, the mock is both the layer's `/oauth` transport and the API it wraps:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! use tower::{Layer, ServiceExt};
+//! use volt_auth::VoltAuthLayer;
+//! use volt_auth::mock::MockVolt;
+//!
+//! let mock = MockVolt::builder().in_process();
+//! let auth = VoltAuthLayer::builder(mock.credentials())
+//!     .base_url(&mock.url())
+//!     .build(mock.service())?;
+//! let request = http::Request::get(format!("{}/banks", mock.url())).body(Default::default())?;
+//! let response = auth.layer(mock.service()).oneshot(request).await?;
+//! assert_eq!(response.status(), 200);
+//! assert_eq!(mock.password_grants(), 1);
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::io;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -324,10 +346,18 @@ impl MockVolt {
         )
     }
 
-    /// An in-process tower service answering exactly like the TCP server, on the same state.
+    /// An in-process tower service answering exactly like the TCP server, on the same state,
+    /// for `Full<Bytes>` request bodies: it can be the layer's `/oauth` transport
+    /// (`builder.build(mock.service())`) and the service the layer wraps.
     pub fn service(&self) -> MockService {
+        self.service_for()
+    }
+
+    /// [`MockVolt::service`] for requests with another body type.
+    pub fn service_for<B>(&self) -> MockService<B> {
         MockService {
             shared: Arc::clone(&self.shared),
+            body: PhantomData,
         }
     }
 
@@ -562,22 +592,32 @@ impl Drop for InFlight<'_> {
 pub type MockFuture =
     Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static>>;
 
-/// An in-process tower service sharing a [`MockVolt`]'s state; see [`MockVolt::service`].
+/// An in-process tower service sharing a [`MockVolt`]'s state, for requests with bodies of type
+/// `B`; see [`MockVolt::service`].
 ///
 /// Request URIs may be absolute (`http://127.0.0.1:9/banks`) or relative (`/banks`): only the
 /// path is routed on.
-#[derive(Clone)]
-pub struct MockService {
+pub struct MockService<B = Full<Bytes>> {
     shared: Arc<Shared>,
+    body: PhantomData<fn(B)>,
 }
 
-impl fmt::Debug for MockService {
+impl<B> Clone for MockService<B> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            body: PhantomData,
+        }
+    }
+}
+
+impl<B> fmt::Debug for MockService<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MockService").finish_non_exhaustive()
     }
 }
 
-impl<B> tower::Service<Request<B>> for MockService
+impl<B> tower::Service<Request<B>> for MockService<B>
 where
     B: Body + Send + 'static,
     B::Data: Send,

@@ -50,7 +50,7 @@ type Outcome = Result<StatusCode, Error>;
 fn layer(mock: &MockVolt, configure: impl FnOnce(Builder) -> Builder) -> VoltAuthLayer {
     let builder = VoltAuthLayer::builder(mock.credentials()).base_url(&mock.url());
     configure(builder)
-        .build::<_, Full<Bytes>, _>(mock.service())
+        .build(mock.service())
         .expect("valid configuration")
 }
 
@@ -62,7 +62,7 @@ fn layer_with(
     VoltAuthLayer::builder(credentials)
         .base_url(&mock.url())
         .backoff(backoff.0, backoff.1)
-        .build::<_, Full<Bytes>, _>(mock.service())
+        .build(mock.service())
         .expect("valid configuration")
 }
 

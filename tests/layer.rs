@@ -29,7 +29,7 @@ use volt_auth::{Api, ConfigError, GrantType, VoltAuthLayer};
 
 mod common;
 
-use common::{Body, GUARD, Recorder, bearer, builder, get, layer, pinned};
+use common::{Body, GUARD, Recorder, bearer, builder, get, layer};
 type HttpClient = Client<HttpConnector, Body>;
 
 fn secs(n: u64) -> Duration {
@@ -226,7 +226,7 @@ async fn thousand_concurrent_first_requests_in_process_cost_one_password_grant()
 async fn refresh_ahead_refreshes_once_in_the_background_and_requests_keep_the_old_token() {
     let mock = MockVolt::builder().in_process(); // one-hour tokens
     let auth = layer(&mock); // defaults: refresh-ahead 5 min (+ up to 20 % jitter), margin 30 s
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     let t0 = Instant::now();
     banks_ok(&mut api, &mock).await;
     let first = mock.issued_access_tokens();
@@ -289,7 +289,7 @@ async fn refresh_ahead_refreshes_once_in_the_background_and_requests_keep_the_ol
 async fn past_the_margin_requests_wait_for_the_refresh_and_carry_the_new_token() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock);
-    let api = auth.layer(pinned(&mock));
+    let api = auth.layer(mock.service());
     let t0 = Instant::now();
     banks_ok(&mut api.clone(), &mock).await;
 
@@ -342,9 +342,9 @@ async fn builder_windows_are_honoured() {
     let auth = builder(&mock)
         .refresh_ahead(secs(100))
         .expiry_margin(secs(10))
-        .build(pinned(&mock))
+        .build(mock.service())
         .expect("layer");
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     let t0 = Instant::now();
     banks_ok(&mut api, &mock).await;
 
@@ -391,7 +391,7 @@ async fn short_lifetimes_scale_the_windows_down() {
         .access_token_lifetime(secs(60))
         .in_process();
     let auth = layer(&mock);
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     let t0 = Instant::now();
     for at in 0..=35 {
         sleep_until(t0 + secs(at)).await;
@@ -430,7 +430,7 @@ async fn short_lifetimes_scale_the_windows_down() {
 async fn refreshes_present_the_latest_rotated_refresh_token() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock);
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     let t0 = Instant::now();
     banks_ok(&mut api, &mock).await;
     // Three refreshes, each past the margin of the token before.
@@ -472,7 +472,7 @@ async fn refreshes_present_the_latest_rotated_refresh_token() {
 async fn revoked_refresh_token_falls_back_to_exactly_one_password_grant() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock);
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     let t0 = Instant::now();
     banks_ok(&mut api, &mock).await;
     mock.revoke_refresh_tokens();
@@ -525,7 +525,7 @@ async fn expired_refresh_token_falls_back_to_one_password_grant_in_the_backgroun
         .refresh_token_lifetime(secs(1800))
         .in_process();
     let auth = layer(&mock);
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     let t0 = Instant::now();
     banks_ok(&mut api, &mock).await;
 
@@ -556,7 +556,7 @@ async fn expired_refresh_token_falls_back_to_one_password_grant_in_the_backgroun
 async fn refresh_answered_401_falls_back_to_the_password_grant() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock);
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     let t0 = Instant::now();
     banks_ok(&mut api, &mock).await;
     // Volt's auth-error shape, status 401, for the refresh grant only.
@@ -578,7 +578,7 @@ async fn refresh_answered_401_falls_back_to_the_password_grant() {
 async fn server_failure_on_refresh_is_not_a_rejection() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock); // backoff 1 s .. 60 s
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     let t0 = Instant::now();
     banks_ok(&mut api, &mock).await;
 
@@ -628,7 +628,7 @@ async fn server_failure_on_refresh_is_not_a_rejection() {
 async fn dropping_the_request_that_started_a_refresh_does_not_cancel_it() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock);
-    let api = auth.layer(pinned(&mock));
+    let api = auth.layer(mock.service());
     let hold = mock.hold_oauth();
     let first = api.clone();
     let request = get(&mock, "/banks");
@@ -659,7 +659,7 @@ async fn dropping_the_request_that_started_a_refresh_does_not_cancel_it() {
 async fn dropping_a_request_waiting_past_the_margin_does_not_cancel_the_refresh() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock);
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     let t0 = Instant::now();
     banks_ok(&mut api, &mock).await;
     sleep_until(t0 + secs(3571)).await;
@@ -768,7 +768,7 @@ async fn layer_clones_and_their_services_share_one_cache() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock);
     let other = clone_of(&auth);
-    let mut one = auth.layer(pinned(&mock));
+    let mut one = auth.layer(mock.service());
     let mut two = other.layer(Recorder::new(&mock));
     let mut three = one.clone();
     banks_ok(&mut one, &mock).await;
@@ -789,7 +789,7 @@ async fn layer_clones_and_their_services_share_one_cache() {
 
     // A separately built layer has a cache of its own.
     let separate = layer(&mock);
-    let mut four = separate.layer(pinned(&mock));
+    let mut four = separate.layer(mock.service());
     banks_ok(&mut four, &mock).await;
     assert_eq!(mock.oauth_calls(), 2);
     assert_eq!(mock.password_grants(), 2);
@@ -803,7 +803,7 @@ async fn layer_clones_share_one_cache_under_concurrency() {
     let tasks: Vec<_> = (0..300)
         .map(|i| {
             let layer = auth.clone();
-            let mock_service = pinned(&mock);
+            let mock_service = mock.service();
             let request = get(&mock, "/banks");
             tokio::spawn(async move {
                 if i % 3 == 0 {
@@ -925,7 +925,7 @@ async fn auth_errors_and_inner_errors_reach_the_caller_and_can_be_told_apart() {
         r#"{"error":"invalid_client","error_description":"Client authentication failed"}"#,
     );
     let auth = layer(&mock);
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     let error = api
         .ready()
         .await
@@ -981,13 +981,13 @@ async fn a_margin_larger_than_the_refresh_ahead_window_is_refused() {
     let refused = builder(&mock)
         .refresh_ahead(secs(10))
         .expiry_margin(secs(20))
-        .build(pinned(&mock));
+        .build(mock.service());
     assert!(matches!(refused, Err(ConfigError::InvalidSetting(_))));
     assert!(
         builder(&mock)
             .refresh_ahead(secs(20))
             .expiry_margin(secs(20))
-            .build(pinned(&mock))
+            .build(mock.service())
             .is_ok()
     );
 }

@@ -33,7 +33,7 @@ use volt_auth::{ConfigError, DefaultReplay, NoReplay};
 
 mod common;
 
-use common::{Body, GUARD, Pinned, Recorder, bearer, builder, get, layer, pinned};
+use common::{Body, GUARD, Recorder, bearer, builder, get, layer};
 type HttpClient = Client<HttpConnector, Body>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -164,7 +164,7 @@ async fn revoked_token_payment_is_replayed_once_with_the_same_bytes_over_tcp() {
 async fn revoked_access_and_refresh_tokens_recover_with_one_password_grant() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock);
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     assert_eq!(
         send(&mut api, get(&mock, "/banks")).await.status(),
         StatusCode::OK
@@ -198,7 +198,7 @@ async fn revoked_access_and_refresh_tokens_recover_with_one_password_grant() {
 async fn string_and_known_empty_bodies_are_replayed() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock);
-    let mut api = auth.layer(mock.service());
+    let mut api = auth.layer(mock.service_for());
     let body = String::from(r#"{"amount":250,"currencyCode":"EUR"}"#);
     let request = Request::post(format!("{}/v2/payments", mock.url()))
         .header(CONTENT_TYPE, "application/json")
@@ -221,7 +221,7 @@ async fn string_and_known_empty_bodies_are_replayed() {
     // A boxed body known to be empty.
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock);
-    let mut api = auth.layer(mock.service());
+    let mut api = auth.layer(mock.service_for());
     let empty_get = || {
         let empty: BoxBody<Bytes, Infallible> = Empty::new().boxed();
         Request::get(format!("{}/banks", mock.url()))
@@ -494,9 +494,9 @@ async fn a_server_rejecting_every_token_costs_one_forced_refresh_per_backoff_per
     mock.reject_all_tokens(true);
     let auth = builder(&mock)
         .backoff(Duration::from_secs(1), Duration::from_secs(60))
-        .build(pinned(&mock))
+        .build(mock.service())
         .expect("layer");
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     let t0 = Instant::now();
 
     // The first request: a password grant, the 401, one forced refresh, one
@@ -581,7 +581,7 @@ async fn a_server_rejecting_every_token_costs_one_forced_refresh_per_backoff_per
 async fn every_revocation_of_an_accepted_token_is_recovered() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock); // backoff 1 s .. 60 s
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     let t0 = Instant::now();
     assert_eq!(
         send(&mut api, get(&mock, "/banks")).await.status(),
@@ -616,13 +616,13 @@ async fn concurrent_requests_to_a_server_rejecting_every_token_get_one_replay_ea
     // A long throttle period, so that wall-clock time cannot open a second one.
     let auth = builder(&mock)
         .backoff(Duration::from_secs(30), Duration::from_secs(60))
-        .build(pinned(&mock))
+        .build(mock.service())
         .expect("layer");
-    let warm_up = send(&mut auth.layer(pinned(&mock)), get(&mock, "/banks")).await;
+    let warm_up = send(&mut auth.layer(mock.service()), get(&mock, "/banks")).await;
     assert_eq!(warm_up.status(), StatusCode::OK);
     mock.reject_all_tokens(true);
 
-    let rendezvous = Rendezvous::new(pinned(&mock), HUNDRED);
+    let rendezvous = Rendezvous::new(mock.service(), HUNDRED);
     let api = ServiceBuilder::new()
         .layer(auth.clone())
         .service(rendezvous.clone());
@@ -688,7 +688,7 @@ async fn concurrent_requests_to_a_server_rejecting_every_token_get_one_replay_ea
 async fn a_failed_renewal_returns_the_401_unchanged() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock); // backoff 1 s .. 60 s
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     let t0 = Instant::now();
     assert_eq!(
         send(&mut api, get(&mock, "/banks")).await.status(),
@@ -741,7 +741,7 @@ async fn a_failed_renewal_returns_the_401_unchanged() {
 #[tokio::test(start_paused = true)]
 async fn a_future_polled_again_after_returning_a_401_sends_nothing() {
     let mock = MockVolt::builder().in_process();
-    let mut api = layer(&mock).layer(pinned(&mock));
+    let mut api = layer(&mock).layer(mock.service());
     assert_eq!(
         send(&mut api, get(&mock, "/banks")).await.status(),
         StatusCode::OK
@@ -767,7 +767,7 @@ async fn a_future_polled_again_after_returning_a_401_sends_nothing() {
 #[tokio::test]
 async fn a_401_after_every_layer_and_service_is_dropped_goes_back_unchanged() {
     let mock = MockVolt::builder().in_process();
-    let mut api = layer(&mock).layer(pinned(&mock));
+    let mut api = layer(&mock).layer(mock.service());
     assert_eq!(
         send(&mut api, get(&mock, "/banks")).await.status(),
         StatusCode::OK
@@ -789,7 +789,7 @@ async fn a_401_after_every_layer_and_service_is_dropped_goes_back_unchanged() {
 async fn a_streaming_body_is_sent_once_and_the_next_request_gets_the_new_token() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock); // DefaultReplay
-    let mut api = auth.layer(mock.service());
+    let mut api = auth.layer(mock.service_for());
     let boxed = |body: Chunks| -> BoxBody<Bytes, Infallible> { body.boxed() };
     let post = |body: BoxBody<Bytes, Infallible>| {
         Request::post(format!("{}/v2/payments", mock.url()))
@@ -836,9 +836,9 @@ async fn no_replay_returns_the_401_and_the_next_request_succeeds() {
     let mock = MockVolt::builder().in_process();
     let auth = builder(&mock)
         .replay(NoReplay)
-        .build(pinned(&mock))
+        .build(mock.service())
         .expect("layer");
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     assert_eq!(
         send(&mut api, get(&mock, "/banks")).await.status(),
         StatusCode::OK
@@ -864,9 +864,9 @@ async fn no_replay_returns_the_401_and_the_next_request_succeeds() {
     let mock = MockVolt::builder().in_process();
     let auth = builder(&mock)
         .replay(NoReplay)
-        .build(pinned(&mock))
+        .build(mock.service())
         .expect("layer");
-    let mut api = auth.layer(mock.service());
+    let mut api = auth.layer(mock.service_for());
     let post = |chunks: &[&'static [u8]]| {
         Request::post(format!("{}/v2/payments", mock.url()))
             .body(Chunks::new(chunks))
@@ -898,13 +898,13 @@ async fn replay_size_limit_and_custom_policies() {
     let limited = |mock: &MockVolt| {
         builder(mock)
             .replay(DefaultReplay::new().max_size(8))
-            .build(pinned(mock))
+            .build(mock.service())
             .expect("layer")
     };
     // Over the limit (12 bytes): sent once, the 401 returned.
     let mock = MockVolt::builder().in_process();
     let auth = limited(&mock);
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     assert_eq!(
         send(&mut api, get(&mock, "/banks")).await.status(),
         StatusCode::OK
@@ -917,7 +917,7 @@ async fn replay_size_limit_and_custom_policies() {
     // Within it (7 bytes): replayed.
     let mock = MockVolt::builder().in_process();
     let auth = limited(&mock);
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     assert_eq!(
         send(&mut api, get(&mock, "/banks")).await.status(),
         StatusCode::OK
@@ -936,9 +936,9 @@ async fn replay_size_limit_and_custom_policies() {
     let mock = MockVolt::builder().in_process();
     let auth = builder(&mock)
         .replay(|body: &Body| Some(body.clone()))
-        .build(pinned(&mock))
+        .build(mock.service())
         .expect("layer");
-    let mut api = auth.layer(pinned(&mock));
+    let mut api = auth.layer(mock.service());
     assert_eq!(
         send(&mut api, get(&mock, "/banks")).await.status(),
         StatusCode::OK
@@ -1022,7 +1022,7 @@ async fn a_replay_keeps_method_uri_version_headers_and_extensions() {
 /// unready, as tower's contract allows. Counts polls, calls and calls made
 /// without readiness.
 struct Strict {
-    inner: Pinned,
+    inner: MockService,
     ready: bool,
     counts: Arc<StrictCounts>,
 }
@@ -1069,7 +1069,7 @@ async fn every_call_including_replays_is_made_on_a_service_polled_ready() {
     let mock = MockVolt::builder().in_process();
     let counts = Arc::new(StrictCounts::default());
     let strict = Strict {
-        inner: pinned(&mock),
+        inner: mock.service(),
         ready: false,
         counts: counts.clone(),
     };
@@ -1123,7 +1123,7 @@ async fn the_replay_waits_for_the_inner_service_to_be_ready() {
     let api = ServiceBuilder::new()
         .layer(auth.clone())
         .concurrency_limit(1)
-        .service(pinned(&mock));
+        .service(mock.service());
     assert_eq!(
         send(&mut api.clone(), get(&mock, "/banks")).await.status(),
         StatusCode::OK
@@ -1266,7 +1266,7 @@ async fn allowed_origins_get_the_token_and_no_others() {
     let auth = builder(&mock)
         .allow_origin("http://127.0.0.2:9")
         .allow_origin("https://api.example.com/some/path")
-        .build(pinned(&mock))
+        .build(mock.service())
         .expect("layer");
     let recorder = Recorder::new(&mock);
     let mut api = auth.layer(recorder.clone());
@@ -1294,10 +1294,10 @@ async fn allowed_origins_get_the_token_and_no_others() {
 
     let refused = builder(&mock)
         .allow_origin("not a url")
-        .build(pinned(&mock));
+        .build(mock.service());
     assert!(matches!(refused, Err(ConfigError::InvalidUrl { .. })));
     let refused = builder(&mock)
         .allow_origin("ftp://files.example.com")
-        .build(pinned(&mock));
+        .build(mock.service());
     assert!(matches!(refused, Err(ConfigError::InvalidUrl { .. })));
 }

@@ -196,7 +196,7 @@ async fn tracing_over_a_representative_run_never_shows_a_secret_or_token() {
     let transport = ServiceBuilder::new()
         .layer(trace_layer())
         .service(mock.service());
-    let auth = builder.build::<_, Full<Bytes>, _>(transport).unwrap();
+    let auth = builder.build(transport).unwrap();
     let seen = Seen::default();
     // API requests pass a TraceLayer that logs every header, Authorization
     // included, after the auth layer.
@@ -277,7 +277,7 @@ async fn tracing_over_a_representative_run_never_shows_a_secret_or_token() {
         .base_url(&base)
         .token_timeout(2 * SEC)
         .backoff(SEC, 4 * SEC)
-        .build::<_, Full<Bytes>, _>(mock.service())
+        .build(mock.service())
         .unwrap();
     let other_api = ServiceBuilder::new()
         .layer(other.clone())
@@ -366,7 +366,7 @@ async fn tracing_over_a_representative_run_never_shows_a_secret_or_token() {
         mock::PASSWORD,
     ))
     .base_url(&base)
-    .build::<_, Full<Bytes>, _>(mock.service())
+    .build(mock.service())
     .unwrap();
     let err = wrong.access_token().await.unwrap_err();
     assert!(err.is_rejected());

@@ -11,8 +11,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response};
 use http_body_util::Full;
-use tower::util::MapRequest;
-use tower::{BoxError, Service, ServiceExt};
+use tower::Service;
 use volt_auth::mock::{MockFuture, MockService, MockVolt};
 use volt_auth::{Builder, VoltAuthLayer};
 
@@ -27,18 +26,9 @@ pub fn builder(mock: &MockVolt) -> Builder {
     VoltAuthLayer::builder(mock.credentials()).base_url(&mock.url())
 }
 
-/// The in-process mock service taking `Full<Bytes>` request bodies only.
-pub type Pinned = MapRequest<MockService, fn(Request<Body>) -> Request<Body>>;
-
-/// The in-process mock service, its request body type pinned to `Full<Bytes>`
-/// (the mock accepts any body): the `/oauth` transport and the API service.
-pub fn pinned(mock: &MockVolt) -> Pinned {
-    mock.service().map_request(std::convert::identity)
-}
-
 /// A layer whose `/oauth` requests go through the in-process mock.
 pub fn layer(mock: &MockVolt) -> VoltAuthLayer {
-    builder(mock).build(pinned(mock)).expect("layer")
+    builder(mock).build(mock.service()).expect("layer")
 }
 
 /// `GET <mock>{path}` with an empty body.
@@ -73,12 +63,7 @@ impl Recorder {
     }
 }
 
-impl<B> Service<Request<B>> for Recorder
-where
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl Service<Request<Body>> for Recorder {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = MockFuture;
@@ -87,7 +72,7 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<B>) -> MockFuture {
+    fn call(&mut self, request: Request<Body>) -> MockFuture {
         let (parts, body) = request.into_parts();
         self.seen.lock().unwrap().push(parts.clone());
         self.mock.call(Request::from_parts(parts, body))
