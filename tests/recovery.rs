@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use volt_auth::mock::{self, MockFuture, MockService, MockVolt};
-use volt_auth::{ConfigError, DefaultReplay, NoReplay};
+use volt_auth::{ConfigError, DefaultReplay, NoReplay, VoltAuth};
 
 mod common;
 
@@ -684,14 +684,11 @@ async fn concurrent_requests_to_a_server_rejecting_every_token_get_one_replay_ea
     assert_eq!(auth.stats().replays, HUNDRED as u64);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_failed_renewal_returns_the_401_unchanged() {
-    let mock = MockVolt::builder().in_process();
-    let auth = layer(&mock); // backoff 1 s .. 60 s
-    let mut api = auth.layer(mock.service());
-    let t0 = Instant::now();
+/// One request through `api` with the first token; then Volt revokes it, and
+/// the next `/oauth` call fails with a 503.
+async fn revoked_with_a_failing_refresh(mock: &MockVolt, api: &mut VoltAuth<MockService>) {
     assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
+        send(api, get(mock, "/banks")).await.status(),
         StatusCode::OK
     );
     mock.revoke_access_tokens();
@@ -700,6 +697,15 @@ async fn a_failed_renewal_returns_the_401_unchanged() {
         StatusCode::SERVICE_UNAVAILABLE,
         r#"{"code":503,"message":"Service Unavailable"}"#,
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_renewal_returns_the_401_unchanged() {
+    let mock = MockVolt::builder().in_process();
+    let auth = layer(&mock); // backoff 1 s .. 60 s
+    let mut api = auth.layer(mock.service());
+    let t0 = Instant::now();
+    revoked_with_a_failing_refresh(&mock, &mut api).await;
 
     // The renewal fails: the 401 goes back as it came, not replayed.
     assert_unchanged_401(send(&mut api, payment(&mock, b"once")).await).await;
@@ -742,16 +748,7 @@ async fn a_failed_renewal_returns_the_401_unchanged() {
 async fn a_future_polled_again_after_returning_a_401_sends_nothing() {
     let mock = MockVolt::builder().in_process();
     let mut api = layer(&mock).layer(mock.service());
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
-    mock.revoke_access_tokens();
-    mock.fail_oauth(
-        1,
-        StatusCode::SERVICE_UNAVAILABLE,
-        r#"{"code":503,"message":"Service Unavailable"}"#,
-    );
+    revoked_with_a_failing_refresh(&mock, &mut api).await;
     api.ready().await.expect("ready");
     let mut future = Box::pin(api.call(payment(&mock, b"once")));
     assert_unchanged_401(future.as_mut().await.expect("the 401")).await;

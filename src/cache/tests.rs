@@ -394,13 +394,7 @@ async fn forced_refreshes_are_throttled() {
     let script = Script::new(HOUR);
     let cache = script.cache();
     let mut generation = cache.token().await.unwrap().ticket.generation;
-    generation = cache
-        .renew(generation)
-        .await
-        .unwrap()
-        .unwrap()
-        .ticket
-        .generation;
+    generation = renewed(&cache, generation).await;
     assert_eq!(script.count(), 2);
     // A server that rejects every token: no newer token within the backoff.
     for _ in 0..50 {
@@ -410,13 +404,7 @@ async fn forced_refreshes_are_throttled() {
     assert_eq!(script.count(), 2);
     assert_eq!(header(&cache).as_deref(), Some("Bearer at-2"));
     sleep(Duration::from_secs(1)).await;
-    generation = cache
-        .renew(generation)
-        .await
-        .unwrap()
-        .unwrap()
-        .ticket
-        .generation;
+    generation = renewed(&cache, generation).await;
     assert_eq!(script.count(), 3);
     // The next one waits twice as long.
     sleep(Duration::from_secs(1)).await;
@@ -464,6 +452,12 @@ fn without_a_runtime_the_cache_reports_it() {
         Shared::begin(&cache.shared, None),
         Err(Error::NoRuntime)
     ));
+}
+
+/// The generation of the token renewed after a 401 to `rejected`'s.
+async fn renewed(cache: &TokenCache, rejected: u64) -> u64 {
+    let lease = cache.renew(rejected).await.unwrap();
+    lease.expect("a renewed token").ticket.generation
 }
 
 /// A cache holding its first token (`at-1`), and that token's ticket.
@@ -616,13 +610,7 @@ async fn concurrent_readers_always_send_the_header_of_their_tickets_token() {
     started.wait().await;
     let mut generation = 1;
     for _ in 0..20 {
-        generation = cache
-            .renew(generation)
-            .await
-            .unwrap()
-            .unwrap()
-            .ticket
-            .generation;
+        generation = renewed(&cache, generation).await;
     }
     let mut attached = 0;
     for reader in readers {
