@@ -29,24 +29,11 @@ use volt_auth::{Api, ConfigError, GrantType, VoltAuthLayer};
 
 mod common;
 
-use common::{Body, GUARD, Recorder, bearer, builder, get, layer};
+use common::{Body, GUARD, Recorder, bearer, builder, get, layer, send};
 type HttpClient = Client<HttpConnector, Body>;
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
-}
-
-async fn send<S, B>(service: &mut S, request: Request<Body>) -> Response<B>
-where
-    S: Service<Request<Body>, Response = Response<B>, Error = BoxError>,
-{
-    service
-        .ready()
-        .await
-        .expect("ready")
-        .call(request)
-        .await
-        .expect("response")
 }
 
 /// `GET /banks` through `api`, asserting 200.

@@ -33,7 +33,7 @@ use volt_auth::{ConfigError, DefaultReplay, NoReplay, VoltAuth};
 
 mod common;
 
-use common::{Body, GUARD, Recorder, bearer, builder, get, layer};
+use common::{Body, GUARD, Recorder, bearer, builder, get, layer, send};
 type HttpClient = Client<HttpConnector, Body>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -49,19 +49,6 @@ fn payment(mock: &MockVolt, body: &[u8]) -> Request<Body> {
         .header(CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::copy_from_slice(body)))
         .expect("request")
-}
-
-async fn send<S, ReqBody, ResBody>(service: &mut S, request: Request<ReqBody>) -> Response<ResBody>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>, Error = BoxError>,
-{
-    service
-        .ready()
-        .await
-        .expect("ready")
-        .call(request)
-        .await
-        .expect("response")
 }
 
 async fn body_of<B>(response: Response<B>) -> (StatusCode, http::HeaderMap, Bytes)

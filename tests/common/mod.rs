@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response};
 use http_body_util::Full;
-use tower::Service;
+use tower::{BoxError, Service, ServiceExt};
 use volt_auth::mock::{MockFuture, MockService, MockVolt};
 use volt_auth::{Builder, VoltAuthLayer};
 
@@ -29,6 +29,23 @@ pub fn builder(mock: &MockVolt) -> Builder {
 /// A layer whose `/oauth` requests go through the in-process mock.
 pub fn layer(mock: &MockVolt) -> VoltAuthLayer {
     builder(mock).build(mock.service()).expect("layer")
+}
+
+/// Drives `service` ready and sends `request`, expecting a response.
+pub async fn send<S, ReqBody, ResBody>(
+    service: &mut S,
+    request: Request<ReqBody>,
+) -> Response<ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>, Error = BoxError>,
+{
+    service
+        .ready()
+        .await
+        .expect("ready")
+        .call(request)
+        .await
+        .expect("response")
 }
 
 /// `GET <mock>{path}` with an empty body.
