@@ -24,7 +24,7 @@ use tokio::sync::{Barrier, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
-use volt_auth::mock::{self, MockVolt};
+use volt_auth::mock::{self, MockVolt, OAuthHold};
 use volt_auth::{Api, ConfigError, GrantType, VoltAuthLayer};
 
 mod common;
@@ -611,20 +611,29 @@ async fn server_failure_on_refresh_is_not_a_rejection() {
 // A refresh outlives the request that started it
 // ---------------------------------------------------------------------------------------------
 
+/// Sends `GET /banks` through a clone of `api` in a task, waits until its
+/// refresh is held at `/oauth`, then aborts the task.
+async fn abort_once_oauth_is_held<S>(api: &S, mock: &MockVolt, hold: &OAuthHold)
+where
+    S: Service<Request<Body>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Response: Send + 'static,
+{
+    let task = tokio::spawn(api.clone().oneshot(get(mock, "/banks")));
+    timeout(GUARD, hold.wait_for(1))
+        .await
+        .expect("refresh held");
+    task.abort();
+    assert!(task.await.is_err_and(|err| err.is_cancelled()));
+}
+
 #[tokio::test(start_paused = true)]
 async fn dropping_the_request_that_started_a_refresh_does_not_cancel_it() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock);
     let api = auth.layer(mock.service());
     let hold = mock.hold_oauth();
-    let first = api.clone();
-    let request = get(&mock, "/banks");
-    let task = tokio::spawn(first.oneshot(request));
-    timeout(GUARD, hold.wait_for(1))
-        .await
-        .expect("refresh held");
-    task.abort();
-    assert!(task.await.is_err_and(|err| err.is_cancelled()));
+    abort_once_oauth_is_held(&api, &mock, &hold).await;
     // The /oauth call is still in flight: nothing dropped it.
     assert_eq!(hold.waiting(), 1);
     hold.release();
@@ -652,14 +661,7 @@ async fn dropping_a_request_waiting_past_the_margin_does_not_cancel_the_refresh(
     sleep_until(t0 + secs(3571)).await;
 
     let hold = mock.hold_oauth();
-    let waiting = api.clone();
-    let request = get(&mock, "/banks");
-    let task = tokio::spawn(waiting.oneshot(request));
-    timeout(GUARD, hold.wait_for(1))
-        .await
-        .expect("refresh held");
-    task.abort();
-    assert!(task.await.is_err_and(|err| err.is_cancelled()));
+    abort_once_oauth_is_held(&api, &mock, &hold).await;
     assert_eq!(hold.waiting(), 1);
     hold.release();
 
