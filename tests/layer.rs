@@ -29,20 +29,11 @@ use volt_auth::{Api, ConfigError, GrantType, VoltAuthLayer};
 
 mod common;
 
-use common::{Body, GUARD, Recorder, bearer, builder, get, layer, send};
+use common::{Body, GUARD, Recorder, banks_ok, bearer, builder, get, layer, send};
 type HttpClient = Client<HttpConnector, Body>;
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
-}
-
-/// `GET /banks` through `api`, asserting 200.
-async fn banks_ok<S, B>(api: &mut S, mock: &MockVolt)
-where
-    S: Service<Request<Body>, Response = Response<B>, Error = BoxError>,
-{
-    let response = send(api, get(mock, "/banks")).await;
-    assert_eq!(response.status(), StatusCode::OK);
 }
 
 fn http_client() -> HttpClient {

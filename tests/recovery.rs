@@ -33,7 +33,7 @@ use volt_auth::{ConfigError, DefaultReplay, NoReplay, VoltAuth};
 
 mod common;
 
-use common::{Body, GUARD, Recorder, bearer, builder, get, layer, send};
+use common::{Body, GUARD, Recorder, banks_ok, bearer, builder, get, layer, send};
 type HttpClient = Client<HttpConnector, Body>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -152,10 +152,7 @@ async fn revoked_access_and_refresh_tokens_recover_with_one_password_grant() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock);
     let mut api = auth.layer(mock.service());
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    banks_ok(&mut api, &mock).await;
     mock.revoke_access_tokens();
     mock.revoke_refresh_tokens();
 
@@ -423,10 +420,7 @@ async fn a_late_401_for_an_old_token_invalidates_nothing() {
         open: open_rx,
     };
     let mut api = auth.layer(gated);
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    banks_ok(&mut api, &mock).await;
     mock.revoke_access_tokens();
 
     // B is rejected with the old token, but its 401 is held back.
@@ -464,10 +458,7 @@ async fn a_late_401_for_an_old_token_invalidates_nothing() {
         ]
     );
     // The newer token is still in use.
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    banks_ok(&mut api, &mock).await;
     assert_eq!(mock.oauth_calls(), 2);
 }
 
@@ -554,10 +545,7 @@ async fn a_server_rejecting_every_token_costs_one_forced_refresh_per_backoff_per
 
     // Once the server accepts tokens again, requests succeed with the last one.
     mock.reject_all_tokens(false);
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    banks_ok(&mut api, &mock).await;
     assert_eq!(mock.oauth_calls(), 4);
 }
 
@@ -570,10 +558,7 @@ async fn every_revocation_of_an_accepted_token_is_recovered() {
     let auth = layer(&mock); // backoff 1 s .. 60 s
     let mut api = auth.layer(mock.service());
     let t0 = Instant::now();
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    banks_ok(&mut api, &mock).await;
     for n in 0..8u64 {
         sleep_until(t0 + Duration::from_secs(10 * n)).await;
         mock.revoke_access_tokens();
@@ -586,10 +571,7 @@ async fn every_revocation_of_an_accepted_token_is_recovered() {
             10 * n
         );
         // The renewed token is accepted by the server.
-        assert_eq!(
-            send(&mut api, get(&mock, "/banks")).await.status(),
-            StatusCode::OK
-        );
+        banks_ok(&mut api, &mock).await;
         assert_eq!(mock.oauth_calls() as u64, 2 + n);
         assert_eq!(auth.stats().replays, n + 1);
     }
@@ -674,10 +656,7 @@ async fn concurrent_requests_to_a_server_rejecting_every_token_get_one_replay_ea
 /// One request through `api` with the first token; then Volt revokes it, and
 /// the next `/oauth` call fails with a 503.
 async fn revoked_with_a_failing_refresh(mock: &MockVolt, api: &mut VoltAuth<MockService>) {
-    assert_eq!(
-        send(api, get(mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    banks_ok(api, mock).await;
     mock.revoke_access_tokens();
     mock.fail_oauth(
         1,
@@ -752,10 +731,7 @@ async fn a_future_polled_again_after_returning_a_401_sends_nothing() {
 async fn a_401_after_every_layer_and_service_is_dropped_goes_back_unchanged() {
     let mock = MockVolt::builder().in_process();
     let mut api = layer(&mock).layer(mock.service());
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    banks_ok(&mut api, &mock).await;
     mock.revoke_access_tokens();
     // `oneshot` drops the service, the last owner of the token cache, as soon
     // as the request is sent: no cache is left to renew the token with.
@@ -823,10 +799,7 @@ async fn no_replay_returns_the_401_and_the_next_request_succeeds() {
         .build(mock.service())
         .expect("layer");
     let mut api = auth.layer(mock.service());
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    banks_ok(&mut api, &mock).await;
     mock.revoke_access_tokens();
     assert_unchanged_401(send(&mut api, payment(&mock, b"{\"a\":1}")).await).await;
     assert_eq!(mock.payment_bodies(), [&b"{\"a\":1}"[..]]);
@@ -889,10 +862,7 @@ async fn replay_size_limit_and_custom_policies() {
     let mock = MockVolt::builder().in_process();
     let auth = limited(&mock);
     let mut api = auth.layer(mock.service());
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    banks_ok(&mut api, &mock).await;
     mock.revoke_access_tokens();
     assert_unchanged_401(send(&mut api, payment(&mock, b"{\"amount\":9}")).await).await;
     assert_eq!(mock.payment_bodies(), [&b"{\"amount\":9}"[..]]);
@@ -902,10 +872,7 @@ async fn replay_size_limit_and_custom_policies() {
     let mock = MockVolt::builder().in_process();
     let auth = limited(&mock);
     let mut api = auth.layer(mock.service());
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    banks_ok(&mut api, &mock).await;
     mock.revoke_access_tokens();
     let response = send(&mut api, payment(&mock, b"{\"a\":9}")).await;
     assert_eq!(response.status(), StatusCode::CREATED);
@@ -923,10 +890,7 @@ async fn replay_size_limit_and_custom_policies() {
         .build(mock.service())
         .expect("layer");
     let mut api = auth.layer(mock.service());
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    banks_ok(&mut api, &mock).await;
     mock.revoke_access_tokens();
     let big = vec![b'7'; 4096];
     let response = send(&mut api, payment(&mock, &big)).await;
@@ -1068,10 +1032,7 @@ async fn every_call_including_replays_is_made_on_a_service_polled_ready() {
     let auth = layer(&mock);
     let mut api = auth.layer(strict.clone());
     // Waiting for the first token, then the call.
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    banks_ok(&mut api, &mock).await;
     assert_eq!(calls(&counts), (1, 1, 0));
     // Hot path, 401, replay on a fresh clone polled ready.
     mock.revoke_access_tokens();

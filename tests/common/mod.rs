@@ -48,6 +48,15 @@ where
         .expect("response")
 }
 
+/// `GET /banks` through `api`, asserting 200.
+pub async fn banks_ok<S, B>(api: &mut S, mock: &MockVolt)
+where
+    S: Service<Request<Body>, Response = Response<B>, Error = BoxError>,
+{
+    let response = send(api, get(mock, "/banks")).await;
+    assert_eq!(response.status(), http::StatusCode::OK);
+}
+
 /// `GET <mock>{path}` with an empty body.
 pub fn get(mock: &MockVolt, path: &str) -> Request<Body> {
     Request::get(format!("{}{path}", mock.url()))
