@@ -327,7 +327,8 @@ impl Origin {
     }
 
     /// Whether `uri` goes to this origin. It runs per request: no parsing, no
-    /// allocation, one or two short case-insensitive comparisons.
+    /// allocation; one exact comparison when the request spells the authority
+    /// as the origin does, and case-insensitive ones only when it does not.
     #[inline]
     pub(crate) fn matches(&self, uri: &Uri) -> bool {
         // `http` spells the two standard schemes in lower case, however the
@@ -342,11 +343,17 @@ impl Origin {
         };
         scheme
             && (authority == self.with_port
-                || authority.eq_ignore_ascii_case(&self.with_port)
-                || self
-                    .without_port
-                    .as_deref()
-                    .is_some_and(|host| authority.eq_ignore_ascii_case(host)))
+                || self.without_port.as_deref() == Some(authority)
+                || self.matches_folded(authority))
+    }
+
+    #[cold]
+    fn matches_folded(&self, authority: &str) -> bool {
+        authority.eq_ignore_ascii_case(&self.with_port)
+            || self
+                .without_port
+                .as_deref()
+                .is_some_and(|host| authority.eq_ignore_ascii_case(host))
     }
 
     /// Whether `scheme://host[:port]` is this origin; `port` is `None` for the
@@ -528,6 +535,8 @@ mod tests {
             .unwrap();
         assert!(origin.matches(&"https://api.volt.io/banks".parse().unwrap()));
         assert!(origin.matches(&"https://api.volt.io:443/banks".parse().unwrap()));
+        assert!(origin.matches(&"https://API.Volt.io/banks".parse().unwrap()));
+        assert!(origin.matches(&"https://Api.volt.IO:443/banks".parse().unwrap()));
         assert!(!origin.matches(&"http://api.volt.io/banks".parse().unwrap()));
         assert!(!origin.matches(&"https://api.volt.io:8443/banks".parse().unwrap()));
         assert!(!origin.matches(&"https://api.volt.io.evil.example/banks".parse().unwrap()));
