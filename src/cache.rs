@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderMap;
+use http::header::AUTHORIZATION;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -30,7 +31,6 @@ use tokio::time::{Instant, sleep_until};
 use crate::error::{Error, GrantType};
 use crate::oauth::{Grant, Token, TokenSource};
 
-mod copies;
 mod ticket;
 
 pub(crate) use ticket::Ticket;
@@ -171,7 +171,7 @@ impl TokenCache {
             _ => return None,
         }
         let token = entry.token.as_ref()?;
-        copies::insert(headers, self.shared.id, entry.generation, token.header());
+        headers.insert(AUTHORIZATION, token.header().clone());
         Some(self.shared.ticket(entry.generation))
     }
 

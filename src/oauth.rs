@@ -25,7 +25,10 @@ use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
 
 use crate::config::{Api, Credentials};
+
+mod bearer;
 use crate::error::{Error, ErrorResponse, GrantType};
+use bearer::Bearer;
 
 /// The most of an `/oauth` answer that is read; anything longer is refused.
 pub(crate) const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -55,14 +58,16 @@ impl Grant {
 pub(crate) struct Token {
     access: SecretString,
     refresh: Option<SecretString>,
-    header: HeaderValue,
+    header: Bearer,
     received_at: Instant,
     lifetime: Duration,
 }
 
 impl Token {
+    /// The `Authorization` header: this thread's copy (see [`bearer`]).
+    #[inline]
     pub(crate) fn header(&self) -> &HeaderValue {
-        &self.header
+        self.header.get()
     }
 
     pub(crate) fn secret(&self) -> &str {
@@ -201,12 +206,8 @@ fn parse_success(grant: GrantType, status: StatusCode, body: &[u8]) -> Result<To
             seconds(raw).ok_or_else(|| invalid("expires_in is not a positive number of seconds"))?
         }
     };
-    let header = HeaderValue::try_from(format!("Bearer {access_token}"))
-        .map(|mut value| {
-            value.set_sensitive(true);
-            value
-        })
-        .map_err(|_| invalid("the access_token is not a valid header value"))?;
+    let header = Bearer::new(&access_token)
+        .ok_or_else(|| invalid("the access_token is not a valid header value"))?;
     // A refresh token that is not a non-empty string is ignored, not fatal:
     // the access token is still good, and the password grant still works.
     let refresh = field("refresh_token")

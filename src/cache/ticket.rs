@@ -17,11 +17,8 @@ use super::{Shared, TokenCache};
 /// cache finds nothing rather than another cache.
 static CACHES: Mutex<BTreeMap<u64, Weak<Shared>>> = Mutex::new(BTreeMap::new());
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-/// How many caches have been dropped: threads drop their header copies of
-/// those caches when it changes (see `copies`).
-static DROPPED: AtomicU64 = AtomicU64::new(0);
 
-pub(super) fn caches() -> MutexGuard<'static, BTreeMap<u64, Weak<Shared>>> {
+fn caches() -> MutexGuard<'static, BTreeMap<u64, Weak<Shared>>> {
     CACHES.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -35,12 +32,6 @@ pub(super) fn register(shared: &Arc<Shared>) {
 
 pub(super) fn unregister(id: u64) {
     caches().remove(&id);
-    DROPPED.fetch_add(1, Ordering::Release);
-}
-
-#[inline]
-pub(super) fn dropped() -> u64 {
-    DROPPED.load(Ordering::Acquire)
 }
 
 /// The request's token generation and where to report its response.
