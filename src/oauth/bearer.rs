@@ -53,16 +53,16 @@ impl Bearer {
 /// reference count ([`Bytes::from_owner`]) spans whole cache-line pairs of
 /// its own; wiped when the last clone is dropped.
 #[repr(align(128))]
-struct Copy(Zeroizing<Box<[u8]>>);
+struct Wiped(Zeroizing<Box<[u8]>>);
 
-impl AsRef<[u8]> for Copy {
+impl AsRef<[u8]> for Wiped {
     fn as_ref(&self) -> &[u8] {
         &self.0
     }
 }
 
 fn copy(text: &[u8]) -> Option<HeaderValue> {
-    let bytes = Bytes::from_owner(Copy(Zeroizing::new(Box::from(text))));
+    let bytes = Bytes::from_owner(Wiped(Zeroizing::new(Box::from(text))));
     let mut value = HeaderValue::from_maybe_shared(bytes).ok()?;
     value.set_sensitive(true);
     Some(value)
@@ -120,6 +120,22 @@ mod tests {
             other.join().unwrap()
         });
         assert!(bearer.copies.iter().any(|copy| address(copy) == elsewhere));
+    }
+
+    #[test]
+    fn a_thread_clones_the_copy_of_the_slot_it_was_given() {
+        let bearer = Bearer::new("at-1").unwrap();
+        std::thread::scope(|scope| {
+            for given in 0..SLOTS {
+                let bearer = &bearer;
+                let thread = scope.spawn(move || {
+                    assert_eq!(SLOT.with(Cell::get), SLOTS, "not given yet");
+                    SLOT.with(|slot| slot.set(given));
+                    address(bearer.get())
+                });
+                assert_eq!(thread.join().unwrap(), address(&bearer.copies[given]));
+            }
+        });
     }
 
     #[test]
