@@ -38,6 +38,9 @@ pub(crate) use ticket::Ticket;
 const FRESH: u8 = 0;
 const STALE: u8 = 1;
 const EXPIRED: u8 = 2;
+/// The entry's timer is gone with the runtime it ran on: the clock decides
+/// the phase at the next request, which times the entry again.
+const UNTIMED: u8 = 3;
 
 /// How far the refresh-ahead point is moved earlier at random, as a fraction of
 /// the refresh-ahead window, so that processes started together spread out.
@@ -52,11 +55,26 @@ pub(crate) struct Settings {
     pub(crate) backoff_max: Duration,
 }
 
-/// The token requests use, and the phase it is in.
+/// The token requests use, the phase it is in, and when its phases change.
 struct Entry {
     token: Option<Arc<Token>>,
     generation: u64,
     phase: AtomicU8,
+    stale_at: Instant,
+    expired_at: Instant,
+}
+
+impl Entry {
+    /// The phase the clock gives at `now`.
+    fn phase_at(&self, now: Instant) -> u8 {
+        if now >= self.expired_at {
+            EXPIRED
+        } else if now >= self.stale_at {
+            STALE
+        } else {
+            FRESH
+        }
+    }
 }
 
 /// A token handed to a caller, with the ticket its response is settled with.
@@ -82,6 +100,9 @@ struct Shared {
     current: Arc<ArcSwap<Entry>>,
     /// Whether a request that sees a stale token may start a background refresh.
     may_kick: AtomicBool,
+    /// The running refresh's task was dropped with its runtime (see
+    /// [`FinishOnDrop`]); the next caller under the lock ends it.
+    abandoned: AtomicBool,
     /// The generation a forced refresh produced, until a response accepts it
     /// (0: none pending).
     unconfirmed: AtomicU64,
@@ -116,6 +137,7 @@ enum Begin {
 impl TokenCache {
     pub(crate) fn new(source: impl TokenSource, settings: Settings) -> Self {
         let (done, _) = watch::channel(None);
+        let now = Instant::now();
         let cache = Self {
             shared: Arc::new(Shared {
                 id: ticket::next_id(),
@@ -123,8 +145,11 @@ impl TokenCache {
                     token: None,
                     generation: 0,
                     phase: AtomicU8::new(EXPIRED),
+                    stale_at: now,
+                    expired_at: now,
                 })),
                 may_kick: AtomicBool::new(true),
+                abandoned: AtomicBool::new(false),
                 unconfirmed: AtomicU64::new(0),
                 flight: Mutex::new(Flight::default()),
                 done,
@@ -295,9 +320,15 @@ impl Shared {
     fn begin(self: &Arc<Self>, rejected: Option<u64>) -> Result<Begin, Error> {
         let now = Instant::now();
         let mut flight = self.lock();
+        if flight.running && self.abandoned.swap(false, Ordering::AcqRel) {
+            flight.running = false;
+        }
         let entry = self.current.load();
         if let Some(token) = &entry.token {
-            let phase = entry.phase.load(Ordering::Acquire);
+            let mut phase = entry.phase.load(Ordering::Acquire);
+            if phase == UNTIMED {
+                phase = retime(&mut flight, &entry, now);
+            }
             if rejected == Some(entry.generation) {
                 if phase != EXPIRED {
                     if !flight.may_force(now, &self.settings) {
@@ -332,15 +363,22 @@ impl Shared {
     fn start(self: &Arc<Self>, flight: &mut Flight) -> Result<(), Error> {
         let handle = Handle::try_current().map_err(|_| Error::NoRuntime)?;
         flight.running = true;
+        // Made before spawning: a task dropped before its first poll (its
+        // runtime shut down) still ends the refresh.
+        let guard = FinishOnDrop(Some(self.clone()));
         let shared = self.clone();
-        handle.spawn(async move { shared.refresh().await });
+        handle.spawn(async move { shared.refresh(guard).await });
+        if self.abandoned.swap(false, Ordering::AcqRel) {
+            // Dropped at once: this runtime is shutting down.
+            flight.running = false;
+            return Err(Error::NoRuntime);
+        }
         Ok(())
     }
 
     /// One refresh: the refresh grant when there is a refresh token, the
     /// password grant when there is none or Volt rejects it.
-    async fn refresh(self: Arc<Self>) {
-        let guard = FinishOnDrop(Some(self.clone()));
+    async fn refresh(self: Arc<Self>, guard: FinishOnDrop) {
         let previous = self.current.load_full();
         let refresh_token = previous
             .token
@@ -405,6 +443,8 @@ impl Shared {
                         token: Some(Arc::new(token)),
                         generation: flight.generation,
                         phase: AtomicU8::new(FRESH),
+                        stale_at,
+                        expired_at,
                     });
                     // Set before the token is published, so that a request
                     // carrying a forced token sees that it is unconfirmed.
@@ -414,10 +454,7 @@ impl Shared {
                         Ordering::Release,
                     );
                     self.current.store(entry.clone());
-                    if let Some(timer) = flight.timer.take() {
-                        timer.abort();
-                    }
-                    flight.timer = spawn_phase_timer(&entry, stale_at, expired_at);
+                    time(&mut flight, &entry);
                     self.may_kick.store(true, Ordering::Release);
                     self.counters.refreshes.fetch_add(1, Ordering::Relaxed);
                     None
@@ -433,14 +470,12 @@ impl Shared {
                         "token refresh failed; backing off"
                     );
                     // Let a stale token's readers start the next attempt once
-                    // the backoff is over.
-                    let weak = Arc::downgrade(self);
+                    // the backoff is over (or at once if the runtime goes).
+                    let rearm = Rearm(Arc::downgrade(self));
                     if let Ok(handle) = Handle::try_current() {
                         handle.spawn(async move {
                             sleep_until(now + delay).await;
-                            if let Some(shared) = weak.upgrade() {
-                                shared.may_kick.store(true, Ordering::Release);
-                            }
+                            drop(rearm);
                         });
                     }
                     Some(error)
@@ -462,7 +497,7 @@ impl Drop for Shared {
 }
 
 /// Ends a refresh that was dropped (runtime shut down) or panicked, so that no
-/// waiter hangs.
+/// waiter hangs and a later caller can start the next refresh.
 struct FinishOnDrop(Option<Arc<Shared>>);
 
 impl FinishOnDrop {
@@ -475,29 +510,92 @@ impl FinishOnDrop {
 
 impl Drop for FinishOnDrop {
     fn drop(&mut self) {
-        if let Some(shared) = self.0.take() {
+        let Some(shared) = self.0.take() else { return };
+        if std::thread::panicking() {
+            // A failure like any other: back off before the next attempt.
             shared.finish(Err(Error::Interrupted));
+        } else {
+            // Dropped with its runtime, perhaps inside `start` (under the
+            // lock): nothing failed, so no backoff. Waiters wake and the
+            // first to take the lock starts the next refresh.
+            shared.abandoned.store(true, Ordering::Release);
+            shared.done.send_replace(None);
         }
     }
 }
 
-/// Flips `entry` to stale, then to expired, at the given instants.
-fn spawn_phase_timer(
-    entry: &Arc<Entry>,
-    stale_at: Instant,
-    expired_at: Instant,
-) -> Option<AbortHandle> {
-    let entry: Weak<Entry> = Arc::downgrade(entry);
+/// Lets a stale token's readers start a refresh again when dropped: at the
+/// end of a backoff, or when the runtime timing the backoff shuts down.
+struct Rearm(Weak<Shared>);
+
+impl Drop for Rearm {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.may_kick.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Times `entry` on this runtime, replacing the timer of the entry before;
+/// without a runtime the entry stays untimed, and each request asks the clock.
+fn time(flight: &mut Flight, entry: &Arc<Entry>) {
+    if let Some(timer) = flight.timer.take() {
+        timer.abort();
+    }
+    flight.timer = spawn_phase_timer(entry);
+    if flight.timer.is_none() {
+        entry.phase.store(UNTIMED, Ordering::Release);
+    }
+}
+
+/// The phase of an untimed entry, from the clock; the entry is timed again on
+/// this runtime.
+fn retime(flight: &mut Flight, entry: &Arc<Entry>, now: Instant) -> u8 {
+    let phase = entry.phase_at(now);
+    tracing::debug!(
+        generation = entry.generation,
+        phase,
+        "timing the token again"
+    );
+    entry.phase.store(phase, Ordering::Release);
+    if phase != EXPIRED {
+        time(flight, entry);
+    }
+    phase
+}
+
+/// Marks its entry untimed if dropped before the entry expires: the timer's
+/// runtime shut down (or a newer token replaced the entry).
+struct Timing(Weak<Entry>);
+
+impl Drop for Timing {
+    fn drop(&mut self) {
+        if let Some(entry) = self.0.upgrade() {
+            let _ = entry
+                .phase
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |phase| {
+                    matches!(phase, FRESH | STALE).then_some(UNTIMED)
+                });
+        }
+    }
+}
+
+/// Flips `entry` to stale, then to expired, when the clock says so.
+fn spawn_phase_timer(entry: &Arc<Entry>) -> Option<AbortHandle> {
+    let (stale_at, expired_at) = (entry.stale_at, entry.expired_at);
+    let timing = Timing(Arc::downgrade(entry));
     let handle = Handle::try_current().ok()?;
     let task = handle.spawn(async move {
         sleep_until(stale_at).await;
-        let Some(live) = entry.upgrade() else { return };
+        let Some(live) = timing.0.upgrade() else {
+            return;
+        };
         let _ = live
             .phase
             .compare_exchange(FRESH, STALE, Ordering::AcqRel, Ordering::Acquire);
         drop(live);
         sleep_until(expired_at).await;
-        if let Some(live) = entry.upgrade() {
+        if let Some(live) = timing.0.upgrade() {
             live.phase.store(EXPIRED, Ordering::Release);
         }
     });

@@ -184,7 +184,7 @@ impl Endpoint {
     /// without a query.
     pub fn custom_insecure(url: &str) -> Result<Self, ConfigError> {
         let invalid = |reason: &'static str| ConfigError::InvalidUrl {
-            url: url.to_owned(),
+            url: redact_url(url),
             reason,
         };
         let uri: Uri = url.trim().parse().map_err(|_| invalid("not a URL"))?;
@@ -195,6 +195,11 @@ impl Endpoint {
         let authority = uri.authority().cloned().ok_or_else(|| invalid("no host"))?;
         if authority.as_str().contains('@') {
             return Err(invalid("user info is not allowed in the URL"));
+        }
+        // `http` accepts any text after the colon; a password holding a `/`
+        // would otherwise pass for one.
+        if authority.as_str() != authority.host() && authority.port_u16().is_none() {
+            return Err(invalid("the port is not a number"));
         }
         if uri.query().is_some() {
             return Err(invalid("a query is not allowed in the base URL"));
@@ -265,7 +270,9 @@ impl Endpoint {
             None => Api::Gateway,
             Some(value) if value == "gateway" => Api::Gateway,
             Some(value) if value == "global" => Api::Global,
-            Some(value) => return Err(ConfigError::InvalidVariable("VOLT_API", value)),
+            Some(value) => {
+                return Err(ConfigError::InvalidVariable("VOLT_API", redact_url(&value)));
+            }
         };
         if let Some(url) = get("VOLT_BASE_URL") {
             return Ok(Self::custom(&url)?.with_api(api));
@@ -280,7 +287,7 @@ impl Endpoint {
             _ => {
                 return Err(ConfigError::InvalidVariable(
                     "VOLT_ENVIRONMENT",
-                    environment,
+                    redact_url(&environment),
                 ));
             }
         };
@@ -378,6 +385,47 @@ fn is_loopback(host: &str) -> bool {
         || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// `url` fit for an error message, whatever it holds: anything that could be
+/// user info (up to the last `@`) becomes `***@`, and anything after the first
+/// `?` or `#` becomes `…`. When a `?` or `#` comes before that `@` (a password
+/// holding one, or a query holding an `@`), nothing after the scheme is kept.
+/// A value without `@`, `?` and `#` is kept as it is.
+pub(crate) fn redact_url(url: &str) -> String {
+    let url = url.trim();
+    // Only something shaped like a scheme counts as one, so that the `user`
+    // of `user:pass@host://` is not kept.
+    let start = match url.split_once("://") {
+        Some((scheme, _)) if is_scheme(scheme) => scheme.len() + 3,
+        _ => 0,
+    };
+    let (scheme, mut rest) = url.split_at(start);
+    let mut redacted = String::from(scheme);
+    if let Some(at) = rest.rfind('@') {
+        redacted.push_str("***@");
+        if rest[..at].contains(['?', '#']) {
+            redacted.push('…');
+            return redacted;
+        }
+        rest = &rest[at + 1..];
+    }
+    match rest.find(['?', '#']) {
+        Some(cut) => {
+            redacted.push_str(&rest[..=cut]);
+            redacted.push('…');
+        }
+        None => redacted.push_str(rest),
+    }
+    redacted
+}
+
+/// RFC 3986: `ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )`.
+fn is_scheme(scheme: &str) -> bool {
+    scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
 fn env_lookup(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
@@ -389,13 +437,16 @@ pub enum ConfigError {
     /// A required environment variable is unset, empty or not unicode.
     #[error("environment variable {0} is not set")]
     MissingVariable(&'static str),
-    /// An environment variable has a value that is not one of the allowed ones.
+    /// An environment variable has a value that is not one of the allowed ones
+    /// (redacted as [`ConfigError::InvalidUrl`]'s URL is, in case it is a URL).
     #[error("environment variable {0} has an unsupported value {1:?}")]
     InvalidVariable(&'static str, String),
     /// The base URL cannot be used.
     #[error("invalid Volt base URL {url:?}: {reason}")]
     InvalidUrl {
-        /// The URL as given.
+        /// The URL as given, without user info, query or fragment: those
+        /// are replaced with `***@` and `…`, so that no password or token
+        /// reaches a log.
         url: String,
         /// What is wrong with it.
         reason: &'static str,
@@ -519,11 +570,148 @@ mod tests {
             "ftp://x.example",
             "https://u:p@x.example",
             "https://x.example/?q=1",
+            "https://x.example:https/",
+            "https://alice:pa/55@proxy.example",
         ] {
             assert!(
                 matches!(Endpoint::custom(url), Err(ConfigError::InvalidUrl { .. })),
                 "{url}"
             );
+        }
+        for url in [
+            "https://x.example:8443/",
+            "http://[::1]:8080",
+            "http://[::1]",
+        ] {
+            assert!(Endpoint::custom(url).is_ok(), "{url}");
+        }
+    }
+
+    /// Each hostile URL, the host its error must still name (if the URL
+    /// leaves no doubt about it), and the secrets it must not show.
+    const HOSTILE_URLS: &[(&str, Option<&str>, &[&str])] = &[
+        (
+            "https://alice:pa55@proxy.example",
+            Some("proxy.example"),
+            &["alice", "pa55"],
+        ),
+        (
+            "https://:pa55@proxy.example:8443/volt/",
+            Some("proxy.example:8443"),
+            &["pa55"],
+        ),
+        (
+            "https://alice:pa@55@proxy.example",
+            Some("proxy.example"),
+            &["alice", "pa@55"],
+        ),
+        (
+            "alice:pa55@proxy.example",
+            Some("proxy.example"),
+            &["alice", "pa55"],
+        ),
+        (
+            "https://x.example/?token=abc123",
+            Some("x.example"),
+            &["token", "abc123"],
+        ),
+        (
+            "https://x.example/volt?a=1&secret=abc123#frag",
+            Some("x.example/volt"),
+            &["secret", "abc123", "frag"],
+        ),
+        (
+            "https://alice:pa55@proxy.example/#frag-abc123",
+            Some("proxy.example"),
+            &["alice", "pa55", "abc123"],
+        ),
+        (
+            "ftp://x.example/#access_token=abc123",
+            Some("x.example"),
+            &["access_token", "abc123"],
+        ),
+        // A `?` before the last `@`: a password holding a `?`, or a query
+        // holding an `@`. Nothing after the scheme can be trusted.
+        (
+            "https://alice:pa?55@proxy.example",
+            None,
+            &["alice", "pa?55"],
+        ),
+        (
+            "https://x.example/?email=a@b.example&token=abc123",
+            None,
+            &["token", "abc123"],
+        ),
+    ];
+
+    #[test]
+    fn url_errors_show_no_user_info_query_or_fragment() {
+        for &(url, host, secrets) in HOSTILE_URLS {
+            let err = Endpoint::custom(url).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::InvalidUrl { .. }),
+                "{url}: {err:?}"
+            );
+            let shown = format!("{err} {err:?} {err:#?}");
+            for secret in secrets {
+                assert!(!shown.contains(secret), "{url}: {shown}");
+            }
+            if let Some(host) = host {
+                assert!(shown.contains(host), "{url}: {shown}");
+            }
+        }
+        // A fragment alone is dropped, not refused: it never reaches a server.
+        let endpoint = Endpoint::custom("https://x.example/volt#access_token=abc123").unwrap();
+        assert_eq!(endpoint.base_uri().to_string(), "https://x.example/volt/");
+        // The same from the environment.
+        let err = Endpoint::from_lookup(&lookup(&[(
+            "VOLT_BASE_URL",
+            "https://alice:pa55@proxy.example",
+        )]))
+        .unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(
+            !shown.contains("pa55") && shown.contains("proxy.example"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn redacted_urls_keep_scheme_host_and_path_only() {
+        for (url, redacted) in [
+            ("https://proxy.example/volt", "https://proxy.example/volt"),
+            ("staging", "staging"),
+            (
+                " https://alice:pa55@proxy.example/v ",
+                "https://***@proxy.example/v",
+            ),
+            ("https://a:b@c@proxy.example", "https://***@proxy.example"),
+            ("https://a:b/c@proxy.example", "https://***@proxy.example"),
+            ("https://x.example/v?token=abc", "https://x.example/v?…"),
+            ("https://x.example/v#abc?def", "https://x.example/v#…"),
+            ("alice:pa55@proxy.example://x", "***@proxy.example://x"),
+            ("https://alice:pa?55@proxy.example", "https://***@…"),
+            ("https://x.example/?e=a@b.example&t=abc", "https://***@…"),
+        ] {
+            assert_eq!(redact_url(url), redacted, "{url}");
+        }
+    }
+
+    #[test]
+    fn invalid_variable_errors_redact_a_url_pasted_into_them() {
+        for name in ["VOLT_ENVIRONMENT", "VOLT_API"] {
+            let url = "https://alice:pa55@proxy.example/?token=abc123";
+            let vars = [(name, url), ("VOLT_ENVIRONMENT", "sandbox")];
+            let err = Endpoint::from_lookup(&lookup(&vars)).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::InvalidVariable(n, _) if n == name),
+                "{err:?}"
+            );
+            let shown = format!("{err} {err:?}");
+            for secret in ["alice", "pa55", "token", "abc123"] {
+                assert!(!shown.contains(secret), "{shown}");
+            }
+            assert!(shown.contains("proxy.example"), "{shown}");
         }
     }
 

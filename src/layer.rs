@@ -12,11 +12,15 @@ use tokio::time::Instant;
 use tower::{BoxError, Layer, Service};
 
 use crate::cache::{Settings, Stats, TokenCache};
-use crate::config::{Api, ConfigError, Credentials, Endpoint, Environment, Origin};
+use crate::config::{Api, ConfigError, Credentials, Endpoint, Environment, Origin, redact_url};
 use crate::error::Error;
 use crate::oauth::{self, OAuthClient, Token};
 use crate::replay::DefaultReplay;
 use crate::service::VoltAuth;
+
+/// The longest backoff [`Builder::backoff`] accepts: waits are added to the
+/// clock, which a duration like [`Duration::MAX`] would overflow.
+const MAX_BACKOFF: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Attaches a Volt bearer token to every request of the services it wraps.
 ///
@@ -207,7 +211,7 @@ impl<P> Builder<P> {
         let origin = url.parse().ok().and_then(|uri| Origin::of(&uri));
         self.origins
             .push(origin.ok_or_else(|| ConfigError::InvalidUrl {
-                url: url.to_owned(),
+                url: redact_url(url),
                 reason: "an origin needs an http or https scheme and a host",
             }));
         self
@@ -237,7 +241,8 @@ impl<P> Builder<P> {
 
     /// The backoff after a failed `/oauth` attempt: doubling from `min` up to
     /// `max`, jittered (defaults 1 second and 1 minute). A rejected password
-    /// grant waits `max`.
+    /// grant waits `max`. Checked when the layer is built: `min` must be
+    /// positive and at most `max`, and `max` at most a day.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.settings.backoff_min = min;
         self.settings.backoff_max = max;
@@ -264,8 +269,8 @@ impl<P> Builder<P> {
     ///
     /// # Errors
     /// A [`ConfigError`] for an invalid base URL or origin, or settings out of
-    /// range (a zero timeout or backoff, a margin larger than the
-    /// refresh-ahead window).
+    /// range (a zero timeout or backoff, a backoff maximum over a day, a margin
+    /// larger than the refresh-ahead window).
     pub fn build<T, ReqBody, ResBody>(self, transport: T) -> Result<VoltAuthLayer<P>, ConfigError>
     where
         T: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,
@@ -286,6 +291,11 @@ impl<P> Builder<P> {
         if settings.backoff_min.is_zero() || settings.backoff_min > settings.backoff_max {
             return Err(ConfigError::InvalidSetting(
                 "the backoff needs 0 < min <= max",
+            ));
+        }
+        if settings.backoff_max > MAX_BACKOFF {
+            return Err(ConfigError::InvalidSetting(
+                "the backoff maximum must be at most a day",
             ));
         }
         if settings.expiry_margin > settings.refresh_ahead {
@@ -357,5 +367,65 @@ impl fmt::Debug for AccessToken {
             .field("token", &"[redacted]")
             .field("expires_at", &self.expires_at())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::Full;
+
+    use super::*;
+
+    fn builder() -> Builder {
+        VoltAuthLayer::builder(Credentials::new("id", "secret", "user", "password"))
+    }
+
+    fn build(builder: Builder) -> Result<VoltAuthLayer, ConfigError> {
+        builder.build(tower::service_fn(|_: Request<Bytes>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }))
+    }
+
+    #[test]
+    fn the_backoff_maximum_is_at_most_a_day() {
+        const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+        let too_long = ConfigError::InvalidSetting("the backoff maximum must be at most a day");
+        let second = Duration::from_secs(1);
+        for max in [Duration::MAX, 2 * DAY, DAY + Duration::from_nanos(1)] {
+            let built = build(builder().backoff(second, max));
+            assert_eq!(built.err(), Some(too_long.clone()), "{max:?}");
+        }
+        assert_eq!(build(builder().backoff(DAY, 2 * DAY)).err(), Some(too_long));
+        assert!(build(builder().backoff(second, DAY)).is_ok());
+        assert!(build(builder().backoff(DAY, DAY)).is_ok());
+        // The other backoff checks still come first.
+        assert_eq!(
+            build(builder().backoff(Duration::ZERO, Duration::MAX)).err(),
+            Some(ConfigError::InvalidSetting(
+                "the backoff needs 0 < min <= max"
+            ))
+        );
+    }
+
+    #[test]
+    fn url_errors_from_the_builder_are_redacted() {
+        let err = build(builder().allow_origin("ftp://alice:pa55@files.example/?token=abc123"))
+            .err()
+            .map(|err| format!("{err} {err:?}"))
+            .unwrap_or_default();
+        assert!(err.contains("files.example"), "{err}");
+        for secret in ["alice", "pa55", "token", "abc123"] {
+            assert!(!err.contains(secret), "{err}");
+        }
+        let builder = builder().base_url("https://alice:pa55@proxy.example/?token=abc123");
+        let debug = format!("{builder:?}");
+        assert!(debug.contains("proxy.example"), "{debug}");
+        for secret in ["alice", "pa55", "token", "abc123"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        let err = build(builder).err().map(|err| err.to_string());
+        assert!(err.is_some_and(|err| !err.contains("pa55")));
     }
 }

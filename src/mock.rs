@@ -82,6 +82,8 @@ const BODY_LIMIT: usize = 1024 * 1024;
 /// Base URL reported by in-process mocks (port 9, "discard": nothing listens there).
 const IN_PROCESS_PORT: u16 = 9;
 const TOKEN_LEN: usize = 40;
+/// The longest token lifetime the mock issues, so that expiry instants cannot overflow.
+const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// A body returned with status `200` by [`MockVolt::break_oauth`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,16 +194,17 @@ impl MockBuilder {
         self
     }
 
-    /// How long issued access tokens work (default one hour). `expires_in` answers it in whole
-    /// seconds (at least 1); the token itself expires after exactly this duration.
+    /// How long issued access tokens work (default one hour, at most a year). `expires_in`
+    /// answers it in whole seconds (at least 1); the token itself expires after exactly this
+    /// duration.
     pub fn access_token_lifetime(mut self, lifetime: Duration) -> Self {
-        self.config.access_lifetime = lifetime;
+        self.config.access_lifetime = lifetime.min(MAX_LIFETIME);
         self
     }
 
-    /// How long issued refresh tokens work (default 24 hours).
+    /// How long issued refresh tokens work (default 24 hours, at most a year).
     pub fn refresh_token_lifetime(mut self, lifetime: Duration) -> Self {
-        self.config.refresh_lifetime = lifetime;
+        self.config.refresh_lifetime = lifetime.min(MAX_LIFETIME);
         self
     }
 

@@ -1,0 +1,107 @@
+//! A layer outlives the runtimes it is used on: a runtime that shuts down
+//! takes its refresh task and phase timer with it, and the next runtime
+//! carries on without a hang and without an expired token.
+
+mod common;
+
+use std::future::Future;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::runtime::{Builder, Runtime};
+use tokio::time::{Instant, advance, sleep, timeout};
+use tower::Layer;
+use volt_auth::mock::MockVolt;
+
+use common::{GUARD, banks_ok, bearer};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn runtime(paused: bool) -> Runtime {
+    let mut builder = Builder::new_current_thread();
+    builder.enable_all().start_paused(paused);
+    builder.build().expect("runtime")
+}
+
+/// A cache holding its first token, fetched on a runtime that is then dropped.
+fn token_from_a_runtime_now_gone(mock: &MockVolt) -> volt_auth::VoltAuthLayer {
+    let auth = common::layer(mock);
+    let gone = runtime(false);
+    gone.block_on(auth.access_token()).expect("first token");
+    drop(gone);
+    assert_eq!(mock.oauth_calls(), 1);
+    auth
+}
+
+#[test]
+fn a_refresh_dropped_before_it_ran_does_not_hold_up_later_callers() {
+    let mock = MockVolt::builder().in_process();
+    let auth = common::layer(&mock);
+    let gone = runtime(false);
+    gone.block_on(async {
+        // Polled once: the refresh is spawned, and never runs.
+        let mut first = std::pin::pin!(auth.access_token());
+        std::future::poll_fn(|cx| {
+            assert!(first.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+    });
+    drop(gone);
+    assert_eq!(mock.oauth_calls(), 0);
+
+    let token = runtime(false).block_on(async { timeout(GUARD, auth.access_token()).await });
+    assert!(matches!(token, Ok(Ok(_))), "{token:?}");
+    assert_eq!((mock.oauth_calls(), mock.password_grants()), (1, 1));
+}
+
+#[test]
+fn a_token_whose_timer_is_gone_expires_by_the_clock() {
+    let mock = MockVolt::builder().in_process();
+    let auth = token_from_a_runtime_now_gone(&mock);
+    runtime(true).block_on(async {
+        advance(2 * HOUR).await;
+        let token = auth.access_token().await.expect("a new token");
+        assert!(token.expires_at() > Instant::now());
+        assert_eq!((mock.oauth_calls(), mock.refresh_grants()), (2, 1));
+    });
+}
+
+#[test]
+fn a_request_after_its_tokens_timer_is_gone_carries_a_valid_token() {
+    let mock = MockVolt::builder().in_process();
+    let auth = token_from_a_runtime_now_gone(&mock);
+    let issued = mock.issued_access_tokens();
+    runtime(true).block_on(async {
+        let mut api = auth.layer(mock.service());
+        advance(2 * HOUR).await;
+        banks_ok(&mut api, &mock).await;
+        // Refreshed before sending: Volt never saw the expired token.
+        assert_eq!((mock.oauth_calls(), mock.unauthorized()), (2, 0));
+        let latest = mock.issued_access_tokens().pop().expect("a second token");
+        assert_ne!(Some(&latest), issued.last());
+        assert_eq!(mock.api_authorizations(), [bearer(&latest)]);
+    });
+}
+
+#[test]
+fn a_fresh_token_whose_timer_is_gone_is_timed_again_on_the_next_runtime() {
+    let mock = MockVolt::builder().in_process();
+    let auth = token_from_a_runtime_now_gone(&mock);
+    runtime(true).block_on(async {
+        let mut api = auth.layer(mock.service());
+        // Still fresh: used as it is, and timed again on this runtime.
+        banks_ok(&mut api, &mock).await;
+        assert_eq!(mock.oauth_calls(), 1);
+        // Past the refresh-ahead point (at most 6 minutes before expiry),
+        // the new timer marks it stale and the next request refreshes it in
+        // the background.
+        advance(HOUR - Duration::from_secs(60)).await;
+        sleep(Duration::from_millis(1)).await; // the timer runs
+        assert_eq!(mock.oauth_calls(), 1);
+        banks_ok(&mut api, &mock).await;
+        sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
+        assert_eq!((mock.oauth_calls(), mock.refresh_grants()), (2, 1));
+        assert_eq!(mock.unauthorized(), 0);
+    });
+}
