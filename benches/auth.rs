@@ -52,7 +52,7 @@ const API_URI: &str = "http://127.0.0.1:9/banks";
 /// Tasks in one herd.
 const HERD: usize = 10_000;
 /// Interleaved end-to-end rounds, and requests per block in each.
-const PAIRED_ROUNDS: usize = 400;
+const PAIRED_ROUNDS: usize = 1600;
 const PAIRED_BLOCK: u64 = 25;
 /// Interleaved hot-path rounds, and requests per block in each.
 const HOT_ROUNDS: usize = 200;
