@@ -251,10 +251,14 @@ impl TokenCache {
     pub(crate) fn stats(&self) -> Stats {
         let counters = &self.shared.counters;
         let entry = self.shared.current.load();
-        let remaining = match (&entry.token, entry.phase.load(Ordering::Acquire)) {
-            (Some(token), phase) if phase != EXPIRED => {
-                Some(token.expires_at().saturating_duration_since(Instant::now()))
-            }
+        let now = Instant::now();
+        let live = match entry.phase.load(Ordering::Acquire) {
+            EXPIRED => false,
+            UNTIMED => entry.phase_at(now) != EXPIRED,
+            _ => true,
+        };
+        let remaining = match &entry.token {
+            Some(token) if live => Some(token.expires_at().saturating_duration_since(now)),
             _ => None,
         };
         Stats {
@@ -308,6 +312,7 @@ impl Shared {
     /// Whoever clears `may_kick` calls this; it is set again when a token
     /// arrives or a backoff ends.
     fn start_if_due(self: &Arc<Self>, flight: &mut Flight, now: Instant) {
+        self.reclaim(flight);
         if !flight.running && flight.retry_at.is_none_or(|at| now >= at) {
             // Without a runtime there is no background refresh; the request
             // that later waits for the token reports the error.
@@ -320,9 +325,7 @@ impl Shared {
     fn begin(self: &Arc<Self>, rejected: Option<u64>) -> Result<Begin, Error> {
         let now = Instant::now();
         let mut flight = self.lock();
-        if flight.running && self.abandoned.swap(false, Ordering::AcqRel) {
-            flight.running = false;
-        }
+        self.reclaim(&mut flight);
         let entry = self.current.load();
         if let Some(token) = &entry.token {
             let mut phase = entry.phase.load(Ordering::Acquire);
@@ -360,6 +363,14 @@ impl Shared {
         Ok(Begin::Wait)
     }
 
+    /// Ends the running refresh if its task was dropped with its runtime.
+    fn reclaim(&self, flight: &mut Flight) {
+        if flight.running && self.abandoned.swap(false, Ordering::AcqRel) {
+            flight.running = false;
+            flight.forcing = false;
+        }
+    }
+
     fn start(self: &Arc<Self>, flight: &mut Flight) -> Result<(), Error> {
         let handle = Handle::try_current().map_err(|_| Error::NoRuntime)?;
         flight.running = true;
@@ -368,9 +379,9 @@ impl Shared {
         let guard = FinishOnDrop(Some(self.clone()));
         let shared = self.clone();
         handle.spawn(async move { shared.refresh(guard).await });
-        if self.abandoned.swap(false, Ordering::AcqRel) {
+        if flight.running && self.abandoned.load(Ordering::Acquire) {
             // Dropped at once: this runtime is shutting down.
-            flight.running = false;
+            self.reclaim(flight);
             return Err(Error::NoRuntime);
         }
         Ok(())
@@ -517,8 +528,10 @@ impl Drop for FinishOnDrop {
         } else {
             // Dropped with its runtime, perhaps inside `start` (under the
             // lock): nothing failed, so no backoff. Waiters wake and the
-            // first to take the lock starts the next refresh.
+            // first to take the lock starts the next refresh; a stale
+            // token's readers may start it too.
             shared.abandoned.store(true, Ordering::Release);
+            shared.may_kick.store(true, Ordering::Release);
             shared.done.send_replace(None);
         }
     }

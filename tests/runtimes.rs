@@ -60,7 +60,9 @@ fn a_token_whose_timer_is_gone_expires_by_the_clock() {
     let mock = MockVolt::builder().in_process();
     let auth = token_from_a_runtime_now_gone(&mock);
     runtime(true).block_on(async {
+        assert!(auth.stats().remaining.is_some());
         advance(2 * HOUR).await;
+        assert_eq!(auth.stats().remaining, None);
         let token = auth.access_token().await.expect("a new token");
         assert!(token.expires_at() > Instant::now());
         assert_eq!((mock.oauth_calls(), mock.refresh_grants()), (2, 1));
@@ -103,5 +105,33 @@ fn a_fresh_token_whose_timer_is_gone_is_timed_again_on_the_next_runtime() {
         sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
         assert_eq!((mock.oauth_calls(), mock.refresh_grants()), (2, 1));
         assert_eq!(mock.unauthorized(), 0);
+    });
+}
+
+#[test]
+fn a_background_refresh_dropped_with_its_runtime_is_started_again() {
+    let mock = MockVolt::builder().in_process();
+    let auth = common::layer(&mock);
+    let home = runtime(true);
+    home.block_on(async {
+        auth.access_token().await.expect("first token");
+        // Inside the refresh-ahead window: the timer marks the token stale.
+        advance(HOUR - Duration::from_secs(60)).await;
+        sleep(Duration::from_millis(1)).await; // the timer runs
+    });
+    // Another runtime starts the background refresh and is dropped before
+    // running it: the stale token is still handed out there.
+    let gone = runtime(false);
+    gone.block_on(auth.access_token()).expect("the stale token");
+    drop(gone);
+    assert_eq!(mock.oauth_calls(), 1);
+
+    home.block_on(async {
+        let mut api = auth.layer(mock.service());
+        banks_ok(&mut api, &mock).await;
+        sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
+        assert_eq!((mock.oauth_calls(), mock.refresh_grants()), (2, 1));
+        let token = auth.access_token().await.expect("the new token");
+        assert!(token.expires_at() > Instant::now() + HOUR - Duration::from_secs(1));
     });
 }
