@@ -379,9 +379,9 @@ impl Shared {
         let guard = FinishOnDrop(Some(self.clone()));
         let shared = self.clone();
         handle.spawn(async move { shared.refresh(guard).await });
-        if flight.running && self.abandoned.load(Ordering::Acquire) {
+        self.reclaim(flight);
+        if !flight.running {
             // Dropped at once: this runtime is shutting down.
-            self.reclaim(flight);
             return Err(Error::NoRuntime);
         }
         Ok(())
@@ -595,9 +595,9 @@ impl Drop for Timing {
 
 /// Flips `entry` to stale, then to expired, when the clock says so.
 fn spawn_phase_timer(entry: &Arc<Entry>) -> Option<AbortHandle> {
+    let handle = Handle::try_current().ok()?;
     let (stale_at, expired_at) = (entry.stale_at, entry.expired_at);
     let timing = Timing(Arc::downgrade(entry));
-    let handle = Handle::try_current().ok()?;
     let task = handle.spawn(async move {
         sleep_until(stale_at).await;
         let Some(live) = timing.0.upgrade() else {
