@@ -351,10 +351,17 @@ async fn hundred_concurrent_requests_after_a_revocation_cost_one_oauth_call_over
     assert_eq!(stats.replays, HUNDRED as u64);
     assert_eq!(stats.refreshes, 2);
 
+    assert_eq!(mock.issued_access_tokens().len(), 2);
+    assert_eq!(mock.api_authorizations().len(), 1 + 2 * HUNDRED);
+    assert_eq!(mock.payment_bodies().len(), 2 * HUNDRED);
+    assert_hundred_replayed_with_the_second_token(&mock);
+}
+
+/// The first call and the hundred payments carried the first token, their
+/// replays the second; every payment body went out twice, byte for byte.
+fn assert_hundred_replayed_with_the_second_token(mock: &MockVolt) {
     let issued = mock.issued_access_tokens();
-    assert_eq!(issued.len(), 2);
     let authorizations = mock.api_authorizations();
-    assert_eq!(authorizations.len(), 1 + 2 * HUNDRED);
     assert!(
         authorizations[..=HUNDRED]
             .iter()
@@ -365,9 +372,7 @@ async fn hundred_concurrent_requests_after_a_revocation_cost_one_oauth_call_over
             .iter()
             .all(|a| *a == bearer(&issued[1]))
     );
-    // Every body went out twice, byte for byte.
     let bodies = mock.payment_bodies();
-    assert_eq!(bodies.len(), 2 * HUNDRED);
     for i in 0..HUNDRED {
         let expected = numbered_body(i);
         assert_eq!(bodies.iter().filter(|b| **b == expected).count(), 2);
@@ -622,23 +627,7 @@ async fn concurrent_requests_to_a_server_rejecting_every_token_get_one_replay_ea
     assert_eq!(mock.api_calls(), 1 + 2 * HUNDRED);
     assert_eq!(rendezvous.unauthorized(), 2 * HUNDRED);
     assert_eq!(auth.stats().replays, HUNDRED as u64);
-    let issued = mock.issued_access_tokens();
-    let authorizations = mock.api_authorizations();
-    assert!(
-        authorizations[..=HUNDRED]
-            .iter()
-            .all(|a| *a == bearer(&issued[0]))
-    );
-    assert!(
-        authorizations[HUNDRED + 1..]
-            .iter()
-            .all(|a| *a == bearer(&issued[1]))
-    );
-    let bodies = mock.payment_bodies();
-    for i in 0..HUNDRED {
-        let expected = numbered_body(i);
-        assert_eq!(bodies.iter().filter(|b| **b == expected).count(), 2);
-    }
+    assert_hundred_replayed_with_the_second_token(&mock);
 
     // Right after, still inside the throttle period: each request is sent once
     // and its 401 returned, with no /oauth call.
