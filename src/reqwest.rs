@@ -108,7 +108,16 @@ impl VoltAuthMiddleware {
                 lease.ticket
             }
         };
+        // Where the token went, to tell its answer from a redirect target's:
+        // the copy's URL when there is a copy, else a clone.
+        let sent_to = copy.is_none().then(|| request.url().clone());
         let response = next.clone().run(request, extensions).await?;
+        let sent_to = copy.as_ref().map(Request::url).or(sent_to.as_ref());
+        if sent_to.is_some_and(|url| !same_origin(url, response.url())) {
+            // reqwest followed a redirect to another origin and removed the
+            // token on the way: the answer says nothing about the token.
+            return Ok(response);
+        }
         let Some(cache) = ticket.settle(response.status(), copy.is_some()) else {
             return Ok(response);
         };
@@ -124,12 +133,23 @@ impl VoltAuthMiddleware {
         drop(response);
         copy.headers_mut()
             .insert(AUTHORIZATION, lease.token.header().clone());
+        let replayed_to = copy.url().clone();
         let response = next.run(copy, extensions).await?;
         // At most one replay: a second 401 goes back, and the next request
         // gets a new token.
-        lease.ticket.settle(response.status(), false);
+        if same_origin(&replayed_to, response.url()) {
+            lease.ticket.settle(response.status(), false);
+        }
         Ok(response)
     }
+}
+
+/// Whether reqwest kept `Authorization` on the way from `sent` to `answered`:
+/// its redirect policy removes it when the scheme, host or port changes.
+fn same_origin(sent: &Url, answered: &Url) -> bool {
+    sent.scheme() == answered.scheme()
+        && sent.host_str() == answered.host_str()
+        && sent.port_or_known_default() == answered.port_or_known_default()
 }
 
 /// Whether a request to `url` gets the token: the layer's origins only.
