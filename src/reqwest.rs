@@ -47,6 +47,7 @@ use ::reqwest::header::AUTHORIZATION;
 use ::reqwest::{Body, Client, Request, Response, Url};
 use bytes::Bytes;
 use http::Extensions;
+use http_body_util::Full;
 use pin_project_lite::pin_project;
 use reqwest_middleware::{Middleware, Next};
 use tower::Service;
@@ -211,6 +212,11 @@ impl<P> From<VoltAuthLayer<P>> for VoltAuthMiddleware {
 /// Converts `http::Request<reqwest::Body>` to [`reqwest::Request`] and the
 /// answer back to `http::Response<reqwest::Body>`; a request whose URI reqwest
 /// cannot take (a relative URI) fails with reqwest's builder error.
+///
+/// A request body is sent once: whatever the client's redirect policy, a 307
+/// or 308 answer comes back as it is instead of being followed with the same
+/// body, so the `/oauth` form (client secret, password) never goes where a
+/// redirect points.
 #[derive(Clone, Debug, Default)]
 pub struct ReqwestTransport {
     client: Client,
@@ -244,13 +250,22 @@ impl Service<http::Request<Body>> for ReqwestTransport {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let state = match Request::try_from(request) {
+        let state = match Request::try_from(request.map(sent_once)) {
             Ok(request) => State::Sending {
                 future: self.client.call(request),
             },
             Err(error) => State::Failed { error: Some(error) },
         };
         ResponseFuture { state }
+    }
+}
+
+/// `body` as one reqwest cannot clone, and so cannot send again to the target
+/// of a redirect.
+fn sent_once(body: Body) -> Body {
+    match body.as_bytes() {
+        Some(bytes) => Body::wrap(Full::new(Bytes::copy_from_slice(bytes))),
+        None => body,
     }
 }
 

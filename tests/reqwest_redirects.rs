@@ -1,6 +1,5 @@
-//! Review findings for the reqwest integration: redirects followed by the
-//! `reqwest::Client` underneath `VoltAuthMiddleware` and `ReqwestTransport`.
-//! Everything binds 127.0.0.1.
+//! Redirects that the `reqwest::Client` underneath `VoltAuthMiddleware` and
+//! `ReqwestTransport` follows on its own. Everything binds 127.0.0.1.
 #![cfg(feature = "reqwest")]
 
 use std::sync::{Arc, Mutex};
@@ -95,10 +94,8 @@ impl Redirector {
 
 /// An allowed origin redirects to another origin (here the Volt mock itself on
 /// its own port). reqwest strips `Authorization` on the cross-origin hop, so
-/// the 401 comes from a server that never saw token T. The middleware still
-/// settles T with that 401: it forces a refresh (a second `/oauth` call),
-/// replays, and records a replay. The tower service (reference) would return
-/// the 302 and touch nothing; the token was never rejected.
+/// the 401 comes from a server that never saw token T: it says nothing about
+/// T, which is neither refreshed nor replayed with.
 #[tokio::test]
 async fn a_401_from_a_redirect_target_that_got_no_token_does_not_invalidate_it() {
     let volt = MockVolt::start().await.unwrap();
@@ -134,12 +131,10 @@ async fn a_401_from_a_redirect_target_that_got_no_token_does_not_invalidate_it()
 }
 
 /// `ReqwestTransport` over a default `reqwest::Client` (as in the README and
-/// the module docs) follows a 307 from `/oauth` to any origin and re-sends
-/// the form body: client secret and password go to the other server, and the
-/// layer then uses the token that server made up. The reference transport (a
-/// hyper client) follows no redirect: the 307 is a failed `/oauth` attempt.
+/// the module docs), which follows redirects: a 307 from `/oauth` is a failed
+/// attempt, as with a hyper client, and the form (client secret, password)
+/// is not sent again to where it points.
 #[tokio::test]
-#[ignore = "review finding, not fixed: ReqwestTransport follows 307/308 with the /oauth form"]
 async fn oauth_credentials_are_not_resent_to_the_origin_of_a_307_redirect() {
     let elsewhere = MockVolt::start().await.unwrap();
     let redirector = Redirector::start("307 Temporary Redirect", elsewhere.url());
