@@ -165,8 +165,9 @@ impl Endpoint {
     ///
     /// # Errors
     /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
-    /// without a query, and [`ConfigError::InsecureUrl`] for `http` to a host that
-    /// is not loopback (see [`Endpoint::custom_insecure`]).
+    /// without user info or a query (and with a numeric port, if any), and
+    /// [`ConfigError::InsecureUrl`] for `http` to a host that is not loopback
+    /// (see [`Endpoint::custom_insecure`]).
     pub fn custom(url: &str) -> Result<Self, ConfigError> {
         let endpoint = Self::custom_insecure(url)?;
         if endpoint.base.scheme() == Some(&Scheme::HTTP) && !is_loopback(endpoint.host()) {
@@ -181,7 +182,7 @@ impl Endpoint {
     ///
     /// # Errors
     /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
-    /// without a query.
+    /// without user info or a query (and with a numeric port, if any).
     pub fn custom_insecure(url: &str) -> Result<Self, ConfigError> {
         let invalid = |reason: &'static str| ConfigError::InvalidUrl {
             url: redact_url(url),

@@ -51,7 +51,8 @@ impl fmt::Display for GrantType {
 #[non_exhaustive]
 pub enum Error {
     /// Volt refused the credentials or the refresh token (HTTP 400/401/403 from
-    /// `/oauth`). Retrying the same grant will not help.
+    /// `/oauth`, or another 4xx but 429 with a code such as `invalid_client`).
+    /// Retrying the same grant will not help.
     #[error("Volt rejected the {grant} grant: {response}")]
     Rejected {
         /// The grant that was refused.
@@ -96,8 +97,8 @@ pub enum Error {
         #[source]
         source: Arc<dyn StdError + Send + Sync>,
     },
-    /// The token refresh ended before it produced an answer (its runtime shut
-    /// down, or it panicked).
+    /// The token refresh panicked before it produced an answer. (A refresh
+    /// dropped with its runtime is no error: the next caller starts another.)
     #[error("the token refresh stopped before it finished")]
     Interrupted,
     /// There is no Tokio runtime to run the token refresh on.

@@ -206,7 +206,8 @@ impl<P> Builder<P> {
 
     /// Another origin (scheme, host, port of `url`) that may receive the
     /// token, besides the endpoint's own. Requests to any other origin pass
-    /// through untouched.
+    /// through untouched. Unlike [`Builder::base_url`], a plain `http` origin
+    /// is accepted for any host: the token then travels in clear text.
     pub fn allow_origin(mut self, url: &str) -> Self {
         let origin = url.parse().ok().and_then(|uri| Origin::of(&uri));
         self.origins
@@ -240,9 +241,10 @@ impl<P> Builder<P> {
     }
 
     /// The backoff after a failed `/oauth` attempt: doubling from `min` up to
-    /// `max`, jittered (defaults 1 second and 1 minute). A rejected password
-    /// grant waits `max`. Checked when the layer is built: `min` must be
-    /// positive and at most `max`, and `max` at most a day.
+    /// `max`, jittered down to half (defaults 1 second and 1 minute). A
+    /// rejected password grant waits `max` (jittered the same way). Checked
+    /// when the layer is built: `min` must be positive and at most `max`, and
+    /// `max` at most a day.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.settings.backoff_min = min;
         self.settings.backoff_max = max;
