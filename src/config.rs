@@ -334,6 +334,23 @@ impl Origin {
         })
     }
 
+    /// An origin added with [`Builder::allow_origin`](crate::Builder::allow_origin):
+    /// `http` only to a loopback host, as for [`Endpoint::custom`].
+    pub(crate) fn allowed(url: &str) -> Result<Self, ConfigError> {
+        let origin = url
+            .parse()
+            .ok()
+            .and_then(|uri| Self::of(&uri))
+            .ok_or_else(|| ConfigError::InvalidUrl {
+                url: redact_url(url),
+                reason: "an origin needs an http or https scheme and a host",
+            })?;
+        if !origin.https && !is_loopback(&origin.host) {
+            return Err(ConfigError::InsecureUrl(origin.host));
+        }
+        Ok(origin)
+    }
+
     /// Whether `uri` goes to this origin. It runs per request: no parsing, no
     /// allocation; one exact comparison when the request spells the authority
     /// as the origin does, and case-insensitive ones only when it does not.

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tower::{BoxError, Layer, Service};
 
 use crate::cache::{Settings, Stats, TokenCache};
-use crate::config::{Api, ConfigError, Credentials, Endpoint, Environment, Origin, redact_url};
+use crate::config::{Api, ConfigError, Credentials, Endpoint, Environment, Origin};
 use crate::error::Error;
 use crate::oauth::{self, OAuthClient, Token};
 use crate::replay::DefaultReplay;
@@ -206,15 +206,12 @@ impl<P> Builder<P> {
 
     /// Another origin (scheme, host, port of `url`) that may receive the
     /// token, besides the endpoint's own. Requests to any other origin pass
-    /// through untouched. Unlike [`Builder::base_url`], a plain `http` origin
-    /// is accepted for any host: the token then travels in clear text.
+    /// through untouched. As for [`Endpoint::custom`], a plain `http` origin
+    /// must be loopback: [`build`](Builder::build) refuses any other with
+    /// [`ConfigError::InsecureUrl`], so that the token never travels in
+    /// clear text.
     pub fn allow_origin(mut self, url: &str) -> Self {
-        let origin = url.parse().ok().and_then(|uri| Origin::of(&uri));
-        self.origins
-            .push(origin.ok_or_else(|| ConfigError::InvalidUrl {
-                url: redact_url(url),
-                reason: "an origin needs an http or https scheme and a host",
-            }));
+        self.origins.push(Origin::allowed(url));
         self
     }
 

@@ -1234,4 +1234,17 @@ async fn allowed_origins_get_the_token_and_no_others() {
         .allow_origin("ftp://files.example.com")
         .build(mock.service());
     assert!(matches!(refused, Err(ConfigError::InvalidUrl { .. })));
+    // The token never goes out in clear text: plain http only to loopback.
+    let refused = builder(&mock)
+        .allow_origin("http://api.example.com")
+        .build(mock.service());
+    assert!(matches!(refused, Err(ConfigError::InsecureUrl(host)) if host == "api.example.com"));
+    for loopback in [
+        "http://localhost:8080",
+        "http://[::1]:8080",
+        "http://127.0.0.5",
+    ] {
+        let allowed = builder(&mock).allow_origin(loopback).build(mock.service());
+        assert!(allowed.is_ok(), "{loopback}");
+    }
 }
