@@ -31,7 +31,8 @@ pin_project! {
     where
         S: Service<Request<B>>,
     {
-        // The call in flight; `None` while a token is awaited.
+        // The call in flight; `None` while a token is awaited and once the
+        // call has answered.
         #[pin]
         call: Option<S::Future>,
         // What the call carried; `None` for requests to other origins.
@@ -154,7 +155,11 @@ where
         let mut this = self.project();
         loop {
             if let Some(call) = this.call.as_mut().as_pin_mut() {
-                let response = ready!(call.poll(cx)).map_err(Into::into)?;
+                let result = ready!(call.poll(cx));
+                // Finished: polled again, the future neither polls the inner
+                // future past its completion nor sends anything.
+                this.call.set(None);
+                let response = result.map_err(Into::into)?;
                 // A 401 without a copy to replay (or after the one replay)
                 // is settled here: the next request gets a new token.
                 let Some(ticket) = this.ticket.take() else {
@@ -192,7 +197,6 @@ where
     let Some((request, service)) = this.replay.take().map(|replay| replay.unpack()) else {
         return Err(response);
     };
-    this.call.set(None);
     let generation = ticket.generation;
     *this.wait = Some(Box::new(Wait {
         token: Some(Box::pin(async move { cache.renew(generation).await })),
