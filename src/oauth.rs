@@ -36,6 +36,8 @@ pub(crate) const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 /// The longest lifetime believed, so that a hostile `expires_in` cannot overflow the clock.
 const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The shortest lifetime accepted (Volt sends whole seconds).
+const MIN_LIFETIME: Duration = Duration::from_secs(1);
 /// How much of a server's error message is kept.
 const MAX_MESSAGE_CHARS: usize = 300;
 
@@ -203,7 +205,15 @@ fn parse_success(grant: GrantType, status: StatusCode, body: &[u8]) -> Result<To
     let lifetime = match field("expires_in") {
         None => DEFAULT_LIFETIME,
         Some(raw) => {
-            seconds(raw).ok_or_else(|| invalid("expires_in is not a positive number of seconds"))?
+            let lifetime = seconds(raw)
+                .ok_or_else(|| invalid("expires_in is not a positive number of seconds"))?;
+            // Shorter than a round trip, a token is expired on arrival: every
+            // caller would wait for the next refresh, forever. Refused, so the
+            // backoff spaces the attempts.
+            if lifetime < MIN_LIFETIME {
+                return Err(invalid("expires_in is less than a second"));
+            }
+            lifetime
         }
     };
     let header = Bearer::new(&access_token)
@@ -583,6 +593,14 @@ mod tests {
             (
                 r#"{"access_token":"abc","expires_in":-5}"#,
                 "expires_in is not a positive number of seconds",
+            ),
+            (
+                r#"{"access_token":"abc","expires_in":0.5}"#,
+                "expires_in is less than a second",
+            ),
+            (
+                r#"{"access_token":"abc","expires_in":1e-300}"#,
+                "expires_in is less than a second",
             ),
             (
                 r#"{"access_token":"abc","expires_in":"soon"}"#,
