@@ -51,8 +51,9 @@ impl fmt::Display for GrantType {
 #[non_exhaustive]
 pub enum Error {
     /// Volt refused the credentials or the refresh token (HTTP 400/401/403 from
-    /// `/oauth`, or another 4xx but 429 with a code such as `invalid_client`).
-    /// Retrying the same grant will not help.
+    /// `/oauth`, or another 4xx but 429 with a code such as `invalid_client`,
+    /// or a 2xx whose body is such an error instead of a token). Retrying the
+    /// same grant will not help.
     #[error("Volt rejected the {grant} grant: {response}")]
     Rejected {
         /// The grant that was refused.

@@ -159,11 +159,18 @@ pub(crate) fn parse(
     body: &[u8],
     secrets: &[&str],
 ) -> Result<Token, Error> {
-    if status.is_success() {
-        parse_success(grant, status, body)
-    } else {
-        Err(parse_failure(grant, status, body, secrets))
+    if !status.is_success() {
+        return Err(parse_failure(grant, status, body, secrets));
     }
+    parse_success(grant, status, body).map_err(|invalid| {
+        // An error body under a 2xx status: a rejection if its code says so
+        // (so that a refused refresh token still falls back to the password
+        // grant), else an answer that cannot be used.
+        match failure_response(status, body, secrets) {
+            (response, true) => Error::Rejected { grant, response },
+            (_, false) => invalid,
+        }
+    })
 }
 
 fn parse_success(grant: GrantType, status: StatusCode, body: &[u8]) -> Result<Token, Error> {
@@ -253,6 +260,22 @@ fn seconds(raw: &str) -> Option<Duration> {
 }
 
 fn parse_failure(grant: GrantType, status: StatusCode, body: &[u8], secrets: &[&str]) -> Error {
+    let (response, code_rejects) = failure_response(status, body, secrets);
+    let rejected =
+        matches!(
+            status,
+            StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ) || (status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS && code_rejects);
+    if rejected {
+        Error::Rejected { grant, response }
+    } else {
+        Error::Failed { grant, response }
+    }
+}
+
+/// The error an answer's body describes, in any of the shapes Volt uses, and
+/// whether its code refuses the grant (`invalid_grant`, `invalid_client`, …).
+fn failure_response(status: StatusCode, body: &[u8], secrets: &[&str]) -> (ErrorResponse, bool) {
     let failure: Failure = serde_json::from_slice(body).unwrap_or_default();
     let exception = failure.exception.unwrap_or_default();
     let code = failure
@@ -299,16 +322,7 @@ fn parse_failure(grant: GrantType, status: StatusCode, body: &[u8], secrets: &[&
                 | "unauthorised"
         )
     });
-    let rejected =
-        matches!(
-            status,
-            StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-        ) || (status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS && code_rejects);
-    if rejected {
-        Error::Rejected { grant, response }
-    } else {
-        Error::Failed { grant, response }
-    }
+    (response, code_rejects)
 }
 
 fn text(value: &Value) -> Option<String> {

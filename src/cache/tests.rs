@@ -595,7 +595,7 @@ async fn concurrent_readers_always_send_the_header_of_their_tickets_token() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Long-run review: hostile /oauth answers and long uptimes
+// Hostile /oauth answers and long uptimes
 // ---------------------------------------------------------------------------------------------
 
 /// Answers every grant with a fixed raw body (parsed as the client would),
@@ -655,7 +655,7 @@ impl Raw {
 /// next refresh, forever: `token()` never returned and /oauth was called in a
 /// tight loop. Now such an answer is an `InvalidResponse` and backs off.
 #[tokio::test(start_paused = true)]
-async fn review_a_zero_lifetime_does_not_loop_on_oauth() {
+async fn a_zero_lifetime_does_not_loop_on_oauth() {
     let body =
         r#"{"access_token":"a","token_type":"Bearer","expires_in":1e-300,"refresh_token":"r"}"#;
     let source = raw(body, StatusCode::OK, body);
@@ -684,8 +684,7 @@ async fn review_a_zero_lifetime_does_not_loop_on_oauth() {
 /// do) must not be retried forever with the same dead refresh token: it is a
 /// rejection, and the same flight falls back to one password grant.
 #[tokio::test(start_paused = true)]
-#[ignore = "review finding, not fixed: a 200 with an error body is InvalidResponse, never a rejection"]
-async fn review_a_200_with_an_error_body_on_refresh_falls_back_to_password() {
+async fn a_200_with_an_error_body_on_refresh_falls_back_to_password() {
     let source = raw(
         r#"{"access_token":"a","token_type":"Bearer","expires_in":3600,"refresh_token":"r"}"#,
         StatusCode::OK,
@@ -705,7 +704,7 @@ async fn review_a_200_with_an_error_body_on_refresh_falls_back_to_password() {
 /// the backoff, attempts spaced by the capped backoff, and after a success
 /// the backoff starts again from the minimum.
 #[tokio::test(start_paused = true)]
-async fn review_a_week_of_failures_then_recovery_resets_the_backoff() {
+async fn a_week_of_failures_then_recovery_resets_the_backoff() {
     let script = Script::new(HOUR);
     let cache = script.cache();
     let minutes = 7 * 24 * 60;

@@ -1,4 +1,5 @@
-//! Review tests: /oauth answers that stall, under tokio's paused clock.
+//! `/oauth` answers whose body stalls: the timeout covers reading the body.
+//! Under tokio's paused clock.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -35,7 +36,7 @@ impl Body for Stalled {
 }
 
 #[tokio::test(start_paused = true)]
-async fn review_a_stalled_oauth_body_times_out() {
+async fn a_stalled_oauth_body_times_out() {
     for first in [None, Some(Bytes::from_static(b"{\"access_token\":\"a"))] {
         let calls = Arc::new(AtomicUsize::new(0));
         let transport = {

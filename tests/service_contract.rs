@@ -1,7 +1,8 @@
-//! Review of the tower `Service` and its response future: readiness before
-//! every call (replay included), Pending from the inner future and from the
-//! token wait, drops at every stage, the token STALE or EXPIRED at call time
-//! combined with a 401, and concurrency on a multi-thread runtime.
+//! The tower `Service` and its response future under tower's contract:
+//! readiness before every call (replay included), Pending from the inner
+//! future and from the token wait, drops at every stage, the token STALE or
+//! EXPIRED at call time combined with a 401, and concurrency on a
+//! multi-thread runtime.
 //!
 //! Exact counts against the in-process mock; time-dependent tests use tokio's
 //! paused clock, where `sleep(1 ms)` is an idle barrier (every runnable task
