@@ -1,7 +1,8 @@
 //! An embedded mock of Volt's API, for tests and examples.
 //!
-//! [`MockVolt`] answers `POST /oauth` (password and refresh_token grants, form or JSON bodies),
-//! `GET /banks` and `POST /v2/payments`, either over TCP on `127.0.0.1` or in process through
+//! [`MockVolt`] answers `POST /oauth` (password and refresh_token grants, form or JSON bodies)
+//! and the Gateway calls `GET /banks`, `GET /banks/{id}`, `POST /v2/payments`, `GET /payments`,
+//! `GET /payments/{id}` and `POST /dropin` (each `401` without a valid token), either over TCP on `127.0.0.1` or in process through
 //! [`MockVolt::service`]. It issues random opaque tokens, enforces their expiry on tokio's clock
 //! (so in-process use works under `#[tokio::test(start_paused = true)]`), rotates refresh tokens,
 //! records what it receives and can be told to fail, break, delay or hold token requests.
@@ -262,6 +263,8 @@ struct State {
     issued_refresh: Vec<String>,
     oauth_requests: Vec<OAuthRequest>,
     payment_bodies: Vec<Bytes>,
+    /// Payments created by `POST /v2/payments`, as `GET /payments/{id}` answers them.
+    payments: Vec<serde_json::Value>,
     api_authorizations: Vec<Option<String>>,
     failure: Option<(usize, StatusCode, Bytes)>,
     broken: Option<(usize, Broken)>,
@@ -437,7 +440,8 @@ impl MockVolt {
         Ok(())
     }
 
-    /// All `/oauth` requests received, including failed and broken ones.
+    /// All `/oauth` requests received, including failed and broken ones. A request whose body
+    /// fails to arrive (the client went away) is not counted, recorded or scripted.
     pub fn oauth_calls(&self) -> usize {
         self.shared.oauth_calls.load(Ordering::SeqCst)
     }
@@ -452,7 +456,9 @@ impl MockVolt {
         self.shared.refresh_grants.load(Ordering::SeqCst)
     }
 
-    /// Requests to API endpoints (`GET /banks`, `POST /v2/payments`), authorised or not.
+    /// Requests to API endpoints (`GET /banks`, `GET /banks/{id}`, `POST /v2/payments`,
+    /// `GET /payments`, `GET /payments/{id}`, `POST /dropin`), authorised or not. A request
+    /// whose body fails to arrive (the client went away) is not counted.
     pub fn api_calls(&self) -> usize {
         self.shared.api_calls.load(Ordering::SeqCst)
     }
@@ -667,19 +673,25 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (parts, body) = req.into_parts();
-    match parts.uri.path() {
-        "/oauth" => oauth(shared, &parts, body).await,
-        "/banks" if parts.method == Method::GET => api(shared, &parts, body, Api::Banks).await,
-        "/v2/payments" if parts.method == Method::POST => {
-            api(shared, &parts, body, Api::Payments).await
-        }
-        "/banks" => method_not_allowed("GET"),
-        "/v2/payments" => method_not_allowed("POST"),
-        _ => json(
-            StatusCode::NOT_FOUND,
-            r#"{"code":404,"message":"Not Found"}"#,
-        ),
+    let path = parts.uri.path();
+    if path == "/oauth" {
+        return oauth(shared, &parts, body).await;
     }
+    let Some(route) = Api::route(path) else {
+        return not_found();
+    };
+    let (method, allow) = route.method();
+    if parts.method != method {
+        return method_not_allowed(allow);
+    }
+    api(shared, &parts, body, route).await
+}
+
+fn not_found() -> Response<Full<Bytes>> {
+    json(
+        StatusCode::NOT_FOUND,
+        r#"{"code":404,"message":"Not Found"}"#,
+    )
 }
 
 fn header(parts: &Parts, name: http::header::HeaderName) -> Option<String> {
@@ -727,6 +739,11 @@ where
 {
     let _in_flight = InFlight::enter(shared);
     let body = collect(body).await;
+    if let Err(BodyError::Failed) = body {
+        // The client went away mid-body: nothing was received, so nothing is counted,
+        // recorded or taken from the fail/break budgets.
+        return unreadable_body();
+    }
     let content_type = header(parts, CONTENT_TYPE);
     let parsed = match &body {
         Ok(bytes) => parse_fields(content_type.as_deref(), bytes),
@@ -775,12 +792,7 @@ where
     let fields = match (body, parsed) {
         (Err(BodyError::TooLarge), _) => return payload_too_large(),
         (Ok(_), Ok(fields)) => fields,
-        _ => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                r#"{"error":"invalid_request","error_description":"The request body could not be parsed."}"#,
-            );
-        }
+        _ => return unreadable_body(),
     };
     match grant_type.as_deref() {
         Some("password") => password_grant(shared, &fields),
@@ -790,6 +802,13 @@ where
             r#"{"error":"unsupported_grant_type","error_description":"The authorization grant type is not supported by the authorization server."}"#,
         ),
     }
+}
+
+fn unreadable_body() -> Response<Full<Bytes>> {
+    json(
+        StatusCode::BAD_REQUEST,
+        r#"{"error":"invalid_request","error_description":"The request body could not be parsed."}"#,
+    )
 }
 
 /// Consumes one unit of the `fail_oauth` or `break_oauth` budget, if any.
@@ -936,27 +955,66 @@ fn issue_tokens(shared: &Shared, state: &mut State) -> Response<Full<Bytes>> {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Api {
+enum Api<'a> {
     Banks,
+    Bank(&'a str),
     Payments,
+    PaymentList,
+    Payment(&'a str),
+    Dropin,
+}
+
+impl<'a> Api<'a> {
+    fn route(path: &'a str) -> Option<Self> {
+        let item = |rest: &'a str| (!rest.is_empty() && !rest.contains('/')).then_some(rest);
+        match path {
+            "/banks" => Some(Api::Banks),
+            "/v2/payments" => Some(Api::Payments),
+            "/payments" => Some(Api::PaymentList),
+            "/dropin" => Some(Api::Dropin),
+            _ => {
+                if let Some(id) = path.strip_prefix("/banks/") {
+                    item(id).map(Api::Bank)
+                } else {
+                    path.strip_prefix("/payments/")
+                        .and_then(item)
+                        .map(Api::Payment)
+                }
+            }
+        }
+    }
+
+    fn method(self) -> (Method, &'static str) {
+        match self {
+            Api::Payments | Api::Dropin => (Method::POST, "POST"),
+            _ => (Method::GET, "GET"),
+        }
+    }
 }
 
 const BANKS: &str = r#"[{"id":"mock-bank-barclays","name":"Mock Barclays","country":"GB"},{"id":"mock-bank-hsbc","name":"Mock HSBC","country":"GB"},{"id":"mock-bank-monzo","name":"Mock Monzo","country":"GB"}]"#;
 
-async fn api<B>(shared: &Shared, parts: &Parts, body: B, route: Api) -> Response<Full<Bytes>>
+async fn api<B>(shared: &Shared, parts: &Parts, body: B, route: Api<'_>) -> Response<Full<Bytes>>
 where
     B: Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let body = match route {
-        Api::Payments => Some(collect(body).await),
-        Api::Banks => None,
+        Api::Payments | Api::Dropin => Some(collect(body).await),
+        _ => None,
     };
+    if let Some(Err(BodyError::Failed)) = body {
+        // The client went away mid-body: nothing was received, nothing is counted.
+        return json(
+            StatusCode::BAD_REQUEST,
+            r#"{"code":400,"message":"Bad Request"}"#,
+        );
+    }
     let authorization = header(parts, AUTHORIZATION);
     let authorized = {
         let mut state = shared.state();
         state.api_authorizations.push(authorization.clone());
-        if let Some(Ok(bytes)) = &body {
+        if let (Api::Payments, Some(Ok(bytes))) = (route, &body) {
             state.payment_bodies.push(bytes.clone());
         }
         !shared.reject_all_tokens.load(Ordering::SeqCst)
@@ -977,14 +1035,24 @@ where
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return response;
     }
-    match body {
-        None => json(StatusCode::OK, BANKS),
-        Some(Err(BodyError::TooLarge)) => payload_too_large(),
-        Some(Err(BodyError::Failed)) => json(
-            StatusCode::BAD_REQUEST,
-            r#"{"code":400,"message":"Bad Request"}"#,
-        ),
-        Some(Ok(bytes)) => {
+    let bytes = match body {
+        Some(Err(_)) => return payload_too_large(),
+        Some(Ok(bytes)) => bytes,
+        None => Bytes::new(),
+    };
+    match route {
+        Api::Banks => json(StatusCode::OK, BANKS),
+        Api::Bank(id) => {
+            let banks: serde_json::Value = serde_json::from_str(BANKS).unwrap_or_default();
+            let bank = banks
+                .as_array()
+                .and_then(|banks| banks.iter().find(|bank| bank["id"] == id));
+            match bank {
+                Some(bank) => json(StatusCode::OK, bank.to_string()),
+                None => not_found(),
+            }
+        }
+        Api::Payments => {
             let id = uuid_like();
             let created = serde_json::json!({
                 "id": id,
@@ -992,6 +1060,27 @@ where
                 "digest": payment_digest(&bytes),
                 "size": bytes.len(),
             });
+            shared.state().payments.push(created.clone());
+            json(StatusCode::CREATED, created.to_string())
+        }
+        Api::PaymentList => {
+            let list = serde_json::Value::Array(shared.state().payments.clone());
+            json(StatusCode::OK, list.to_string())
+        }
+        Api::Payment(id) => {
+            let payment = shared
+                .state()
+                .payments
+                .iter()
+                .find(|payment| payment["id"] == id)
+                .cloned();
+            match payment {
+                Some(payment) => json(StatusCode::OK, payment.to_string()),
+                None => not_found(),
+            }
+        }
+        Api::Dropin => {
+            let created = serde_json::json!({ "id": uuid_like() });
             json(StatusCode::CREATED, created.to_string())
         }
     }
@@ -1713,7 +1802,7 @@ mod tests {
             .body(Full::default())
             .expect("request");
         assert_eq!(send(&mock, post).await.status, 405);
-        let other = Request::get("/payments")
+        let other = Request::get("/refunds")
             .body(Full::default())
             .expect("request");
         assert_eq!(send(&mock, other).await.status, 404);
