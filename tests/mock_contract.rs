@@ -1,4 +1,4 @@
-//! Review tests for the embedded mock Volt server: what FACTS.md says Volt does, and exact
+//! The embedded mock Volt server against what FACTS.md says Volt does, and its
 //! counters when a request never fully arrives.
 
 use std::io;
