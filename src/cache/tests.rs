@@ -726,3 +726,24 @@ async fn a_week_of_failures_then_recovery_resets_the_backoff() {
     assert_eq!(flight.failures, 0);
     assert_eq!(flight.retry_at, None);
 }
+
+/// Any positive minimum doubles up to any maximum (the doubling used to stop
+/// after 20 steps), and a zero minimum cannot spin.
+#[test]
+fn backoff_doubling_reaches_the_cap_from_any_minimum() {
+    let day = Duration::from_secs(24 * 60 * 60);
+    assert_eq!(doubled(Duration::from_nanos(1), u32::MAX, day), day);
+    assert_eq!(
+        doubled(Duration::from_micros(1), 40, Duration::from_secs(60)),
+        Duration::from_secs(60)
+    );
+    assert_eq!(
+        doubled(Duration::from_secs(1), 0, day),
+        Duration::from_secs(1)
+    );
+    assert_eq!(
+        doubled(Duration::from_secs(1), 3, day),
+        Duration::from_secs(8)
+    );
+    assert_eq!(doubled(Duration::ZERO, u32::MAX, day), Duration::ZERO);
+}
