@@ -230,3 +230,43 @@ fn builder_settings_are_validated() -> Result<(), BoxError> {
     );
     Ok(())
 }
+
+/// `allow_origin` took a port that is not a number (or out of range) for the
+/// scheme's default port, a password's prefix for the host, and an empty
+/// host: the token then went to an origin the caller never named. They are
+/// refused as `Endpoint::custom` refuses them.
+#[test]
+fn allow_origin_refuses_what_endpoint_custom_refuses() {
+    let build = |url: &str| {
+        builder()
+            .allow_origin(url)
+            .build(transport(StatusCode::OK, Arc::default(), Arc::default()))
+    };
+    for url in [
+        "https://x.example:abc",
+        "https://x.example:99999",
+        "https://alice:pa/55@proxy.example",
+        "http://alice:pa/55@proxy.example",
+        "https://alice:pa55@proxy.example",
+        "https://:443",
+    ] {
+        let err = build(url).err();
+        assert!(
+            matches!(err, Some(volt_auth::ConfigError::InvalidUrl { .. })),
+            "{url}: {err:?}"
+        );
+        let shown = format!("{err:?}");
+        assert!(
+            !shown.contains("pa55") && !shown.contains("alice"),
+            "{shown}"
+        );
+    }
+    for url in [
+        "https://x.example:8443",
+        "https://x.example/some/path",
+        "http://[::1]:8080",
+        "http://localhost",
+    ] {
+        assert!(build(url).is_ok(), "{url}");
+    }
+}
