@@ -270,3 +270,61 @@ fn allow_origin_refuses_what_endpoint_custom_refuses() {
         assert!(build(url).is_ok(), "{url}");
     }
 }
+
+/// Checked and correct: `access_token()` and the services share one single
+/// flight. 500 tasks ask `access_token()` and 500 send through the layer,
+/// on 8 threads, while the one `/oauth` call is held; all get that token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn access_token_and_services_share_one_flight_under_a_herd() {
+    use tower::{Layer, ServiceExt};
+    let calls = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let transport = {
+        let (calls, release) = (calls.clone(), release.clone());
+        tower::service_fn(move |_: Request<Full<Bytes>>| {
+            let (calls, release) = (calls.clone(), release.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let _permit = release.acquire().await.unwrap();
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(TOKEN))))
+            }
+        })
+    };
+    let auth = builder().build(transport).unwrap();
+    let inner = tower::service_fn(|request: Request<Full<Bytes>>| async move {
+        let header = request.headers()[http::header::AUTHORIZATION].clone();
+        Ok::<_, Infallible>(Response::new(header))
+    });
+    let api = auth.layer(inner);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let (auth, api) = (auth.clone(), api.clone());
+        tasks.spawn(async move {
+            if i % 2 == 0 {
+                let token = auth.access_token().await.unwrap();
+                token.header_value().clone()
+            } else {
+                let request = Request::get("http://127.0.0.1:9/banks")
+                    .body(Full::default())
+                    .unwrap();
+                api.oneshot(request).await.unwrap().into_body()
+            }
+        });
+    }
+    // The one call is held until some task has started it; tasks that start
+    // later either wait for it too or find its token.
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    release.add_permits(1);
+    while let Some(header) = tasks.join_next().await {
+        assert_eq!(header.unwrap(), "Bearer at-1");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let stats = auth.stats();
+    assert_eq!(stats.password.succeeded, 1);
+    assert_eq!(stats.refreshes, 1);
+    let remaining = stats.remaining.expect("a live token");
+    assert!(remaining <= Duration::from_secs(3600), "{remaining:?}");
+    assert!(remaining > Duration::from_secs(3500), "{remaining:?}");
+}
