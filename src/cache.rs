@@ -126,6 +126,9 @@ struct Flight {
     /// Whether the running refresh was forced by a 401.
     forcing: bool,
     timer: Option<AbortHandle>,
+    /// The task that rearms `may_kick` when the backoff ends; aborted with
+    /// the cache, so that it does not sleep on for up to `backoff_max`.
+    rearm: Option<AbortHandle>,
 }
 
 enum Begin {
@@ -483,11 +486,15 @@ impl Shared {
                     // Let a stale token's readers start the next attempt once
                     // the backoff is over (or at once if the runtime goes).
                     let rearm = Rearm(Arc::downgrade(self));
+                    if let Some(previous) = flight.rearm.take() {
+                        previous.abort();
+                    }
                     if let Ok(handle) = Handle::try_current() {
-                        handle.spawn(async move {
+                        let task = handle.spawn(async move {
                             sleep_until(now + delay).await;
                             drop(rearm);
                         });
+                        flight.rearm = Some(task.abort_handle());
                     }
                     Some(error)
                 }
@@ -500,9 +507,14 @@ impl Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         ticket::unregister(self.id);
-        // The phase timer holds only a weak reference; stop it sleeping.
-        if let Some(timer) = self.lock().timer.take() {
-            timer.abort();
+        // The phase timer and the backoff's rearm task hold only weak
+        // references; stop them sleeping.
+        let mut flight = self.lock();
+        for task in [flight.timer.take(), flight.rearm.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
     }
 }
@@ -635,13 +647,28 @@ impl Settings {
         let exponential = if error.is_rejected() && error.grant() == Some(GrantType::Password) {
             self.backoff_max
         } else {
-            let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(20));
-            self.backoff_min
-                .saturating_mul(factor)
-                .min(self.backoff_max)
+            doubled(
+                self.backoff_min,
+                failures.saturating_sub(1),
+                self.backoff_max,
+            )
         };
         exponential.mul_f64(0.5 + 0.5 * fastrand::f64())
     }
+}
+
+/// `min` doubled `doublings` times, capped at `max`. Doubling stops at the
+/// cap (at most 64 steps from a nanosecond), so any positive `min` reaches
+/// any `max`.
+fn doubled(min: Duration, doublings: u32, max: Duration) -> Duration {
+    let mut delay = min;
+    for _ in 0..doublings {
+        if delay >= max || delay.is_zero() {
+            break;
+        }
+        delay = delay.saturating_mul(2);
+    }
+    delay.min(max)
 }
 
 impl Flight {
@@ -656,11 +683,11 @@ impl Flight {
             if since > settings.backoff_max.saturating_mul(2) {
                 self.forced_streak = 0;
             } else {
-                let factor = 2u32.saturating_pow(self.forced_streak.saturating_sub(1).min(20));
-                let wait = settings
-                    .backoff_min
-                    .saturating_mul(factor)
-                    .min(settings.backoff_max);
+                let wait = doubled(
+                    settings.backoff_min,
+                    self.forced_streak.saturating_sub(1),
+                    settings.backoff_max,
+                );
                 if since < wait {
                     return false;
                 }

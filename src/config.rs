@@ -337,14 +337,27 @@ impl Origin {
     /// An origin added with [`Builder::allow_origin`](crate::Builder::allow_origin):
     /// `http` only to a loopback host, as for [`Endpoint::custom`].
     pub(crate) fn allowed(url: &str) -> Result<Self, ConfigError> {
-        let origin = url
+        let invalid = |reason: &'static str| ConfigError::InvalidUrl {
+            url: redact_url(url),
+            reason,
+        };
+        let uri: Uri = url
+            .trim()
             .parse()
-            .ok()
-            .and_then(|uri| Self::of(&uri))
-            .ok_or_else(|| ConfigError::InvalidUrl {
-                url: redact_url(url),
-                reason: "an origin needs an http or https scheme and a host",
-            })?;
+            .map_err(|_| invalid("an origin needs an http or https scheme and a host"))?;
+        // As for `Endpoint::custom`: a port that is not a number would be
+        // taken for the default one, and `user:pa/ss@host` for host `user`.
+        if let Some(authority) = uri.authority() {
+            if authority.as_str().contains('@') {
+                return Err(invalid("user info is not allowed in the URL"));
+            }
+            if authority.as_str() != authority.host() && authority.port_u16().is_none() {
+                return Err(invalid("the port is not a number"));
+            }
+        }
+        let origin = Self::of(&uri)
+            .filter(|origin| !origin.host.is_empty())
+            .ok_or_else(|| invalid("an origin needs an http or https scheme and a host"))?;
         if !origin.https && !is_loopback(&origin.host) {
             return Err(ConfigError::InsecureUrl(origin.host));
         }

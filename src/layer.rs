@@ -209,7 +209,8 @@ impl<P> Builder<P> {
     /// through untouched. As for [`Endpoint::custom`], a plain `http` origin
     /// must be loopback: [`build`](Builder::build) refuses any other with
     /// [`ConfigError::InsecureUrl`], so that the token never travels in
-    /// clear text.
+    /// clear text; and a URL without a host, with user info or with a port
+    /// that is not a number is refused with [`ConfigError::InvalidUrl`].
     pub fn allow_origin(mut self, url: &str) -> Self {
         self.origins.push(Origin::allowed(url));
         self

@@ -726,3 +726,63 @@ async fn a_week_of_failures_then_recovery_resets_the_backoff() {
     assert_eq!(flight.failures, 0);
     assert_eq!(flight.retry_at, None);
 }
+
+/// Any positive minimum doubles up to any maximum (the doubling used to stop
+/// after 20 steps), and a zero minimum cannot spin.
+#[test]
+fn backoff_doubling_reaches_the_cap_from_any_minimum() {
+    let day = Duration::from_secs(24 * 60 * 60);
+    assert_eq!(doubled(Duration::from_nanos(1), u32::MAX, day), day);
+    assert_eq!(
+        doubled(Duration::from_micros(1), 40, Duration::from_secs(60)),
+        Duration::from_secs(60)
+    );
+    assert_eq!(
+        doubled(Duration::from_secs(1), 0, day),
+        Duration::from_secs(1)
+    );
+    assert_eq!(
+        doubled(Duration::from_secs(1), 3, day),
+        Duration::from_secs(8)
+    );
+    assert_eq!(doubled(Duration::ZERO, u32::MAX, day), Duration::ZERO);
+}
+
+/// Caches made, used and dropped by many tasks on many threads while tickets
+/// of caches being dropped settle 401s: no deadlock under the registry lock,
+/// and every dropped cache leaves the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn the_registry_shrinks_as_caches_come_and_go_under_concurrency() {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        tasks.spawn(async {
+            let mut ids = Vec::new();
+            for _ in 0..50 {
+                let script = Script::new(HOUR);
+                let cache = script.cache();
+                let id = cache.shared.id;
+                let ticket = cache.token().await.unwrap().ticket;
+                assert!(ticket::registered(id));
+                // A replayable 401 hands the cache back; dropping that handle
+                // after the cache itself makes it the last reference.
+                let found = ticket.settle(StatusCode::UNAUTHORIZED, true).unwrap();
+                drop(cache);
+                tokio::task::yield_now().await;
+                drop(found);
+                assert!(!ticket::registered(id));
+                assert!(ticket.settle(StatusCode::UNAUTHORIZED, false).is_none());
+                ids.push(id);
+            }
+            ids
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        ids.extend(done.unwrap());
+    }
+    assert_eq!(ids.len(), 64 * 50);
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 64 * 50, "ids are never reused");
+    assert!(ids.iter().all(|&id| !ticket::registered(id)));
+}

@@ -34,6 +34,12 @@ pub(super) fn unregister(id: u64) {
     caches().remove(&id);
 }
 
+/// Whether the cache `id` is in the registry.
+#[cfg(test)]
+pub(super) fn registered(id: u64) -> bool {
+    caches().contains_key(&id)
+}
+
 /// The request's token generation and where to report its response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Ticket {
