@@ -193,7 +193,11 @@ impl Endpoint {
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return Err(invalid("the scheme must be http or https"));
         }
-        let authority = uri.authority().cloned().ok_or_else(|| invalid("no host"))?;
+        let authority = uri
+            .authority()
+            .filter(|authority| !authority.host().is_empty())
+            .cloned()
+            .ok_or_else(|| invalid("no host"))?;
         if authority.as_str().contains('@') {
             return Err(invalid("user info is not allowed in the URL"));
         }
@@ -203,7 +207,7 @@ impl Endpoint {
             return Err(invalid("the port is not a number"));
         }
         if uri.query().is_some() {
-            return Err(invalid("a query is not allowed in the base URL"));
+            return Err(invalid("a query is not allowed in the URL"));
         }
         let path = uri.path().trim_end_matches('/');
         let base = Uri::builder()
@@ -335,33 +339,14 @@ impl Origin {
     }
 
     /// An origin added with [`Builder::allow_origin`](crate::Builder::allow_origin):
-    /// `http` only to a loopback host, as for [`Endpoint::custom`].
+    /// the URLs [`Endpoint::custom`] takes, and their origin.
     pub(crate) fn allowed(url: &str) -> Result<Self, ConfigError> {
-        let invalid = |reason: &'static str| ConfigError::InvalidUrl {
-            url: redact_url(url),
-            reason,
-        };
-        let uri: Uri = url
-            .trim()
-            .parse()
-            .map_err(|_| invalid("an origin needs an http or https scheme and a host"))?;
-        // As for `Endpoint::custom`: a port that is not a number would be
-        // taken for the default one, and `user:pa/ss@host` for host `user`.
-        if let Some(authority) = uri.authority() {
-            if authority.as_str().contains('@') {
-                return Err(invalid("user info is not allowed in the URL"));
-            }
-            if authority.as_str() != authority.host() && authority.port_u16().is_none() {
-                return Err(invalid("the port is not a number"));
-            }
-        }
-        let origin = Self::of(&uri)
-            .filter(|origin| !origin.host.is_empty())
-            .ok_or_else(|| invalid("an origin needs an http or https scheme and a host"))?;
-        if !origin.https && !is_loopback(&origin.host) {
-            return Err(ConfigError::InsecureUrl(origin.host));
-        }
-        Ok(origin)
+        Endpoint::custom(url)?
+            .origin()
+            .ok_or_else(|| ConfigError::InvalidUrl {
+                url: redact_url(url),
+                reason: "an origin needs an http or https scheme and a host",
+            })
     }
 
     /// Whether `uri` goes to this origin. It runs per request: no parsing, no

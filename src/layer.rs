@@ -206,11 +206,10 @@ impl<P> Builder<P> {
 
     /// Another origin (scheme, host, port of `url`) that may receive the
     /// token, besides the endpoint's own. Requests to any other origin pass
-    /// through untouched. As for [`Endpoint::custom`], a plain `http` origin
-    /// must be loopback: [`build`](Builder::build) refuses any other with
-    /// [`ConfigError::InsecureUrl`], so that the token never travels in
-    /// clear text; and a URL without a host, with user info or with a port
-    /// that is not a number is refused with [`ConfigError::InvalidUrl`].
+    /// through untouched. [`build`](Builder::build) refuses the URLs that
+    /// [`Endpoint::custom`] refuses, with the same errors: among them a plain
+    /// `http` origin that is not loopback, so that the token never travels in
+    /// clear text.
     pub fn allow_origin(mut self, url: &str) -> Self {
         self.origins.push(Origin::allowed(url));
         self
