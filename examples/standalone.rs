@@ -48,6 +48,11 @@ async fn main() -> Result<(), BoxError> {
         .body(Full::<Bytes>::default())?;
     let response = client.request(request).await?;
     println!("GET /banks -> {}", response.status());
+    if response.status() == http::StatusCode::UNAUTHORIZED {
+        // Revoked early: the cache drops it, and the next access_token()
+        // waits for a new one.
+        auth.reject(&token);
+    }
 
     let stats = auth.stats();
     println!(

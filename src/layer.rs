@@ -117,7 +117,21 @@ impl<P> VoltAuthLayer<P> {
     /// # Errors
     /// The [`Error`] of the last `/oauth` attempt, when there is no valid token.
     pub async fn access_token(&self) -> Result<AccessToken, Error> {
-        Ok(AccessToken(self.auth.cache.token().await?.token))
+        let lease = self.auth.cache.token().await?;
+        Ok(AccessToken {
+            token: lease.token,
+            generation: lease.ticket.generation,
+        })
+    }
+
+    /// Reports that Volt answered 401 to a call made with `token` outside the
+    /// layer, as the layer does for its own calls: if the cache still holds
+    /// `token`, it is dropped and one refresh starts, so that the next
+    /// [`access_token`](Self::access_token) waits for a new one. A report of a
+    /// token already replaced changes nothing, and refreshes forced this way
+    /// are throttled like the layer's own (see the README's *401 recovery*).
+    pub fn reject(&self, token: &AccessToken) {
+        self.auth.cache.invalidate(token.generation);
     }
 
     /// Counters: `/oauth` attempts by grant and outcome, refreshes, 401
@@ -341,22 +355,26 @@ impl<P> fmt::Debug for Builder<P> {
 /// [`AccessToken::expose_secret`] and the sensitive
 /// [`AccessToken::header_value`].
 #[derive(Clone)]
-pub struct AccessToken(Arc<Token>);
+pub struct AccessToken {
+    token: Arc<Token>,
+    /// Which of the cache's tokens this is, for [`VoltAuthLayer::reject`].
+    generation: u64,
+}
 
 impl AccessToken {
     /// The raw access token. Keep it out of logs.
     pub fn expose_secret(&self) -> &str {
-        self.0.secret()
+        self.token.secret()
     }
 
     /// `Bearer <token>`, marked sensitive.
     pub fn header_value(&self) -> &HeaderValue {
-        self.0.header()
+        self.token.header()
     }
 
     /// When Volt said the token expires (on tokio's clock).
     pub fn expires_at(&self) -> Instant {
-        self.0.expires_at()
+        self.token.expires_at()
     }
 }
 

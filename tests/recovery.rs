@@ -1248,3 +1248,39 @@ async fn allowed_origins_get_the_token_and_no_others() {
         assert!(allowed.is_ok(), "{loopback}");
     }
 }
+
+/// Calls made without the layer report their 401s with `reject`: 200 tasks on
+/// four threads report the revoked token at once, and it costs one refresh;
+/// every task then gets the new token, and a late report of the old one
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reject_drops_a_token_rejected_outside_the_layer_once() {
+    let mock = MockVolt::builder().in_process();
+    let auth = layer(&mock);
+    let first = auth.access_token().await.expect("a token");
+    mock.revoke_access_tokens();
+
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let (auth, first) = (auth.clone(), first.clone());
+            tokio::spawn(async move {
+                auth.reject(&first);
+                auth.access_token().await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let token = timeout(GUARD, task)
+            .await
+            .expect("no hang")
+            .expect("task")
+            .expect("a token");
+        assert_eq!(token.expose_secret(), mock.issued_access_tokens()[1]);
+    }
+    assert_eq!((mock.password_grants(), mock.refresh_grants()), (1, 1));
+
+    auth.reject(&first);
+    let again = auth.access_token().await.expect("a token");
+    assert_eq!(again.expose_secret(), mock.issued_access_tokens()[1]);
+    assert_eq!(mock.oauth_calls(), 2);
+}
