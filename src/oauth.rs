@@ -23,6 +23,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
+use zeroize::Zeroizing;
 
 use crate::config::{Api, Credentials};
 
@@ -333,17 +334,70 @@ fn text(value: &Value) -> Option<String> {
     }
 }
 
-/// Shortens a server's text, drops control characters and blanks out secrets.
+/// Shortens a server's text, drops control characters and blanks out secrets,
+/// in every spelling a server may echo them in (see [`spellings`]), ignoring
+/// ASCII case.
 fn scrub(text: &str, secrets: &[&str]) -> String {
     let mut clean: String = text.chars().filter(|c| !c.is_control()).collect();
-    for secret in secrets.iter().filter(|secret| secret.len() >= 4) {
-        clean = clean.replace(secret, "[redacted]");
+    let mut spellings: Vec<Zeroizing<String>> = secrets
+        .iter()
+        .filter(|secret| secret.len() >= 4)
+        .flat_map(|secret| spellings(secret))
+        .filter(|spelling| spelling.len() >= 4)
+        .collect();
+    // Longest first, so that a secret holding another is blanked out whole.
+    spellings.sort_by_key(|spelling| std::cmp::Reverse(spelling.len()));
+    for spelling in &spellings {
+        clean = redact(&clean, spelling);
     }
     if clean.chars().count() > MAX_MESSAGE_CHARS {
         clean = clean.chars().take(MAX_MESSAGE_CHARS).collect();
         clean.push('…');
     }
     clean
+}
+
+/// `secret` as sent and as a server may echo the request it was sent in:
+/// form-encoded (`+` or `%20` for a space), JSON-escaped (`/` also as `\/`),
+/// and without control characters (which [`scrub`] drops from the text).
+fn spellings(secret: &str) -> Vec<Zeroizing<String>> {
+    let mut spellings = vec![
+        Zeroizing::new(secret.to_owned()),
+        Zeroizing::new(secret.chars().filter(|c| !c.is_control()).collect()),
+    ];
+    if let Ok(form) = serde_urlencoded::to_string([("", secret)]).map(Zeroizing::new) {
+        let form = Zeroizing::new(form.strip_prefix('=').unwrap_or(&form).to_owned());
+        spellings.push(Zeroizing::new(form.replace('+', "%20")));
+        spellings.push(form);
+    }
+    if let Ok(json) = serde_json::to_string(secret).map(Zeroizing::new) {
+        // Without the quotes around it (a secret may end in an escaped one).
+        let inner = json
+            .get(1..json.len().saturating_sub(1))
+            .unwrap_or_default();
+        let json = Zeroizing::new(inner.to_owned());
+        spellings.push(Zeroizing::new(json.replace('/', "\\/")));
+        spellings.push(json);
+    }
+    spellings
+}
+
+/// `text` with every occurrence of `secret`, in any ASCII case, replaced by
+/// `[redacted]`. ASCII case folding keeps byte offsets, so the matches found
+/// in the folded text are the ones of `text`.
+fn redact(text: &str, secret: &str) -> String {
+    let folded = Zeroizing::new(text.to_ascii_lowercase());
+    let secret = Zeroizing::new(secret.to_ascii_lowercase());
+    let mut redacted = String::with_capacity(text.len());
+    let mut kept = 0;
+    while let Some(found) = folded[kept..].find(secret.as_str()) {
+        let start = kept + found;
+        redacted.push_str(&text[kept..start]);
+        redacted.push_str("[redacted]");
+        kept = start + secret.len();
+    }
+    redacted.push_str(&text[kept..]);
+    redacted
 }
 
 /// Why a transport produced no readable answer.
@@ -721,6 +775,19 @@ mod tests {
         assert!(!shown.contains("the-client-secret") && !shown.contains("the-password"));
         assert!(shown.contains("[redacted]"));
         assert!(err.to_string().chars().count() < 500);
+    }
+
+    #[test]
+    fn scrub_blanks_out_every_spelling_and_the_longest_secret_whole() {
+        // A password holding the client secret: blanked whole, no tail left.
+        let secrets = ["abcd", "abcd-efgh", "quote\"end\""];
+        let shown = scrub("x abcd-efgh ABCD-EFGH y", &secrets);
+        assert_eq!(shown, "x [redacted] [redacted] y");
+        // A secret ending in a quote, echoed JSON-escaped.
+        let shown = scrub(r#"{"password":"quote\"end\""}"#, &secrets);
+        assert_eq!(shown, r#"{"password":"[redacted]"}"#);
+        // Non-ASCII text around a match keeps its characters.
+        assert_eq!(scrub("é abcd ü", &secrets), "é [redacted] ü");
     }
 
     #[test]

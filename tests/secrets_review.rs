@@ -1,0 +1,234 @@
+//! Secrets a hostile or careless `/oauth` echoes back, in the spellings it
+//! may echo them in: form-encoded, percent-encoded, JSON-escaped, in another
+//! case. None may reach an error's `Display`/`Debug` or the log.
+
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tracing::Level;
+use tracing_subscriber::fmt::MakeWriter;
+use volt_auth::{Api, Credentials, Endpoint, Error, VoltAuthLayer};
+
+/// Strong secrets hold characters that form and JSON encodings change.
+const CLIENT_SECRET: &str = "cs+Zm9v/YmFy=Q";
+const PASSWORD: &str = "Pa55 w0rd/+&=\"q\\u!";
+const REFRESH_TOKEN: &str = "rt+ab/cdEF==";
+const ACCESS_TOKEN: &str = "at-ok-0123";
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Capture {
+    type Writer = Capture;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+fn capture() -> &'static Capture {
+    static CAPTURE: OnceLock<Capture> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let capture = Capture(Arc::default());
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(Level::TRACE)
+            .with_ansi(false)
+            .with_writer(capture.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+        capture
+    })
+}
+
+fn log_text() -> String {
+    String::from_utf8_lossy(&capture().0.lock().unwrap()).into_owned()
+}
+
+/// How the hostile server spells the request it echoes.
+#[derive(Clone, Copy, Debug)]
+enum Echo {
+    /// The request body as it came (form-encoded or JSON text).
+    Raw,
+    /// The request body upper-cased.
+    Upper,
+    /// The body's fields decoded, then percent-encoded with `%20` and
+    /// lower-case hex, as JavaScript's `encodeURIComponent` and many loggers do.
+    Percent,
+    /// The body's JSON text with `/` escaped, as PHP's `json_encode` writes it.
+    PhpJson,
+}
+
+fn percent(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02x}"),
+        })
+        .collect()
+}
+
+/// The fields of a form or JSON `/oauth` body.
+fn fields(body: &[u8]) -> Vec<(String, String)> {
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) {
+        return map
+            .into_iter()
+            .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_owned()))
+            .collect();
+    }
+    serde_urlencoded::from_bytes(body).unwrap()
+}
+
+fn echo(echo: Echo, body: &[u8]) -> String {
+    let raw = String::from_utf8_lossy(body).into_owned();
+    match echo {
+        Echo::Raw => raw,
+        Echo::Upper => raw.to_uppercase(),
+        Echo::Percent => fields(body)
+            .iter()
+            .map(|(k, v)| format!("{k}={}", percent(v)))
+            .collect::<Vec<_>>()
+            .join("&"),
+        Echo::PhpJson => raw.replace('/', "\\/"),
+    }
+}
+
+/// A `/oauth` that issues one token (with a refresh token), then answers
+/// every grant with a 400 whose every message field echoes the request.
+fn layer(api: Api, how: Echo) -> VoltAuthLayer {
+    let calls = Arc::new(Mutex::new(0usize));
+    let transport = tower::service_fn(move |request: Request<Full<Bytes>>| {
+        let calls = calls.clone();
+        async move {
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            let first = {
+                let mut calls = calls.lock().unwrap();
+                *calls += 1;
+                *calls == 1
+            };
+            let (status, answer) = if first {
+                let token = serde_json::json!({
+                    "access_token": ACCESS_TOKEN,
+                    "token_type": "Bearer",
+                    "expires_in": 3600,
+                    "refresh_token": REFRESH_TOKEN,
+                });
+                (StatusCode::OK, token.to_string())
+            } else {
+                let echoed = echo(how, &body);
+                let answer = serde_json::json!({
+                    "error": "invalid_grant",
+                    "error_description": format!("bad request: {echoed}"),
+                });
+                (StatusCode::BAD_REQUEST, answer.to_string())
+            };
+            let mut response = Response::new(Full::new(Bytes::from(answer)));
+            *response.status_mut() = status;
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    VoltAuthLayer::builder(Credentials::new("cid", CLIENT_SECRET, "user", PASSWORD))
+        .endpoint(
+            Endpoint::custom("http://127.0.0.1:9")
+                .unwrap()
+                .with_api(api),
+        )
+        .build(transport)
+        .unwrap()
+}
+
+/// Every spelling of `secret` that gives it away.
+fn spellings(secret: &str) -> Vec<String> {
+    let form = serde_urlencoded::to_string([("", secret)]).unwrap();
+    let form = form.strip_prefix('=').unwrap().to_owned();
+    let json = serde_json::to_string(secret).unwrap();
+    let json = json[1..json.len() - 1].to_owned();
+    vec![
+        secret.to_owned(),
+        secret.to_uppercase(),
+        form.clone(),
+        form.to_uppercase(),
+        form.replace('+', "%20"),
+        percent(secret),
+        json.clone(),
+        json.replace('/', "\\/"),
+        json.to_uppercase(),
+    ]
+}
+
+fn assert_hidden(text: &str, what: &str) {
+    for secret in [CLIENT_SECRET, PASSWORD, REFRESH_TOKEN] {
+        for spelling in spellings(secret) {
+            assert!(
+                !text.contains(&spelling),
+                "{what} shows {secret:?} as {spelling:?}:\n{text}"
+            );
+        }
+    }
+    assert!(!text.contains(ACCESS_TOKEN), "{what}:\n{text}");
+}
+
+async fn run(api: Api, how: Echo) {
+    capture();
+    let auth = layer(api, how);
+    let token = auth.access_token().await.unwrap();
+    // A 401 outside the layer: the refresh grant (refresh token, client
+    // secret) is rejected, then the password grant (client secret, password).
+    auth.reject(&token);
+    drop(token);
+    let err = auth.access_token().await.unwrap_err();
+    assert!(err.is_rejected(), "{err:?}");
+    let Error::Rejected { response, .. } = &err else {
+        unreachable!()
+    };
+    let message = response.message.clone().unwrap_or_default();
+    assert!(message.contains("[redacted]"), "{message}");
+    let what = format!("{api:?}/{how:?}");
+    assert_hidden(&format!("{err} | {err:?}"), &format!("{what}: the error"));
+    assert_hidden(&log_text(), &format!("{what}: the log"));
+}
+
+#[tokio::test]
+async fn form_body_echoed_as_sent_is_scrubbed() {
+    run(Api::Gateway, Echo::Raw).await;
+}
+
+#[tokio::test]
+async fn json_body_echoed_as_sent_is_scrubbed() {
+    run(Api::Global, Echo::Raw).await;
+}
+
+#[tokio::test]
+async fn json_body_echoed_with_php_slashes_is_scrubbed() {
+    run(Api::Global, Echo::PhpJson).await;
+}
+
+#[tokio::test]
+async fn fields_echoed_percent_encoded_are_scrubbed() {
+    run(Api::Gateway, Echo::Percent).await;
+}
+
+#[tokio::test]
+async fn form_body_echoed_upper_case_is_scrubbed() {
+    run(Api::Gateway, Echo::Upper).await;
+}
+
+#[tokio::test]
+async fn json_body_echoed_upper_case_is_scrubbed() {
+    run(Api::Global, Echo::Upper).await;
+}
