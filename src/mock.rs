@@ -103,7 +103,10 @@ pub enum Broken {
 }
 
 /// What one `/oauth` request carried, as recorded by [`MockVolt::oauth_requests`].
-#[derive(Clone, Debug)]
+///
+/// `Debug` shows `[redacted]` for the values of `client_secret`, `password`
+/// and `refresh_token`; [`OAuthRequest::field`] and `fields` hold them as sent.
+#[derive(Clone)]
 pub struct OAuthRequest {
     /// The `grant_type` field, if present.
     pub grant_type: Option<String>,
@@ -114,6 +117,25 @@ pub struct OAuthRequest {
     /// The body fields in order (form or JSON; non-string JSON values in their JSON text).
     /// Empty when the body could not be parsed.
     pub fields: Vec<(String, String)>,
+}
+
+impl fmt::Debug for OAuthRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fields: Vec<(&str, &str)> = self
+            .fields
+            .iter()
+            .map(|(name, value)| match name.as_str() {
+                "client_secret" | "password" | "refresh_token" => (name.as_str(), "[redacted]"),
+                _ => (name.as_str(), value.as_str()),
+            })
+            .collect();
+        f.debug_struct("OAuthRequest")
+            .field("grant_type", &self.grant_type)
+            .field("content_type", &self.content_type)
+            .field("accept", &self.accept)
+            .field("fields", &fields)
+            .finish()
+    }
 }
 
 impl OAuthRequest {

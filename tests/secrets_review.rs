@@ -232,3 +232,160 @@ async fn form_body_echoed_upper_case_is_scrubbed() {
 async fn json_body_echoed_upper_case_is_scrubbed() {
     run(Api::Global, Echo::Upper).await;
 }
+
+/// The reqwest middleware and `ReqwestTransport` over TCP: every
+/// `Authorization` the middleware attaches (first token, cached token,
+/// replay after a 401) is sensitive, `Debug` of the requests hides it, and
+/// neither the log nor a hostile `/oauth`'s error shows a secret or a token.
+#[cfg(feature = "reqwest")]
+mod reqwest_path {
+    use std::sync::{Arc, Mutex};
+
+    use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+    use reqwest_middleware::{Middleware, Next};
+    use volt_auth::VoltAuthLayer;
+    use volt_auth::mock::{self, MockVolt};
+    use volt_auth::reqwest::ReqwestTransport;
+
+    use super::{capture, log_text};
+
+    /// After the auth middleware: records each request's `Authorization`
+    /// sensitivity and its `Debug`.
+    /// Per request: whether its `Authorization` was sensitive, and its `Debug`.
+    type Seen = Vec<(Option<bool>, String)>;
+
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Seen>>);
+
+    impl Middleware for Recorder {
+        fn handle<'a, 'b, 'c, 'd>(
+            &'a self,
+            request: reqwest::Request,
+            extensions: &'b mut http::Extensions,
+            next: Next<'c>,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = reqwest_middleware::Result<reqwest::Response>>
+                    + Send
+                    + 'd,
+            >,
+        >
+        where
+            'a: 'd,
+            'b: 'd,
+            'c: 'd,
+            Self: 'd,
+        {
+            let sensitive = request
+                .headers()
+                .get(AUTHORIZATION)
+                .map(|v| v.is_sensitive());
+            self.0
+                .lock()
+                .unwrap()
+                .push((sensitive, format!("{request:?}")));
+            Box::pin(next.run(request, extensions))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reqwest_headers_are_sensitive_and_nothing_leaks() {
+        capture();
+        let volt = MockVolt::start().await.unwrap();
+        let client = reqwest::Client::new();
+        let auth = VoltAuthLayer::builder(volt.credentials())
+            .base_url(&volt.url())
+            .build(ReqwestTransport::new(client.clone()))
+            .unwrap();
+        let recorder = Recorder::default();
+        let api = reqwest_middleware::ClientBuilder::new(client.clone())
+            .with(auth.middleware())
+            .with(recorder.clone())
+            .build();
+        let banks = format!("{}/banks", volt.url());
+        // First token (waits for the grant), then the cached one.
+        for _ in 0..2 {
+            let response = api.get(&banks).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+        }
+        // A 401, then the replay with the new token.
+        volt.revoke_access_tokens();
+        let response = api
+            .post(format!("{}/v2/payments", volt.url()))
+            .header(CONTENT_TYPE, "application/json")
+            .body(r#"{"amount":1,"currencyCode":"EUR"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        assert_eq!(auth.stats().replays, 1);
+
+        // A hostile `/oauth` echoing everything, on a layer with no token.
+        let other = VoltAuthLayer::builder(volt.credentials())
+            .base_url(&volt.url())
+            .build(ReqwestTransport::new(client.clone()))
+            .unwrap();
+        let other_api = reqwest_middleware::ClientBuilder::new(client)
+            .with(other.middleware())
+            .build();
+        volt.fail_oauth(
+            1,
+            http::StatusCode::UNAUTHORIZED,
+            format!(
+                r#"{{"error":"invalid_client","error_description":"secret {} password {}"}}"#,
+                mock::CLIENT_SECRET,
+                mock::PASSWORD
+            ),
+        );
+        let err = other_api.get(&banks).send().await.unwrap_err();
+        let shown = format!("{err} | {err:?} | {err:#?}");
+
+        let recorded = recorder.0.lock().unwrap().clone();
+        assert_eq!(recorded.len(), 4, "{recorded:?}");
+        let mut secrets = vec![mock::CLIENT_SECRET.to_owned(), mock::PASSWORD.to_owned()];
+        secrets.extend(volt.issued_access_tokens());
+        secrets.extend(volt.issued_refresh_tokens());
+        let log = log_text();
+        for (sensitive, debug) in &recorded {
+            assert_eq!(*sensitive, Some(true), "{debug}");
+            for secret in &secrets {
+                assert!(!debug.contains(secret.as_str()), "{debug}");
+            }
+        }
+        for secret in &secrets {
+            assert!(!shown.contains(secret.as_str()), "{shown}");
+            assert!(!log.contains(secret.as_str()), "{log}");
+        }
+        assert!(shown.contains("[redacted]"), "{shown}");
+    }
+}
+
+/// The mock records what each `/oauth` request carried; its `Debug` (printed
+/// by any failing assertion that shows the records) hides the secrets.
+#[tokio::test]
+async fn mock_oauth_request_debug_hides_secrets() {
+    use volt_auth::mock::{self, MockVolt};
+    let volt = MockVolt::builder().in_process();
+    let auth = VoltAuthLayer::builder(volt.credentials())
+        .base_url(&volt.url())
+        .build(volt.service())
+        .unwrap();
+    let token = auth.access_token().await.unwrap();
+    auth.reject(&token);
+    drop(token);
+    auth.access_token().await.unwrap();
+    let requests = volt.oauth_requests();
+    assert_eq!(requests.len(), 2);
+    // The values stay reachable for assertions.
+    assert_eq!(requests[0].field("password"), Some(mock::PASSWORD));
+    let shown = format!("{requests:?} {requests:#?}");
+    let mut secrets = vec![mock::CLIENT_SECRET.to_owned(), mock::PASSWORD.to_owned()];
+    secrets.extend(volt.issued_refresh_tokens());
+    for secret in &secrets {
+        assert!(!shown.contains(secret.as_str()), "{secret}: {shown}");
+    }
+    assert!(
+        shown.contains("grant_type") && shown.contains(mock::CLIENT_ID),
+        "{shown}"
+    );
+}
