@@ -24,6 +24,7 @@ use std::net::IpAddr;
 use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
 
 /// The credentials of a Volt API user: the application's client id and secret,
 /// and the API user's name and password.
@@ -48,9 +49,9 @@ impl Credentials {
     ) -> Self {
         Self {
             client_id: client_id.into(),
-            client_secret: SecretString::from(client_secret.into()),
+            client_secret: secret(client_secret.into()),
             username: username.into(),
-            password: SecretString::from(password.into()),
+            password: secret(password.into()),
         }
     }
 
@@ -97,6 +98,14 @@ impl Credentials {
     pub(crate) fn password(&self) -> &str {
         self.password.expose_secret()
     }
+}
+
+/// `text` as a secret, its buffer wiped. (`SecretString::from(String)` makes a
+/// boxed `str`, which moves a string with spare capacity to a new allocation
+/// and frees the old one unwiped.)
+pub(crate) fn secret(text: String) -> SecretString {
+    let text = Zeroizing::new(text);
+    SecretString::from(text.as_str())
 }
 
 impl fmt::Debug for Credentials {

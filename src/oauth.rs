@@ -25,7 +25,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
 use zeroize::Zeroizing;
 
-use crate::config::{Api, Credentials};
+use crate::config::{Api, Credentials, secret};
 
 mod bearer;
 use crate::error::{Error, ErrorResponse, GrantType};
@@ -232,8 +232,8 @@ fn parse_success(grant: GrantType, status: StatusCode, body: &[u8]) -> Result<To
         .and_then(string)
         .filter(|token| !token.is_empty());
     Ok(Token {
-        access: SecretString::from(access_token),
-        refresh: refresh.map(SecretString::from),
+        access: secret(access_token),
+        refresh: refresh.map(secret),
         header,
         received_at: Instant::now(),
         lifetime,
