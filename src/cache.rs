@@ -234,6 +234,14 @@ impl TokenCache {
         let _ = Shared::begin(&self.shared, Some(rejected));
     }
 
+    /// A 401 to a call made outside the layer with the token of `ticket`:
+    /// [`TokenCache::invalidate`], if the token came from this cache.
+    pub(crate) fn reject(&self, ticket: &Ticket) {
+        if ticket.cache == self.shared.id {
+            self.invalidate(ticket.generation);
+        }
+    }
+
     /// A response other than 401 to a request that carried `generation`: a
     /// token from a forced refresh that the server accepts ends the throttle's
     /// escalation.

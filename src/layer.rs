@@ -11,7 +11,7 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower::{BoxError, Layer, Service};
 
-use crate::cache::{Settings, Stats, TokenCache};
+use crate::cache::{Settings, Stats, Ticket, TokenCache};
 use crate::config::{Api, ConfigError, Credentials, Endpoint, Environment, Origin};
 use crate::error::Error;
 use crate::oauth::{self, OAuthClient, Token};
@@ -120,7 +120,7 @@ impl<P> VoltAuthLayer<P> {
         let lease = self.auth.cache.token().await?;
         Ok(AccessToken {
             token: lease.token,
-            generation: lease.ticket.generation,
+            ticket: lease.ticket,
         })
     }
 
@@ -130,8 +130,9 @@ impl<P> VoltAuthLayer<P> {
     /// [`access_token`](Self::access_token) waits for a new one. A report of a
     /// token already replaced changes nothing, and refreshes forced this way
     /// are throttled like the layer's own (see the README's *401 recovery*).
+    /// A token from another layer's cache is ignored.
     pub fn reject(&self, token: &AccessToken) {
-        self.auth.cache.invalidate(token.generation);
+        self.auth.cache.reject(&token.ticket);
     }
 
     /// Counters: `/oauth` attempts by grant and outcome, refreshes, 401
@@ -357,8 +358,9 @@ impl<P> fmt::Debug for Builder<P> {
 #[derive(Clone)]
 pub struct AccessToken {
     token: Arc<Token>,
-    /// Which of the cache's tokens this is, for [`VoltAuthLayer::reject`].
-    generation: u64,
+    /// Which cache and which of its tokens this is, for
+    /// [`VoltAuthLayer::reject`].
+    ticket: Ticket,
 }
 
 impl AccessToken {

@@ -1284,3 +1284,21 @@ async fn reject_drops_a_token_rejected_outside_the_layer_once() {
     assert_eq!(again.expose_secret(), mock.issued_access_tokens()[1]);
     assert_eq!(mock.oauth_calls(), 2);
 }
+
+/// `reject` on one layer with a token of another changes neither cache.
+#[tokio::test]
+async fn reject_ignores_a_token_from_another_layer() {
+    let (one, other) = (
+        MockVolt::builder().in_process(),
+        MockVolt::builder().in_process(),
+    );
+    let (auth, elsewhere) = (layer(&one), layer(&other));
+    let theirs = elsewhere.access_token().await.expect("a token");
+    let mine = auth.access_token().await.expect("a token");
+    auth.reject(&theirs);
+    let again = auth.access_token().await.expect("a token");
+    assert_eq!(again.expose_secret(), mine.expose_secret());
+    let theirs_again = elsewhere.access_token().await.expect("a token");
+    assert_eq!(theirs_again.expose_secret(), theirs.expose_secret());
+    assert_eq!((one.oauth_calls(), other.oauth_calls()), (1, 1));
+}

@@ -43,7 +43,7 @@ pub(super) fn registered(id: u64) -> bool {
 /// The request's token generation and where to report its response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Ticket {
-    cache: u64,
+    pub(super) cache: u64,
     pub(crate) generation: u64,
     /// The token came from a refresh a 401 forced and no response has
     /// accepted it yet.
