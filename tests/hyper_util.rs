@@ -165,9 +165,11 @@ async fn transport_errors_are_the_clients_and_token_errors_are_ours() {
     assert_eq!(volt.api_calls(), 0);
 
     // Another origin nobody listens on: the client's own error, untouched.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // The port stays bound (and never listens) until the test ends: a port
+    // freed here could be taken by a mock another test starts meanwhile.
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind(([127, 0, 0, 1], 0).into()).unwrap();
     let port = closed.local_addr().unwrap().port();
-    drop(closed);
     let request = Request::get(format!("http://127.0.0.1:{port}/banks"))
         .body(Full::default())
         .unwrap();
@@ -178,4 +180,5 @@ async fn transport_errors_are_the_clients_and_token_errors_are_ours() {
         .unwrap();
     assert!(error.is_connect());
     assert_eq!(volt.oauth_calls(), 1);
+    drop(closed);
 }
