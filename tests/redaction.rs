@@ -4,8 +4,7 @@
 //! and searched for the configured secrets and every token the mock issued.
 
 use std::convert::Infallible;
-use std::io;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,59 +17,17 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_http::trace::{DefaultMakeSpan, DefaultOnRequest, DefaultOnResponse, TraceLayer};
 use tracing::Level;
-use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::fmt::format::FmtSpan;
 use volt_auth::mock::{self, Broken, MockVolt};
 use volt_auth::{Credentials, Error, VoltAuthLayer};
+
+mod common;
+
+use common::log::{capture, log_text};
 
 const MS: Duration = Duration::from_millis(1);
 const SEC: Duration = Duration::from_secs(1);
 /// A wrong client secret configured on one layer: it must not leak either.
 const WRONG_SECRET: &str = "wrong-client-secret-7f3a9c";
-
-/// Everything every subscriber writer wrote.
-#[derive(Clone)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-/// Installs, once for this test binary, a global TRACE subscriber writing
-/// into a shared buffer (span events included), and returns the buffer.
-fn capture() -> &'static Capture {
-    static CAPTURE: OnceLock<Capture> = OnceLock::new();
-    CAPTURE.get_or_init(|| {
-        let capture = Capture(Arc::default());
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(Level::TRACE)
-            .with_ansi(false)
-            .with_span_events(FmtSpan::FULL)
-            .with_writer(capture.clone())
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
-        capture
-    })
-}
-
-fn log_text() -> String {
-    String::from_utf8_lossy(&capture().0.lock().unwrap()).into_owned()
-}
 
 /// The secrets and every token `mock` issued.
 fn secrets(mock: &MockVolt) -> Vec<String> {

@@ -2,61 +2,22 @@
 //! may echo them in: form-encoded, percent-encoded, JSON-escaped, in another
 //! case. None may reach an error's `Display`/`Debug` or the log.
 
-use std::io;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use tracing::Level;
-use tracing_subscriber::fmt::MakeWriter;
 use volt_auth::{Api, Credentials, Endpoint, Error, VoltAuthLayer};
+
+mod common;
+
+use common::log::{capture, log_text};
 
 /// Strong secrets hold characters that form and JSON encodings change.
 const CLIENT_SECRET: &str = "cs+Zm9v/YmFy=Q";
 const PASSWORD: &str = "Pa55 w0rd/+&=\"q\\u!";
 const REFRESH_TOKEN: &str = "rt+ab/cdEF==";
 const ACCESS_TOKEN: &str = "at-ok-0123";
-
-#[derive(Clone)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-fn capture() -> &'static Capture {
-    static CAPTURE: OnceLock<Capture> = OnceLock::new();
-    CAPTURE.get_or_init(|| {
-        let capture = Capture(Arc::default());
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(Level::TRACE)
-            .with_ansi(false)
-            .with_writer(capture.clone())
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
-        capture
-    })
-}
-
-fn log_text() -> String {
-    String::from_utf8_lossy(&capture().0.lock().unwrap()).into_owned()
-}
 
 /// How the hostile server spells the request it echoes.
 #[derive(Clone, Copy, Debug)]

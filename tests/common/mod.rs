@@ -2,6 +2,8 @@
 //! mock server. Each test binary uses some of them.
 #![allow(dead_code)]
 
+pub mod log;
+
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};

@@ -1,0 +1,55 @@
+//! All tracing output of a test binary, captured at TRACE by one global
+//! subscriber (so that spawned refresh tasks log into it too), for tests that
+//! search it for secrets.
+
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tracing::Level;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::format::FmtSpan;
+
+/// Everything every subscriber writer wrote.
+#[derive(Clone)]
+pub struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Capture {
+    type Writer = Capture;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Installs, once for this test binary, a global TRACE subscriber writing
+/// into a shared buffer (span events included), and returns the buffer.
+pub fn capture() -> &'static Capture {
+    static CAPTURE: OnceLock<Capture> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let capture = Capture(Arc::default());
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(Level::TRACE)
+            .with_ansi(false)
+            .with_span_events(FmtSpan::FULL)
+            .with_writer(capture.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+        capture
+    })
+}
+
+/// What was logged so far.
+pub fn log_text() -> String {
+    String::from_utf8_lossy(&capture().0.lock().unwrap()).into_owned()
+}
