@@ -345,8 +345,10 @@ fn scrub(text: &str, secrets: &[&str]) -> String {
         .flat_map(|secret| spellings(secret))
         .filter(|spelling| spelling.len() >= 4)
         .collect();
-    // Longest first, so that a secret holding another is blanked out whole.
-    spellings.sort_by_key(|spelling| std::cmp::Reverse(spelling.len()));
+    // Longest first, so that a secret holding another is blanked out whole;
+    // a spelling that several encodings leave alike is searched for once.
+    spellings.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    spellings.dedup();
     for spelling in &spellings {
         clean = redact(&clean, spelling);
     }
