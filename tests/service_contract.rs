@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tower::{BoxError, Layer, Service, ServiceExt};
 use volt_auth::mock::{MockService, MockVolt};
+use volt_auth::{VoltAuth, VoltAuthLayer};
 
 mod common;
 
@@ -169,6 +170,19 @@ impl Service<Request<Body>> for Probe {
     }
 }
 
+/// `probe` behind a new layer over `mock`, warmed up with a `GET /banks`
+/// answered 200: the layer, the probe's counts and the service.
+async fn warmed(mock: &MockVolt, probe: Probe) -> (VoltAuthLayer, Arc<Counts>, VoltAuth<Probe>) {
+    let auth = layer(mock);
+    let counts = probe.counts.clone();
+    let mut api = auth.layer(probe);
+    assert_eq!(
+        send(&mut api, get(mock, "/banks")).await.status(),
+        StatusCode::OK
+    );
+    (auth, counts, api)
+}
+
 fn snapshot(counts: &Counts) -> (usize, usize, usize) {
     (
         counts.ready.load(Ordering::SeqCst),
@@ -183,16 +197,9 @@ fn snapshot(counts: &Counts) -> (usize, usize, usize) {
 #[tokio::test]
 async fn an_inner_future_pending_several_times_before_a_401_is_replayed_once() {
     let mock = MockVolt::builder().in_process();
-    let auth = layer(&mock);
     let mut probe = Probe::new(&mock);
     probe.pending = 5;
-    let counts = probe.counts.clone();
-    let mut api = auth.layer(probe);
-
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    let (auth, counts, mut api) = warmed(&mock, probe).await;
     assert_eq!(counts.future_polls.load(Ordering::SeqCst), 6);
     mock.revoke_access_tokens();
 
@@ -219,17 +226,11 @@ async fn an_inner_future_pending_several_times_before_a_401_is_replayed_once() {
 #[tokio::test(start_paused = true)]
 async fn an_inner_future_woken_from_outside_is_not_lost_or_spun() {
     let mock = MockVolt::builder().in_process();
-    let auth = layer(&mock);
     let mut probe = Probe::new(&mock);
     let gate = Arc::new(Semaphore::new(0));
     probe.gate = Some(gate.clone());
     probe.gate_from = 1; // the warm-up goes through
-    let counts = probe.counts.clone();
-    let mut api = auth.layer(probe);
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    let (_, counts, api) = warmed(&mock, probe).await;
     mock.revoke_access_tokens();
 
     let task = tokio::spawn(api.clone().oneshot(payment(&mock, b"{}")));
@@ -263,7 +264,6 @@ async fn an_inner_future_woken_from_outside_is_not_lost_or_spun() {
 #[tokio::test(start_paused = true)]
 async fn expired_at_call_time_then_a_401_refreshes_once_more_and_replays_once() {
     let mock = Arc::new(MockVolt::builder().in_process());
-    let auth = layer(&mock);
     let mut probe = Probe::new(&mock);
     let revoke = mock.clone();
     // The second call (the first after the expiry-driven refresh) finds its
@@ -273,13 +273,8 @@ async fn expired_at_call_time_then_a_401_refreshes_once_more_and_replays_once() 
             revoke.revoke_access_tokens();
         }
     }));
-    let counts = probe.counts.clone();
-    let mut api = auth.layer(probe);
     let t0 = Instant::now();
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    let (auth, counts, mut api) = warmed(&mock, probe).await;
 
     sleep_until(t0 + secs(3571)).await; // past the 30 s margin
     let response = send(&mut api, payment(&mock, b"{\"amount\":7}")).await;
@@ -310,15 +305,9 @@ async fn expired_at_call_time_then_a_401_refreshes_once_more_and_replays_once() 
 #[tokio::test(start_paused = true)]
 async fn expired_at_call_time_with_every_token_rejected_costs_two_oauth_calls_and_one_replay() {
     let mock = MockVolt::builder().in_process();
-    let auth = layer(&mock);
     let probe = Probe::new(&mock);
-    let counts = probe.counts.clone();
-    let mut api = auth.layer(probe);
     let t0 = Instant::now();
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    let (auth, counts, mut api) = warmed(&mock, probe).await;
     sleep_until(t0 + secs(3571)).await;
     mock.reject_all_tokens(true);
     let response = send(&mut api, payment(&mock, b"{}")).await;
@@ -341,15 +330,9 @@ async fn expired_at_call_time_with_every_token_rejected_costs_two_oauth_calls_an
 #[tokio::test(start_paused = true)]
 async fn stale_at_call_time_then_a_401_waits_for_the_background_refresh() {
     let mock = MockVolt::builder().in_process();
-    let auth = layer(&mock);
     let probe = Probe::new(&mock);
-    let counts = probe.counts.clone();
-    let mut api = auth.layer(probe);
     let t0 = Instant::now();
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    let (auth, counts, api) = warmed(&mock, probe).await;
 
     sleep_until(t0 + secs(3301)).await; // inside the refresh-ahead window
     mock.revoke_access_tokens();
@@ -435,17 +418,11 @@ async fn dropping_the_future_while_it_renews_after_a_401_hangs_nobody() {
 #[tokio::test(start_paused = true)]
 async fn dropping_the_future_during_the_replay_leaves_the_cache_usable() {
     let mock = MockVolt::builder().in_process();
-    let auth = layer(&mock);
     let mut probe = Probe::new(&mock);
     let gate = Arc::new(Semaphore::new(0));
     probe.gate = Some(gate.clone());
     probe.gate_from = 2; // warm-up and the 401 go through; the replay waits
-    let counts = probe.counts.clone();
-    let api = auth.layer(probe);
-    assert_eq!(
-        send(&mut api.clone(), get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    let (auth, counts, api) = warmed(&mock, probe).await;
     mock.revoke_access_tokens();
     let task = tokio::spawn(api.clone().oneshot(payment(&mock, b"{}")));
     sleep(ms(1)).await;
@@ -505,14 +482,8 @@ async fn dropping_the_future_while_it_waits_for_a_token_releases_the_ready_servi
 #[tokio::test]
 async fn polling_again_after_a_replayed_success_sends_nothing() {
     let mock = MockVolt::builder().in_process();
-    let auth = layer(&mock);
     let probe = Probe::new(&mock);
-    let counts = probe.counts.clone();
-    let mut api = auth.layer(probe);
-    assert_eq!(
-        send(&mut api, get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
+    let (_, counts, mut api) = warmed(&mock, probe).await;
     mock.revoke_access_tokens();
     api.ready().await.expect("ready");
     let mut future = Box::pin(api.call(payment(&mock, b"{}")));
