@@ -7,10 +7,9 @@
 
 use std::convert::Infallible;
 use std::future::{Future, Ready, ready};
-use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,6 +24,10 @@ use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_http::trace::{DefaultMakeSpan, TraceLayer};
 use volt_auth::mock::{self, MockService, MockVolt};
 use volt_auth::{Builder, VoltAuthLayer};
+
+mod common;
+
+use common::log::Capture;
 
 type Req = Request<Full<Bytes>>;
 
@@ -465,29 +468,9 @@ async fn the_limited_service_must_not_be_the_oauth_transport() {
 // TraceLayer
 // ---------------------------------------------------------------------------
 
-/// Captures what a `tracing_subscriber::fmt` subscriber writes.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-}
-
-impl io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
-    let logs = Logs::default();
+/// This thread's tracing output at DEBUG, while the guard lives.
+fn capture() -> (Capture, tracing::subscriber::DefaultGuard) {
+    let logs = Capture::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::DEBUG)

@@ -1,6 +1,6 @@
-//! All tracing output of a test binary, captured at TRACE by one global
-//! subscriber (so that spawned refresh tasks log into it too), for tests that
-//! search it for secrets.
+//! Tracing output captured for tests that search it: all of a test binary's,
+//! at TRACE, by one global subscriber (so that spawned refresh tasks log into
+//! it too), or a subscriber's own through a [`Capture`] writer.
 
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -9,9 +9,16 @@ use tracing::Level;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
-/// Everything every subscriber writer wrote.
-#[derive(Clone)]
+/// Everything a subscriber's writers wrote.
+#[derive(Clone, Default)]
 pub struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Capture {
+    /// What was written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
 
 impl io::Write for Capture {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -37,7 +44,7 @@ impl<'a> MakeWriter<'a> for Capture {
 pub fn capture() -> &'static Capture {
     static CAPTURE: OnceLock<Capture> = OnceLock::new();
     CAPTURE.get_or_init(|| {
-        let capture = Capture(Arc::default());
+        let capture = Capture::default();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(Level::TRACE)
             .with_ansi(false)
@@ -51,5 +58,5 @@ pub fn capture() -> &'static Capture {
 
 /// What was logged so far.
 pub fn log_text() -> String {
-    String::from_utf8_lossy(&capture().0.lock().unwrap()).into_owned()
+    capture().text()
 }
