@@ -29,7 +29,7 @@ use volt_auth::{Api, ConfigError, GrantType, VoltAuthLayer};
 
 mod common;
 
-use common::{Body, GUARD, Recorder, banks_ok, bearer, builder, get, layer, send};
+use common::{Body, GUARD, Recorder, banks_ok, bearer, builder, get, joined, layer, send};
 type HttpClient = Client<HttpConnector, Body>;
 
 fn secs(n: u64) -> Duration {
@@ -151,11 +151,7 @@ where
     hold.release();
 
     for task in tasks {
-        let status = timeout(GUARD, task)
-            .await
-            .expect("request finished")
-            .expect("task")
-            .expect("response");
+        let status = joined(task).await;
         assert_eq!(status, StatusCode::OK);
     }
     assert_eq!(mock.oauth_calls(), 1);

@@ -33,7 +33,7 @@ use volt_auth::{ConfigError, DefaultReplay, NoReplay, VoltAuth};
 
 mod common;
 
-use common::{Body, GUARD, Recorder, banks_ok, bearer, builder, get, layer, send};
+use common::{Body, GUARD, Recorder, banks_ok, bearer, builder, get, joined, layer, send};
 type HttpClient = Client<HttpConnector, Body>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -330,11 +330,7 @@ async fn hundred_concurrent_requests_after_a_revocation_cost_one_oauth_call_over
     hold.release();
 
     for (i, task) in tasks.into_iter().enumerate() {
-        let (status, body) = timeout(GUARD, task)
-            .await
-            .expect("finished")
-            .expect("task")
-            .expect("response");
+        let (status, body) = joined(task).await;
         assert_eq!(status, StatusCode::CREATED);
         assert_eq!(
             json(&body)["digest"],
@@ -614,11 +610,7 @@ async fn concurrent_requests_to_a_server_rejecting_every_token_get_one_replay_ea
     assert_eq!(mock.unauthorized(), HUNDRED);
     hold.release();
     for task in tasks {
-        let response = timeout(GUARD, task)
-            .await
-            .expect("finished")
-            .expect("task")
-            .expect("response");
+        let response = joined(task).await;
         assert_unchanged_401(response).await;
     }
     // One forced refresh; each request replayed once with its result.
@@ -1270,11 +1262,7 @@ async fn reject_drops_a_token_rejected_outside_the_layer_once() {
         })
         .collect();
     for task in tasks {
-        let token = timeout(GUARD, task)
-            .await
-            .expect("no hang")
-            .expect("task")
-            .expect("a token");
+        let token = joined(task).await;
         assert_eq!(token.expose_secret(), mock.issued_access_tokens()[1]);
     }
     assert_eq!((mock.password_grants(), mock.refresh_grants()), (1, 1));

@@ -26,7 +26,7 @@ use volt_auth::{VoltAuth, VoltAuthLayer};
 
 mod common;
 
-use common::{Body, GUARD, bearer, get, layer, send};
+use common::{Body, GUARD, bearer, get, joined, layer, send};
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
@@ -249,11 +249,7 @@ async fn an_inner_future_woken_from_outside_is_not_lost_or_spun() {
     assert_eq!(mock.api_calls(), 2);
     assert_eq!(mock.oauth_calls(), 2);
     gate.add_permits(1);
-    let response = timeout(GUARD, task)
-        .await
-        .expect("guard")
-        .expect("task")
-        .expect("response");
+    let response = joined(task).await;
     assert_eq!(response.status(), StatusCode::CREATED);
     assert_eq!(mock.api_calls(), 3);
     assert_eq!(snapshot(&counts), (3, 3, 0));
@@ -347,11 +343,7 @@ async fn stale_at_call_time_then_a_401_waits_for_the_background_refresh() {
     assert!(!task.is_finished());
     assert_eq!(mock.oauth_calls(), 2);
     hold.release();
-    let response = timeout(GUARD, task)
-        .await
-        .expect("guard")
-        .expect("task")
-        .expect("response");
+    let response = joined(task).await;
     assert_eq!(response.status(), StatusCode::CREATED);
     assert_eq!(mock.oauth_calls(), 2);
     assert_eq!(mock.refresh_grants(), 1);
@@ -394,11 +386,7 @@ async fn dropping_the_future_while_it_renews_after_a_401_hangs_nobody() {
     assert_eq!(hold.waiting(), 1, "the refresh was not cancelled");
     hold.release();
     for task in others {
-        let response = timeout(GUARD, task)
-            .await
-            .expect("guard")
-            .expect("task")
-            .expect("response");
+        let response = joined(task).await;
         assert_eq!(response.status(), StatusCode::OK);
     }
     assert_eq!(mock.oauth_calls(), 2);
@@ -523,11 +511,7 @@ async fn many_tasks_waiting_for_a_token_that_is_then_revoked_cost_two_oauth_call
         .map(|_| tokio::spawn(api.clone().oneshot(get(&mock, "/banks"))))
         .collect();
     for task in tasks {
-        let response = timeout(GUARD, task)
-            .await
-            .expect("guard")
-            .expect("task")
-            .expect("response");
+        let response = joined(task).await;
         assert_eq!(response.status(), StatusCode::OK);
     }
     assert_eq!(mock.oauth_calls(), 2);

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response};
 use http_body_util::Full;
+use tokio::time::timeout;
 use tower::{BoxError, Service, ServiceExt};
 use volt_auth::mock::{MockFuture, MockService, MockVolt};
 use volt_auth::{Builder, VoltAuthLayer};
@@ -64,6 +65,15 @@ pub fn get(mock: &MockVolt, path: &str) -> Request<Body> {
     Request::get(format!("{}{path}", mock.url()))
         .body(Body::default())
         .expect("request")
+}
+
+/// What a spawned task returned, which must be `Ok`, within [`GUARD`].
+pub async fn joined<T, E: std::fmt::Debug>(task: tokio::task::JoinHandle<Result<T, E>>) -> T {
+    timeout(GUARD, task)
+        .await
+        .expect("the task finished within the guard")
+        .expect("the task did not panic")
+        .expect("the task's result")
 }
 
 /// The Authorization value the mock records for `token`.
