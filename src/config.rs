@@ -56,11 +56,13 @@ impl Credentials {
     }
 
     /// Reads `VOLT_CLIENT_ID`, `VOLT_CLIENT_SECRET`, `VOLT_USERNAME` and
-    /// `VOLT_PASSWORD`.
+    /// `VOLT_PASSWORD`, without surrounding whitespace (such as the newline a
+    /// secret file mounted into the environment often ends with). Use
+    /// [`Credentials::new`] for values whose ends must be kept as they are.
     ///
     /// # Errors
     /// [`ConfigError::MissingVariable`] naming the first variable that is unset,
-    /// empty or not unicode.
+    /// blank or not unicode.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(&env_lookup)
     }
@@ -69,9 +71,12 @@ impl Credentials {
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
         let get = |name: &'static str| {
-            lookup(name)
-                .filter(|value| !value.trim().is_empty())
-                .ok_or(ConfigError::MissingVariable(name))
+            // Trimmed into a new string; the read one is wiped.
+            let value = Zeroizing::new(lookup(name).unwrap_or_default());
+            match value.trim() {
+                "" => Err(ConfigError::MissingVariable(name)),
+                trimmed => Ok(trimmed.to_owned()),
+            }
         };
         Ok(Self::new(
             get("VOLT_CLIENT_ID")?,
@@ -777,6 +782,28 @@ mod tests {
     }
 
     #[test]
+    fn env_credentials_lose_surrounding_whitespace() {
+        let vars = [
+            ("VOLT_CLIENT_ID", " id-1\n"),
+            ("VOLT_CLIENT_SECRET", "s3cret\r\n"),
+            ("VOLT_USERNAME", "\tapi-user "),
+            ("VOLT_PASSWORD", "pass word\n"),
+        ];
+        let credentials = Credentials::from_lookup(&lookup(&vars)).unwrap();
+        assert_eq!(credentials.client_id(), "id-1");
+        assert_eq!(credentials.client_secret(), "s3cret");
+        assert_eq!(credentials.username(), "api-user");
+        // Only the ends: inner whitespace is part of the value.
+        assert_eq!(credentials.password(), "pass word");
+        // Given directly, values are kept exactly.
+        let exact = Credentials::new(" id ", " secret\n", " user", "password ");
+        assert_eq!(exact.client_id(), " id ");
+        assert_eq!(exact.client_secret(), " secret\n");
+        assert_eq!(exact.username(), " user");
+        assert_eq!(exact.password(), "password ");
+    }
+
+    #[test]
     fn env_configuration_names_the_missing_variable() {
         for missing in [
             "VOLT_CLIENT_ID",
@@ -792,7 +819,7 @@ mod tests {
             let err = Credentials::from_lookup(&lookup(&vars)).unwrap_err();
             assert_eq!(err, ConfigError::MissingVariable(missing));
             assert!(err.to_string().contains(missing));
-            // Empty counts as missing.
+            // Blank counts as missing.
             let vars: Vec<_> = FULL
                 .iter()
                 .map(|&(k, v)| if k == missing { (k, "  ") } else { (k, v) })

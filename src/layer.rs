@@ -21,6 +21,9 @@ use crate::service::VoltAuth;
 /// The longest backoff [`Builder::backoff`] accepts: waits are added to the
 /// clock, which a duration like [`Duration::MAX`] would overflow.
 const MAX_BACKOFF: Duration = Duration::from_secs(24 * 60 * 60);
+/// The longest wait for one `/oauth` answer: a refresh that hangs longer than
+/// this would use up the refresh-ahead window instead of being retried.
+const MAX_TOKEN_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
 /// Attaches a Volt bearer token to every request of the services it wraps.
 ///
@@ -246,7 +249,9 @@ impl<P> Builder<P> {
         self
     }
 
-    /// How long one `/oauth` request may take (default 5 seconds).
+    /// How long one `/oauth` request may take (default 5 seconds; checked when
+    /// the layer is built: positive and at most 5 minutes, so that a hung
+    /// token endpoint is given up on and retried while the token is valid).
     pub fn token_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -283,8 +288,9 @@ impl<P> Builder<P> {
     ///
     /// # Errors
     /// A [`ConfigError`] for an invalid base URL or origin, or settings out of
-    /// range (a zero timeout or backoff, a backoff maximum over a day, a margin
-    /// larger than the refresh-ahead window).
+    /// range (a zero token timeout or one over 5 minutes, a zero backoff, a
+    /// backoff maximum over a day, a margin larger than the refresh-ahead
+    /// window).
     pub fn build<T, ReqBody, ResBody>(self, transport: T) -> Result<VoltAuthLayer<P>, ConfigError>
     where
         T: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,
@@ -300,6 +306,11 @@ impl<P> Builder<P> {
         if self.timeout.is_zero() {
             return Err(ConfigError::InvalidSetting(
                 "the token timeout must be positive",
+            ));
+        }
+        if self.timeout > MAX_TOKEN_TIMEOUT {
+            return Err(ConfigError::InvalidSetting(
+                "the token timeout must be at most 5 minutes",
             ));
         }
         if settings.backoff_min.is_zero() || settings.backoff_min > settings.backoff_max {
@@ -426,6 +437,18 @@ mod tests {
                 "the backoff needs 0 < min <= max"
             ))
         );
+    }
+
+    #[test]
+    fn the_token_timeout_is_at_most_five_minutes() {
+        let too_long = ConfigError::InvalidSetting("the token timeout must be at most 5 minutes");
+        let five_minutes = Duration::from_secs(5 * 60);
+        for timeout in [Duration::MAX, five_minutes + Duration::from_nanos(1)] {
+            let built = build(builder().token_timeout(timeout));
+            assert_eq!(built.err(), Some(too_long.clone()), "{timeout:?}");
+        }
+        assert!(build(builder().token_timeout(five_minutes)).is_ok());
+        assert!(build(builder().token_timeout(Duration::from_nanos(1))).is_ok());
     }
 
     #[test]
