@@ -25,7 +25,8 @@ use volt_auth::mock::MockVolt;
 async fn main() -> Result<(), BoxError> {
     // Your own hyper-util client; here over rustls (ring, Mozilla's roots),
     // speaking https, and plain http for the mock on loopback.
-    // (`volt_auth::client::https_client()` builds the same.)
+    // (`volt_auth::client::https_client()` builds one like it, with a connect
+    // timeout and a pool timer added.)
     let connector = HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))?
         .https_or_http()

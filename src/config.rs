@@ -1,22 +1,6 @@
 //! What the layer needs to know before it can authenticate: the API user's
-//! [`Credentials`] and the [`Endpoint`] (which Volt API, which environment).
-//!
-//! Both can be built in code or read from the `VOLT_*` environment variables.
-//!
-//! ```
-//! use volt_auth::{Api, Credentials, Endpoint, Environment};
-//!
-//! let credentials = Credentials::new("client-id", "client-secret", "api-user", "password");
-//! assert!(!format!("{credentials:?}").contains("client-secret"));
-//!
-//! let endpoint = Endpoint::new(Api::Gateway, Environment::Sandbox);
-//! assert_eq!(endpoint.token_uri().to_string(), "https://api.sandbox.volt.io/oauth");
-//!
-//! // A plain-http URL is only accepted for loopback hosts, unless explicitly allowed.
-//! assert!(Endpoint::custom("http://127.0.0.1:8080").is_ok());
-//! assert!(Endpoint::custom("http://volt.example.com").is_err());
-//! assert!(Endpoint::custom_insecure("http://volt.example.com").is_ok());
-//! ```
+//! [`Credentials`] and the [`Endpoint`] (which Volt API, which environment),
+//! built in code or read from the `VOLT_*` environment variables.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -31,6 +15,13 @@ use zeroize::Zeroizing;
 ///
 /// `Debug` shows the client id and the username; the secret and the password are
 /// redacted, and both are zeroized when the last copy is dropped.
+///
+/// ```
+/// use volt_auth::Credentials;
+///
+/// let credentials = Credentials::new("client-id", "client-secret", "api-user", "password");
+/// assert!(!format!("{credentials:?}").contains("client-secret"));
+/// ```
 #[derive(Clone)]
 pub struct Credentials {
     client_id: String,
@@ -150,6 +141,18 @@ pub enum Environment {
 ///
 /// The token endpoint is `<base>/oauth`; the base URL's origin is also the
 /// origin that receives the bearer token.
+///
+/// ```
+/// use volt_auth::{Api, Endpoint, Environment};
+///
+/// let endpoint = Endpoint::new(Api::Gateway, Environment::Sandbox);
+/// assert_eq!(endpoint.token_uri(), "https://api.sandbox.volt.io/oauth");
+///
+/// // A plain-http URL is only accepted for loopback hosts, unless explicitly allowed.
+/// assert!(Endpoint::custom("http://127.0.0.1:8080").is_ok());
+/// assert!(Endpoint::custom("http://volt.example.com").is_err());
+/// assert!(Endpoint::custom_insecure("http://volt.example.com").is_ok());
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     base: Uri,
@@ -179,7 +182,7 @@ impl Endpoint {
     ///
     /// # Errors
     /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
-    /// without user info or a query (and with a numeric port, if any), and
+    /// with a host and without user info or a query (and with a numeric port, if any), and
     /// [`ConfigError::InsecureUrl`] for `http` to a host that is not loopback
     /// (see [`Endpoint::custom_insecure`]).
     pub fn custom(url: &str) -> Result<Self, ConfigError> {
@@ -196,7 +199,7 @@ impl Endpoint {
     ///
     /// # Errors
     /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
-    /// without user info or a query (and with a numeric port, if any).
+    /// with a host and without user info or a query (and with a numeric port, if any).
     pub fn custom_insecure(url: &str) -> Result<Self, ConfigError> {
         let invalid = |reason: &'static str| ConfigError::InvalidUrl {
             url: redact_url(url),

@@ -98,11 +98,15 @@ pub enum Error {
         #[source]
         source: Arc<dyn StdError + Send + Sync>,
     },
-    /// The token refresh panicked before it produced an answer. (A refresh
-    /// dropped with its runtime is no error: the next caller starts another.)
+    /// No answer will come: the token refresh panicked (backed off like any
+    /// failure), or a [`ResponseFuture`](crate::ResponseFuture) was polled
+    /// again after it had completed. A refresh dropped with its runtime is no
+    /// error: the next caller starts another.
     #[error("the token refresh stopped before it finished")]
     Interrupted,
-    /// There is no Tokio runtime to run the token refresh on.
+    /// There is no Tokio runtime to run the token refresh on: the first
+    /// request (or [`access_token`](crate::VoltAuthLayer::access_token)) was
+    /// made outside one.
     #[error("volt-auth needs a Tokio runtime to refresh tokens")]
     NoRuntime,
 }

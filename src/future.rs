@@ -25,7 +25,9 @@ pin_project! {
     ///
     /// It does not keep the token cache alive: a 401 that arrives after every
     /// layer and service sharing the cache has been dropped is returned as it
-    /// came, without a replay.
+    /// came, without a replay. Polled again after it has completed, it
+    /// returns [`Error::Interrupted`](crate::Error::Interrupted) and sends
+    /// nothing.
     #[project = Proj]
     pub struct ResponseFuture<S, B>
     where

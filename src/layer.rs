@@ -29,25 +29,35 @@ const MAX_TOKEN_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 ///
 /// Cheap to clone; every clone, every [`VoltAuth`] it makes and every clone of
 /// those share one token cache, so a process asks `/oauth` for one token at a
-/// time however many services and tasks use it.
+/// time however many services and tasks use it. Configure it with
+/// [`VoltAuthLayer::builder`] or [`VoltAuthLayer::from_env`].
 ///
-/// ```no_run
-/// # async fn run() -> Result<(), tower::BoxError> {
-/// use bytes::Bytes;
+/// When Volt answers 401 (a token revoked early), the layer refreshes once and
+/// replays the request once; the caller sees only the second answer:
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower::BoxError> {
 /// use http_body_util::Full;
-/// use hyper_util::client::legacy::Client;
-/// use hyper_util::rt::TokioExecutor;
 /// use tower::{Service, ServiceBuilder, ServiceExt};
-/// use volt_auth::{Credentials, Environment, VoltAuthLayer};
+/// use volt_auth::VoltAuthLayer;
+/// use volt_auth::mock::MockVolt;
 ///
-/// let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-/// let auth = VoltAuthLayer::builder(Credentials::from_env()?)
-///     .environment(Environment::Sandbox)
-///     .build(client.clone())?; // /oauth requests travel through this client too
-/// let mut api = ServiceBuilder::new().layer(auth.clone()).service(client);
+/// let volt = MockVolt::builder().in_process(); // a mock of Volt's API, no socket
+/// let auth = VoltAuthLayer::builder(volt.credentials())
+///     .base_url(&volt.url())
+///     .build(volt.service())?; // what /oauth requests travel through
+/// let mut api = ServiceBuilder::new().layer(auth.clone()).service(volt.service());
+/// let banks = || http::Request::get(format!("{}/banks", volt.url())).body(Full::default());
 ///
-/// let request = http::Request::get("https://api.sandbox.volt.io/banks").body(Full::default())?;
-/// let response = api.ready().await?.call(request).await?;
+/// let response = api.ready().await?.call(banks()?).await?;
+/// assert_eq!(response.status(), 200);
+///
+/// volt.revoke_access_tokens(); // the next call is answered 401 once
+/// let response = api.ready().await?.call(banks()?).await?;
+/// assert_eq!(response.status(), 200);
+/// assert_eq!(volt.unauthorized(), 1);
+/// assert_eq!(auth.stats().replays, 1);
 /// # Ok(()) }
 /// ```
 pub struct VoltAuthLayer<P = DefaultReplay> {
@@ -115,10 +125,13 @@ impl VoltAuthLayer {
 impl<P> VoltAuthLayer<P> {
     /// A valid access token from the same cache the services use, for calls
     /// made without tower. Waits for the one refresh when there is no valid
-    /// token.
+    /// token. Awaited at start-up, it checks the credentials before the first
+    /// request needs them.
     ///
     /// # Errors
-    /// The [`Error`] of the last `/oauth` attempt, when there is no valid token.
+    /// The [`Error`] of the last `/oauth` attempt, when there is no valid token
+    /// (during a backoff, at once); [`Error::NoRuntime`] outside a Tokio
+    /// runtime.
     pub async fn access_token(&self) -> Result<AccessToken, Error> {
         let lease = self.auth.cache.token().await?;
         Ok(AccessToken {
@@ -175,7 +188,47 @@ impl<S, P: Clone> Layer<S> for VoltAuthLayer<P> {
     }
 }
 
-/// Configures a [`VoltAuthLayer`]; from [`VoltAuthLayer::builder`].
+/// Configures a [`VoltAuthLayer`]; from [`VoltAuthLayer::builder`] or
+/// [`VoltAuthLayer::from_env`].
+///
+/// | setting | default | method |
+/// |---|---|---|
+/// | endpoint | Gateway API, sandbox | [`environment`](Self::environment), [`api`](Self::api), [`base_url`](Self::base_url), [`endpoint`](Self::endpoint) |
+/// | origins that get the token | the endpoint's, and relative URIs | [`allow_origin`](Self::allow_origin) |
+/// | background refresh | 5 minutes before expiry, up to 20 % earlier at random | [`refresh_ahead`](Self::refresh_ahead) |
+/// | token counts as expired | 30 seconds before expiry | [`expiry_margin`](Self::expiry_margin) |
+/// | `/oauth` timeout | 5 seconds per attempt | [`token_timeout`](Self::token_timeout) |
+/// | backoff after a failure | 1 second doubling to 1 minute, jittered down to half | [`backoff`](Self::backoff) |
+/// | replay after a 401 | [`DefaultReplay`]: `Full`, `Empty`, `String` bodies up to 1 MiB | [`replay`](Self::replay) |
+///
+/// Settings are checked, and nothing is sent, when the layer is built:
+///
+/// ```
+/// use std::time::Duration;
+///
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use hyper_util::client::legacy::Client;
+/// use hyper_util::rt::TokioExecutor;
+/// use volt_auth::{Api, ConfigError, Credentials, Environment, VoltAuthLayer};
+///
+/// let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+/// let credentials = Credentials::new("client-id", "client-secret", "api-user", "password");
+///
+/// let auth = VoltAuthLayer::builder(credentials.clone())
+///     .api(Api::Global) // before .environment(): see Builder::api
+///     .environment(Environment::Production)
+///     .token_timeout(Duration::from_secs(3))
+///     .build(client.clone())?;
+/// assert_eq!(auth.endpoint().token_uri(), "https://gateway.volt.io/oauth");
+///
+/// let err = VoltAuthLayer::builder(credentials)
+///     .backoff(Duration::ZERO, Duration::from_secs(60))
+///     .build(client)
+///     .unwrap_err();
+/// assert!(matches!(err, ConfigError::InvalidSetting(_)));
+/// # Ok::<(), ConfigError>(())
+/// ```
 #[must_use]
 pub struct Builder<P = DefaultReplay> {
     credentials: Credentials,
@@ -187,7 +240,8 @@ pub struct Builder<P = DefaultReplay> {
 }
 
 impl<P> Builder<P> {
-    /// One of Volt's documented environments, keeping the chosen [`Api`].
+    /// One of Volt's documented environments, keeping the chosen [`Api`]. It
+    /// replaces any base URL or endpoint set before.
     pub fn environment(mut self, environment: Environment) -> Self {
         let api = self
             .endpoint
@@ -198,14 +252,29 @@ impl<P> Builder<P> {
         self
     }
 
-    /// Which Volt API to speak (Gateway by default), keeping the base URL.
+    /// Which Volt API to speak (Gateway by default): the `/oauth` body format
+    /// (form or JSON). It keeps the base URL, so call it *before*
+    /// [`environment`](Self::environment), which then picks that API's host;
+    /// called after, it leaves the Gateway host in place:
+    ///
+    /// ```
+    /// # use volt_auth::{Api, Credentials, Environment, VoltAuthLayer};
+    /// # let transport = volt_auth::mock::MockVolt::builder().in_process().service();
+    /// # let credentials = Credentials::new("id", "secret", "user", "password");
+    /// let auth = VoltAuthLayer::builder(credentials)
+    ///     .environment(Environment::Production)
+    ///     .api(Api::Global) // too late: JSON to the Gateway's host
+    ///     .build(transport)?;
+    /// assert_eq!(auth.endpoint().token_uri(), "https://api.volt.io/oauth");
+    /// # Ok::<(), volt_auth::ConfigError>(())
+    /// ```
     pub fn api(mut self, api: Api) -> Self {
         self.endpoint = self.endpoint.map(|endpoint| endpoint.with_api(api));
         self
     }
 
-    /// A custom base URL (the mock server, a proxy), checked as
-    /// [`Endpoint::custom`] does when the layer is built.
+    /// A custom base URL (the mock server, a proxy), keeping the chosen
+    /// [`Api`]; checked as [`Endpoint::custom`] does when the layer is built.
     pub fn base_url(mut self, url: &str) -> Self {
         let api = self
             .endpoint

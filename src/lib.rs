@@ -39,6 +39,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! [`Builder`] lists the settings and their defaults, [`VoltAuth`] what
+//! happens to each request (401s included), and [`Error`] what a failed token
+//! request tells you.
+//!
 //! # Features
 //! - `mock`: `mock::MockVolt`, an embedded mock of Volt's API for tests and
 //!   examples.

@@ -231,7 +231,13 @@ impl MockBuilder {
         self
     }
 
-    /// Starts the mock on a free port of `127.0.0.1`. Must be called within a tokio runtime.
+    /// Starts the mock on a free port of `127.0.0.1`.
+    ///
+    /// # Errors
+    /// The I/O error of binding the port.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
     pub async fn start(self) -> io::Result<MockVolt> {
         let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
         let port = listener.local_addr()?.port();
@@ -354,6 +360,12 @@ impl MockVolt {
     }
 
     /// Starts a mock with the default configuration on a free port of `127.0.0.1`.
+    ///
+    /// # Errors
+    /// The I/O error of binding the port.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
     pub async fn start() -> io::Result<MockVolt> {
         Self::builder().start().await
     }
@@ -441,8 +453,11 @@ impl MockVolt {
         }
     }
 
-    /// Listens again on the same port, with the same state. Does nothing if already listening;
-    /// fails with [`io::ErrorKind::Unsupported`] on an in-process mock.
+    /// Listens again on the same port, with the same state. Does nothing if already listening.
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::Unsupported`] on an in-process mock, and the I/O error of binding the
+    /// port (another process may have taken it).
     pub async fn restart(&self) -> io::Result<()> {
         if self.in_process {
             return Err(io::Error::new(

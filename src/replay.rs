@@ -1,25 +1,4 @@
-//! Which request bodies can be sent again after a 401.
-//!
-//! [`VoltAuth`](crate::VoltAuth) keeps a copy of a request it may replay, taken
-//! *before* sending it, as tower's `retry` does. A body it cannot copy is sent
-//! once; a 401 to it goes back to the caller unchanged, and the next request
-//! carries the new token.
-//!
-//! ```
-//! use http_body_util::Full;
-//! use bytes::Bytes;
-//! use volt_auth::{DefaultReplay, ReplayPolicy};
-//!
-//! let policy = DefaultReplay::new().max_size(1024);
-//! assert!(policy.clone_body(&Full::new(Bytes::from_static(b"{}"))).is_some());
-//! assert!(policy.clone_body(&Full::new(Bytes::from(vec![0; 2048]))).is_none());
-//!
-//! // Any clonable body type, with a closure:
-//! #[derive(Clone)]
-//! struct MyBody(Bytes);
-//! let clone_mine = |body: &MyBody| Some(body.clone());
-//! assert!(clone_mine.clone_body(&MyBody(Bytes::new())).is_some());
-//! ```
+//! Which request bodies can be sent again after a 401: [`ReplayPolicy`].
 
 use bytes::Buf;
 use http_body::Body;
@@ -27,6 +6,29 @@ use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
 use http_body_util::{Empty, Full};
 
 /// Decides whether, and how, a request body can be reproduced for a replay.
+///
+/// [`VoltAuth`](crate::VoltAuth) asks for a copy of every request that gets
+/// the token, *before* sending it, as tower's `retry` does. A body it cannot
+/// copy is sent once; a 401 to it goes back to the caller unchanged, and the
+/// next request carries the new token. Set it with
+/// [`Builder::replay`](crate::Builder::replay): [`DefaultReplay`] (the
+/// default), [`NoReplay`], or a closure for your own body type.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use volt_auth::{DefaultReplay, ReplayPolicy};
+///
+/// let policy = DefaultReplay::new().max_size(1024);
+/// assert!(policy.clone_body(&Full::new(Bytes::from_static(b"{}"))).is_some());
+/// assert!(policy.clone_body(&Full::new(Bytes::from(vec![0; 2048]))).is_none());
+///
+/// // Any clonable body type, with a closure:
+/// #[derive(Clone)]
+/// struct MyBody(Bytes);
+/// let clone_mine = |body: &MyBody| Some(body.clone());
+/// assert!(clone_mine.clone_body(&MyBody(Bytes::new())).is_some());
+/// ```
 pub trait ReplayPolicy<B>: Clone {
     /// A body with the same bytes as `body`, or `None` when it cannot be
     /// reproduced (a stream) or should not be kept (too large).
@@ -34,8 +36,9 @@ pub trait ReplayPolicy<B>: Clone {
 }
 
 /// Replays the body types that can be reproduced cheaply and exactly —
-/// [`Full`], [`Empty`], `String` — up to a size (1 MiB unless changed), and the
-/// boxed bodies when they are known to be empty.
+/// [`Full`], [`Empty`], `String`, and `reqwest::Body` made from bytes (feature
+/// `reqwest`) — up to a size (1 MiB unless changed), and the boxed bodies when
+/// they are known to be empty. Never hyper's `Incoming`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DefaultReplay {
     max_size: u64,

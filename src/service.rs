@@ -15,9 +15,46 @@ use crate::replay::{DefaultReplay, ReplayPolicy};
 /// Attaches `Authorization: Bearer <token>` to requests for Volt's origin and
 /// recovers from a 401 by refreshing once and replaying once.
 ///
-/// Made by [`VoltAuthLayer`](crate::VoltAuthLayer). Errors are `BoxError`s: the
-/// inner service's own, or a [`volt_auth::Error`](crate::Error) when no token
-/// could be had.
+/// Made by [`VoltAuthLayer`](crate::VoltAuthLayer). For each request:
+///
+/// - to another origin than the endpoint's and those added with
+///   [`Builder::allow_origin`](crate::Builder::allow_origin): sent untouched,
+///   without the token (relative URIs do get it);
+/// - otherwise, with the cached token; when there is no valid one, the request
+///   waits for the one refresh (or gets its error at once during a backoff);
+/// - after a 401: if the body could be copied before sending (see
+///   [`ReplayPolicy`](crate::ReplayPolicy)), one refresh and one replay, and a
+///   second 401 goes back to the caller. Without a copy, or while refreshes
+///   forced by 401s are throttled (within the backoff minimum of the last one,
+///   longer while Volt keeps rejecting new tokens), the 401 goes back as it
+///   came.
+///
+/// Errors are `BoxError`s: the inner service's own, or a
+/// [`volt_auth::Error`](crate::Error) when no token could be had.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower::BoxError> {
+/// use http_body_util::Full;
+/// use tower::{Layer, Service, ServiceExt};
+/// use volt_auth::VoltAuthLayer;
+/// use volt_auth::mock::MockVolt;
+///
+/// let volt = MockVolt::builder().in_process();
+/// let auth = VoltAuthLayer::builder(volt.credentials())
+///     .base_url(&volt.url())
+///     .build(volt.service())?;
+/// let mut api = auth.layer(volt.service()); // a VoltAuth
+///
+/// let to_volt = http::Request::get(format!("{}/banks", volt.url())).body(Full::default())?;
+/// assert_eq!(api.ready().await?.call(to_volt).await?.status(), 200);
+///
+/// // Another origin never sees the token (the mock answers 401 without one).
+/// let elsewhere = http::Request::get("https://elsewhere.example/banks").body(Full::default())?;
+/// assert_eq!(api.ready().await?.call(elsewhere).await?.status(), 401);
+/// assert_eq!(volt.api_authorizations()[1], None);
+/// # Ok(()) }
+/// ```
 pub struct VoltAuth<S, P = DefaultReplay> {
     inner: S,
     auth: Arc<Auth>,
