@@ -157,6 +157,8 @@ pub enum Environment {
 pub struct Endpoint {
     base: Uri,
     api: Api,
+    /// The environment of a preset; `None` for a custom base URL.
+    environment: Option<Environment>,
 }
 
 impl Endpoint {
@@ -174,7 +176,11 @@ impl Endpoint {
             .path_and_query("/")
             .build()
             .unwrap_or_default();
-        Self { base, api }
+        Self {
+            base,
+            api,
+            environment: Some(environment),
+        }
     }
 
     /// Any base URL: a proxy, the mock server. It speaks the Gateway API unless
@@ -236,13 +242,27 @@ impl Endpoint {
         Ok(Self {
             base,
             api: Api::Gateway,
+            environment: None,
         })
     }
 
-    /// The same base URL, speaking `api`.
-    pub fn with_api(mut self, api: Api) -> Self {
-        self.api = api;
-        self
+    /// The same endpoint, speaking `api`. One of Volt's documented endpoints
+    /// becomes that API's endpoint in the same environment (the two APIs have
+    /// different hosts); a custom base URL is kept.
+    ///
+    /// ```
+    /// use volt_auth::{Api, Endpoint, Environment};
+    ///
+    /// let production = Endpoint::new(Api::Gateway, Environment::Production);
+    /// assert_eq!(production.with_api(Api::Global).token_uri(), "https://gateway.volt.io/oauth");
+    /// let proxy = Endpoint::custom("https://volt-proxy.internal").unwrap();
+    /// assert_eq!(proxy.with_api(Api::Global).token_uri(), "https://volt-proxy.internal/oauth");
+    /// ```
+    pub fn with_api(self, api: Api) -> Self {
+        match self.environment {
+            Some(environment) => Self::new(api, environment),
+            None => Self { api, ..self },
+        }
     }
 
     /// Which API this endpoint speaks.

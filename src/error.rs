@@ -9,6 +9,7 @@ use http::StatusCode;
 
 /// Which OAuth2 grant a request to `/oauth` used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum GrantType {
     /// `grant_type=password`: the API user's credentials.
     Password,

@@ -216,8 +216,8 @@ impl<S, P: Clone> Layer<S> for VoltAuthLayer<P> {
 /// let credentials = Credentials::new("client-id", "client-secret", "api-user", "password");
 ///
 /// let auth = VoltAuthLayer::builder(credentials.clone())
-///     .api(Api::Global) // before .environment(): see Builder::api
 ///     .environment(Environment::Production)
+///     .api(Api::Global)
 ///     .token_timeout(Duration::from_secs(3))
 ///     .build(client.clone())?;
 /// assert_eq!(auth.endpoint().token_uri(), "https://gateway.volt.io/oauth");
@@ -253,9 +253,9 @@ impl<P> Builder<P> {
     }
 
     /// Which Volt API to speak (Gateway by default): the `/oauth` body format
-    /// (form or JSON). It keeps the base URL, so call it *before*
-    /// [`environment`](Self::environment), which then picks that API's host;
-    /// called after, it leaves the Gateway host in place:
+    /// (form or JSON) and, for Volt's own environments, the host. Before or
+    /// after [`environment`](Self::environment), the result is the same; a
+    /// custom [`base_url`](Self::base_url) is kept.
     ///
     /// ```
     /// # use volt_auth::{Api, Credentials, Environment, VoltAuthLayer};
@@ -263,9 +263,9 @@ impl<P> Builder<P> {
     /// # let credentials = Credentials::new("id", "secret", "user", "password");
     /// let auth = VoltAuthLayer::builder(credentials)
     ///     .environment(Environment::Production)
-    ///     .api(Api::Global) // too late: JSON to the Gateway's host
+    ///     .api(Api::Global)
     ///     .build(transport)?;
-    /// assert_eq!(auth.endpoint().token_uri(), "https://api.volt.io/oauth");
+    /// assert_eq!(auth.endpoint().token_uri(), "https://gateway.volt.io/oauth");
     /// # Ok::<(), volt_auth::ConfigError>(())
     /// ```
     pub fn api(mut self, api: Api) -> Self {
@@ -518,6 +518,34 @@ mod tests {
         }
         assert!(build(builder().token_timeout(five_minutes)).is_ok());
         assert!(build(builder().token_timeout(Duration::from_nanos(1))).is_ok());
+    }
+
+    #[test]
+    fn the_api_and_environment_combine_in_either_order() {
+        let endpoint = |b: Builder| build(b).map(|layer| layer.endpoint().token_uri().to_string());
+        for environment in [Environment::Sandbox, Environment::Production] {
+            let expected = Endpoint::new(Api::Global, environment)
+                .token_uri()
+                .to_string();
+            let before = builder().api(Api::Global).environment(environment);
+            let after = builder().environment(environment).api(Api::Global);
+            assert_eq!(endpoint(before), Ok(expected.clone()));
+            assert_eq!(endpoint(after), Ok(expected));
+        }
+        // The default is the Gateway sandbox; `api` alone moves to Global's.
+        assert_eq!(
+            endpoint(builder().api(Api::Global)),
+            Ok("https://gateway.sandbox.volt.io/oauth".to_owned())
+        );
+        // A custom base URL stays, whatever the order.
+        for b in [
+            builder().base_url("https://proxy.example").api(Api::Global),
+            builder().api(Api::Global).base_url("https://proxy.example"),
+        ] {
+            let layer = build(b).unwrap();
+            assert_eq!(layer.endpoint().token_uri(), "https://proxy.example/oauth");
+            assert_eq!(layer.endpoint().api(), Api::Global);
+        }
     }
 
     #[test]

@@ -76,6 +76,16 @@ impl<S, P> VoltAuth<S, P> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, taken out of the layer.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S, P, ReqBody, ResBody> Service<Request<ReqBody>> for VoltAuth<S, P>
