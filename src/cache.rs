@@ -272,12 +272,19 @@ impl TokenCache {
             Some(token) if live => Some(token.expires_at().saturating_duration_since(now)),
             _ => None,
         };
+        let flight = self.shared.lock();
         Stats {
             password: counters.grant(GrantType::Password),
             refresh: counters.grant(GrantType::RefreshToken),
             refreshes: counters.refreshes.load(Ordering::Relaxed),
             replays: counters.replays.load(Ordering::Relaxed),
             remaining,
+            failures: flight.failures,
+            retry_in: flight
+                .retry_at
+                .map(|at| at.saturating_duration_since(now))
+                .filter(|wait| !wait.is_zero()),
+            last_error: flight.last_error.clone(),
         }
     }
 
@@ -707,8 +714,13 @@ impl Flight {
     }
 }
 
-/// What the cache has done so far, from [`VoltAuthLayer::stats`](crate::VoltAuthLayer::stats).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What the cache has done so far, and how it stands, from
+/// [`VoltAuthLayer::stats`](crate::VoltAuthLayer::stats).
+///
+/// For a health check: `remaining` says whether requests get a token now;
+/// `failures` and `last_error` say that `/oauth` is failing while the current
+/// token still serves, before it runs out.
+#[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub struct Stats {
     /// Password grants sent to `/oauth`, by outcome.
@@ -721,6 +733,15 @@ pub struct Stats {
     pub replays: u64,
     /// How long the current token remains valid, if there is one.
     pub remaining: Option<Duration>,
+    /// Refreshes that failed in a row since the last token was obtained (0
+    /// once one succeeds). A refresh whose refresh token is rejected and whose
+    /// password grant then fails counts once.
+    pub failures: u32,
+    /// After a failed refresh: how long the backoff still holds off the next
+    /// `/oauth` attempt.
+    pub retry_in: Option<Duration>,
+    /// Why the last refresh failed, until one succeeds.
+    pub last_error: Option<Error>,
 }
 
 /// `/oauth` attempts of one grant, by outcome.

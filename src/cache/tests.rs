@@ -786,3 +786,75 @@ async fn the_registry_shrinks_as_caches_come_and_go_under_concurrency() {
     assert_eq!(ids.len(), 64 * 50, "ids are never reused");
     assert!(ids.iter().all(|&id| !ticket::registered(id)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn stats_tell_a_failing_endpoint_while_the_token_still_serves() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    let healthy = cache.stats();
+    assert_eq!((healthy.failures, healthy.retry_in), (0, None));
+    assert!(healthy.last_error.is_none());
+
+    // Stale (the refresh-ahead window is at most 6 minutes), not expired: the
+    // background refresh fails and the token keeps serving.
+    sleep(HOUR - Duration::from_secs(200)).await;
+    script.fail_next(server_error(GrantType::RefreshToken));
+    assert_eq!(secret(&cache.token().await.unwrap()), "at-1");
+    sleep(Duration::from_millis(1)).await; // the background refresh runs and fails
+    assert_eq!(script.count(), 2);
+    let degraded = cache.stats();
+    assert_eq!(degraded.failures, 1);
+    assert!(
+        degraded
+            .remaining
+            .is_some_and(|left| left > Duration::from_secs(190))
+    );
+    // The first backoff: 1 s, jittered down to half at most.
+    let wait = degraded.retry_in.unwrap();
+    assert!(
+        wait >= Duration::from_millis(499) && wait <= Duration::from_secs(1),
+        "{wait:?}"
+    );
+    assert!(matches!(
+        degraded.last_error,
+        Some(Error::Failed {
+            grant: GrantType::RefreshToken,
+            ..
+        })
+    ));
+
+    // Once the backoff is over, nothing holds off the next attempt; the
+    // failure stays on record until a refresh succeeds.
+    sleep(Duration::from_secs(1)).await;
+    let waiting = cache.stats();
+    assert_eq!((waiting.failures, waiting.retry_in), (1, None));
+    assert!(waiting.last_error.is_some());
+
+    // A second failure in a row doubles the backoff.
+    script.fail_next(server_error(GrantType::RefreshToken));
+    cache.token().await.unwrap();
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(script.count(), 3);
+    let twice = cache.stats();
+    assert_eq!(twice.failures, 2);
+    let wait = twice.retry_in.unwrap();
+    assert!(
+        wait >= Duration::from_millis(999) && wait <= Duration::from_secs(2),
+        "{wait:?}"
+    );
+
+    // A refresh that succeeds clears it all.
+    sleep(Duration::from_secs(2)).await;
+    cache.token().await.unwrap();
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(script.count(), 4);
+    let recovered = cache.stats();
+    assert_eq!((recovered.failures, recovered.retry_in), (0, None));
+    assert!(recovered.last_error.is_none());
+    assert!(
+        recovered
+            .remaining
+            .is_some_and(|left| left > HOUR - Duration::from_secs(31))
+    );
+}
