@@ -492,12 +492,52 @@ async fn a_replay_whose_service_fails_readiness_returns_that_error_and_sends_not
     assert_eq!(mock.payment_bodies(), [numbered_body(1)]);
     assert_eq!(mock.api_calls(), 2);
     assert_eq!(mock.oauth_calls(), 2);
+    assert_eq!(auth.stats().replays, 0, "nothing was replayed");
 
     broken.store(false, Ordering::SeqCst);
     assert_eq!(send(&mut api, get(&mock, "/banks")).await.status(), 200);
     let issued = mock.issued_access_tokens();
     assert_eq!(mock.api_authorizations().last(), Some(&bearer(&issued[1])));
     assert_eq!(mock.oauth_calls(), 2);
+}
+
+/// A timeout outside fires while the replay queues for the only permit of a
+/// limit inside: the caller gets `Elapsed`, the replay is never sent, and the
+/// stats count no replay.
+#[tokio::test(start_paused = true)]
+async fn a_replay_that_times_out_waiting_for_a_permit_is_not_counted() {
+    let mock = MockVolt::builder().in_process();
+    let auth = layer(&mock);
+    let limited = ServiceBuilder::new()
+        .layer(auth.clone())
+        .concurrency_limit(1)
+        .service(mock.service());
+    let api = ServiceBuilder::new()
+        .timeout(secs(5))
+        .service(limited.clone());
+    assert_eq!(
+        send(&mut api.clone(), get(&mock, "/banks")).await.status(),
+        200
+    );
+    mock.revoke_access_tokens();
+
+    let hold = mock.hold_oauth();
+    let task = tokio::spawn(api.clone().oneshot(payment(&mock, numbered_body(1))));
+    timeout(GUARD, hold.wait_for(1))
+        .await
+        .expect("renewal held");
+    // Another handle takes the only permit while the renewal is held.
+    let mut other = limited.clone();
+    std::future::poll_fn(|cx| other.poll_ready(cx))
+        .await
+        .expect("ready");
+    hold.release();
+    timed_out(task).await;
+    assert_eq!(auth.stats().refreshes, 2);
+    assert_eq!(mock.api_calls(), 2);
+    assert_eq!(mock.payment_bodies(), [numbered_body(1)]);
+    assert_eq!(auth.stats().replays, 0, "nothing was replayed");
+    drop(other);
 }
 
 // ---------------------------------------------------------------------------
