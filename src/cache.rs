@@ -215,16 +215,17 @@ impl TokenCache {
     /// After a 401 to the token of `rejected`, for the request's replay: a
     /// newer token (waiting for the one refresh if needed), or `None` when no
     /// newer token may be had yet because 401-driven refreshes are throttled.
+    /// The replay is counted by [`TokenCache::replayed`] when it is sent.
     pub(crate) async fn renew(&self, rejected: u64) -> Result<Option<Lease>, Error> {
-        let lease = self.acquire(Some(rejected)).await?;
-        if let Some(lease) = &lease {
-            self.shared.counters.replays.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                generation = lease.ticket.generation,
-                "replaying a request after a 401"
-            );
-        }
-        Ok(lease)
+        self.acquire(Some(rejected)).await
+    }
+
+    /// A request renewed after a 401 is being sent again, with the token of
+    /// `generation`. Counted here rather than at the renewal: a caller that
+    /// gives up, or a service that fails to get ready, replays nothing.
+    pub(crate) fn replayed(&self, generation: u64) {
+        self.shared.counters.replays.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(generation, "replaying a request after a 401");
     }
 
     /// After a 401 that will not be replayed: invalidates the token of

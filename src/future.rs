@@ -96,6 +96,8 @@ struct Wait<S, B, R> {
     request: Request<B>,
     // The 401 being recovered from, returned if no newer token comes.
     held: Option<R>,
+    // The call is a replay after a 401 (counted when it is made).
+    replaying: bool,
 }
 
 impl<S, B> ResponseFuture<S, B>
@@ -140,6 +142,7 @@ where
                 ready: true,
                 request,
                 held: None,
+                replaying: false,
             })),
         }
     }
@@ -206,6 +209,7 @@ where
         ready: false,
         request,
         held: Some(response),
+        replaying: true,
     }));
     Ok(())
 }
@@ -259,8 +263,14 @@ where
     let Wait {
         mut service,
         request,
+        replaying,
         ..
     } = *wait;
+    if replaying {
+        if let Some(ticket) = this.ticket.as_ref() {
+            ticket.replayed();
+        }
+    }
     this.call.set(Some(service.call(request)));
     Poll::Ready(Ok(()))
 }

@@ -135,6 +135,7 @@ impl VoltAuthMiddleware {
         copy.headers_mut()
             .insert(AUTHORIZATION, lease.token.header().clone());
         let replayed_to = copy.url().clone();
+        cache.replayed(lease.ticket.generation);
         let response = next.run(copy, extensions).await?;
         // At most one replay: a second 401 goes back, and the next request
         // gets a new token.

@@ -91,6 +91,15 @@ impl Ticket {
         None
     }
 
+    /// Counts the replay this ticket's token goes out with, if the cache is
+    /// still there ([`TokenCache::replayed`]).
+    #[cold]
+    pub(crate) fn replayed(&self) {
+        if let Some(cache) = self.cache() {
+            cache.replayed(self.generation);
+        }
+    }
+
     #[cfg(test)]
     pub(super) fn unconfirmed(&self) -> bool {
         self.unconfirmed
