@@ -20,10 +20,12 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep, sleep, timeout};
 use tower::retry::Policy;
 use tower::timeout::error::Elapsed;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
+use volt_auth::VoltAuthLayer;
 use volt_auth::mock::{MockService, MockVolt};
 
 mod common;
@@ -371,6 +373,35 @@ impl<B> Policy<Request<Body>, Response<B>, BoxError> for RetryErrors {
 
 const DOWN: &str = r#"{"code":503,"message":"Service Unavailable"}"#;
 
+/// `n` tasks each sending `GET /banks` through `policy`'s retry outside the
+/// layer (backoff fixed at 1 s), the mock's `/oauth` failing `fails` times
+/// with a 503.
+fn retried_callers(
+    n: usize,
+    fails: usize,
+    policy: RetryErrors,
+) -> (
+    MockVolt,
+    VoltAuthLayer,
+    RetryErrors,
+    Vec<JoinHandle<Result<Response<Body>, BoxError>>>,
+) {
+    let mock = MockVolt::builder().in_process();
+    mock.fail_oauth(fails, StatusCode::SERVICE_UNAVAILABLE, DOWN);
+    let auth = builder(&mock)
+        .backoff(secs(1), secs(1))
+        .build(mock.service())
+        .expect("layer");
+    let api = ServiceBuilder::new()
+        .retry(policy.clone())
+        .layer(auth.clone())
+        .service(mock.service());
+    let tasks = (0..n)
+        .map(|_| tokio::spawn(api.clone().oneshot(get(&mock, "/banks"))))
+        .collect();
+    (mock, auth, policy, tasks)
+}
+
 /// 100 callers behind a retry outside the layer, `/oauth` failing: retries
 /// spaced wider than the cache's backoff cost one `/oauth` call per round
 /// for all callers together; retries inside the backoff cost none.
@@ -378,20 +409,7 @@ const DOWN: &str = r#"{"code":503,"message":"Service Unavailable"}"#;
 async fn a_retry_outside_auth_costs_one_oauth_call_per_backoff_window() {
     const N: usize = 100;
     // Backoff 1 s, jittered to [0.5 s, 1 s): retries 2 s apart always find it over.
-    let mock = MockVolt::builder().in_process();
-    mock.fail_oauth(3, StatusCode::SERVICE_UNAVAILABLE, DOWN);
-    let auth = builder(&mock)
-        .backoff(secs(1), secs(1))
-        .build(mock.service())
-        .expect("layer");
-    let policy = RetryErrors::new(5, secs(2));
-    let api = ServiceBuilder::new()
-        .retry(policy.clone())
-        .layer(auth.clone())
-        .service(mock.service());
-    let tasks: Vec<_> = (0..N)
-        .map(|_| tokio::spawn(api.clone().oneshot(get(&mock, "/banks"))))
-        .collect();
+    let (mock, auth, policy, tasks) = retried_callers(N, 3, RetryErrors::new(5, secs(2)));
     for task in tasks {
         assert_eq!(joined(task).await.status(), StatusCode::OK);
     }
@@ -402,20 +420,7 @@ async fn a_retry_outside_auth_costs_one_oauth_call_per_backoff_window() {
     assert_eq!(auth.stats().password.succeeded, 1);
 
     // Retries 100 ms apart, four of them: all inside the first backoff.
-    let mock = MockVolt::builder().in_process();
-    mock.fail_oauth(1, StatusCode::SERVICE_UNAVAILABLE, DOWN);
-    let auth = builder(&mock)
-        .backoff(secs(1), secs(1))
-        .build(mock.service())
-        .expect("layer");
-    let policy = RetryErrors::new(4, ms(100));
-    let api = ServiceBuilder::new()
-        .retry(policy.clone())
-        .layer(auth.clone())
-        .service(mock.service());
-    let tasks: Vec<_> = (0..N)
-        .map(|_| tokio::spawn(api.clone().oneshot(get(&mock, "/banks"))))
-        .collect();
+    let (mock, _, policy, tasks) = retried_callers(N, 1, RetryErrors::new(4, ms(100)));
     for task in tasks {
         let error = timeout(GUARD, task)
             .await
