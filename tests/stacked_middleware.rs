@@ -373,6 +373,9 @@ impl<B> Policy<Request<Body>, Response<B>, BoxError> for RetryErrors {
 
 const DOWN: &str = r#"{"code":503,"message":"Service Unavailable"}"#;
 
+/// A task sending one request through the stack.
+type Caller = JoinHandle<Result<Response<Body>, BoxError>>;
+
 /// `n` tasks each sending `GET /banks` through `policy`'s retry outside the
 /// layer (backoff fixed at 1 s), the mock's `/oauth` failing `fails` times
 /// with a 503.
@@ -380,12 +383,7 @@ fn retried_callers(
     n: usize,
     fails: usize,
     policy: RetryErrors,
-) -> (
-    MockVolt,
-    VoltAuthLayer,
-    RetryErrors,
-    Vec<JoinHandle<Result<Response<Body>, BoxError>>>,
-) {
+) -> (MockVolt, VoltAuthLayer, RetryErrors, Vec<Caller>) {
     let mock = MockVolt::builder().in_process();
     mock.fail_oauth(fails, StatusCode::SERVICE_UNAVAILABLE, DOWN);
     let auth = builder(&mock)
