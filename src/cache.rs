@@ -489,6 +489,7 @@ impl Shared {
                     tracing::warn!(
                         failures = flight.failures,
                         retry_in_ms = delay.as_millis() as u64,
+                        retry_after_s = error.retry_after().map(|wait| wait.as_secs()),
                         "token refresh failed; backing off"
                     );
                     // Let a stale token's readers start the next attempt once
@@ -651,7 +652,16 @@ impl Settings {
     /// How long to wait after the `failures`-th failure in a row: exponential
     /// from `backoff_min`, capped at `backoff_max`, with jitter down to half.
     /// A rejected password grant waits the cap: only new credentials would help.
+    /// No less than the server's `Retry-After`, itself capped at `backoff_max`
+    /// so that a hostile value cannot stall refreshes.
     fn backoff(&self, failures: u32, error: &Error) -> Duration {
+        let asked = error
+            .retry_after()
+            .map_or(Duration::ZERO, |wait| wait.min(self.backoff_max));
+        self.jittered_backoff(failures, error).max(asked)
+    }
+
+    fn jittered_backoff(&self, failures: u32, error: &Error) -> Duration {
         let exponential = if error.is_rejected() && error.grant() == Some(GrantType::Password) {
             self.backoff_max
         } else {

@@ -137,6 +137,14 @@ impl Error {
         }
     }
 
+    /// The server's [`ErrorResponse::retry_after`], if it answered with one.
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Rejected { response, .. } | Self::Failed { response, .. } => response.retry_after,
+            _ => None,
+        }
+    }
+
     /// A short name of the outcome, for logs and counters.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
@@ -162,6 +170,24 @@ pub struct ErrorResponse {
     /// The server's message, if any (shortened, with any secret the request
     /// carried blanked out).
     pub message: Option<String>,
+    /// See [`ErrorResponse::retry_after`].
+    pub(crate) retry_after: Option<Duration>,
+}
+
+impl ErrorResponse {
+    /// How long the server asked to wait before the next attempt: the
+    /// `Retry-After` of a 429 or 503 answer, as delta-seconds (saturating
+    /// beyond `u64`) or as an HTTP-date counted from the answer's `Date`
+    /// (from this machine's clock when there is none). `None` when there was
+    /// none, or it was malformed, repeated or not in the future.
+    ///
+    /// The token cache starts the next attempt no earlier than this, nor
+    /// later than the backoff maximum
+    /// ([`Builder::backoff`](crate::Builder::backoff)) allows, unless the
+    /// ordinary backoff is longer.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
 }
 
 impl fmt::Display for ErrorResponse {

@@ -105,6 +105,7 @@ fn server_error(grant: GrantType) -> Error {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: None,
             message: None,
+            retry_after: None,
         },
     }
 }
@@ -116,6 +117,7 @@ fn rejected(grant: GrantType, code: &str) -> Error {
             status: StatusCode::BAD_REQUEST,
             code: Some(code.to_owned()),
             message: None,
+            retry_after: None,
         },
     }
 }
@@ -725,6 +727,41 @@ async fn a_week_of_failures_then_recovery_resets_the_backoff() {
     let flight = cache.shared.lock();
     assert_eq!(flight.failures, 0);
     assert_eq!(flight.retry_at, None);
+}
+
+/// A 429 or 503 whose server asked to wait `retry_after`.
+fn throttled(retry_after: Duration) -> Error {
+    Error::Failed {
+        grant: GrantType::RefreshToken,
+        response: ErrorResponse {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: None,
+            message: None,
+            retry_after: Some(retry_after),
+        },
+    }
+}
+
+/// The wait after a failure is the longer of the jittered backoff and the
+/// server's `Retry-After`, which is capped at the backoff maximum.
+#[test]
+fn the_backoff_waits_for_retry_after_up_to_its_maximum() {
+    let settings = settings(); // 1 s doubling to 60 s
+    let secs = Duration::from_secs;
+    for _ in 0..100 {
+        // Longer than the first backoff (at most 1 s): the server's wait.
+        assert_eq!(settings.backoff(1, &throttled(secs(30))), secs(30));
+        assert_eq!(settings.backoff(1, &throttled(secs(60))), secs(60));
+        // Longer than the maximum: the maximum.
+        assert_eq!(settings.backoff(1, &throttled(secs(61))), secs(60));
+        assert_eq!(settings.backoff(1, &throttled(Duration::MAX)), secs(60));
+        // Shorter than the backoff (the 7th: 60 s, jittered to 30–60 s): the backoff.
+        let backoff = settings.backoff(7, &throttled(secs(2)));
+        assert!((secs(30)..=secs(60)).contains(&backoff), "{backoff:?}");
+        // No hint: the backoff alone.
+        let backoff = settings.backoff(1, &server_error(GrantType::Password));
+        assert!((Duration::from_millis(500)..=secs(1)).contains(&backoff));
+    }
 }
 
 /// Any positive minimum doubles up to any maximum (the doubling used to stop
