@@ -51,9 +51,9 @@ impl fmt::Display for GrantType {
 #[non_exhaustive]
 pub enum Error {
     /// Volt refused the credentials or the refresh token (HTTP 400/401/403 from
-    /// `/oauth`, or another 4xx but 429 with a code such as `invalid_client`,
-    /// or a 2xx whose body is such an error instead of a token). Retrying the
-    /// same grant will not help.
+    /// `/oauth`, or another 4xx but 429 with a code such as `invalid_client`
+    /// or `401`, or a 2xx whose body is such an error instead of a token).
+    /// Retrying the same grant will not help.
     #[error("Volt rejected the {grant} grant: {response}")]
     Rejected {
         /// The grant that was refused.
@@ -62,7 +62,8 @@ pub enum Error {
         response: ErrorResponse,
     },
     /// The token endpoint answered with an error that is not a rejection (5xx,
-    /// 429, an unexpected status): try again later.
+    /// 429, an unexpected status): try again later, not before
+    /// [`ErrorResponse::retry_after`] if the server said when.
     #[error("Volt's token endpoint failed the {grant} grant: {response}")]
     Failed {
         /// The grant that was attempted.
@@ -70,8 +71,10 @@ pub enum Error {
         /// What Volt answered.
         response: ErrorResponse,
     },
-    /// The answer could not be understood: not JSON, truncated, too large,
-    /// missing the token, or an unsupported token type.
+    /// A 2xx answer could not be understood: not JSON, truncated, too large,
+    /// missing the token, or an unsupported token type. (An error status is a
+    /// [`Rejected`](Self::Rejected) or [`Failed`](Self::Failed) whatever its
+    /// body.)
     #[error("unusable answer to the {grant} grant (HTTP {status}): {reason}")]
     InvalidResponse {
         /// The grant that was attempted.

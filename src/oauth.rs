@@ -322,6 +322,11 @@ fn failure_response(status: StatusCode, body: &[u8], secrets: &[&str]) -> (Error
                 | "invalid_client"
                 | "unauthorized_client"
                 | "unauthorised"
+                | "unauthorized"
+                // Volt's numeric shapes: `{"code":401,…}`, `{"exception":{"code":400,…}}`.
+                | "400"
+                | "401"
+                | "403"
         )
     });
     (response, code_rejects)
@@ -434,7 +439,8 @@ fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 /// Why a transport produced no readable answer.
 pub(crate) enum FetchError {
     Transport(BoxError),
-    TooLarge(StatusCode),
+    /// The body was over [`MAX_RESPONSE_BYTES`]; the head of the answer.
+    TooLarge(http::response::Parts),
 }
 
 /// The user's HTTP service, erased: a request with a complete body in, a
@@ -460,7 +466,7 @@ where
             match Limited::new(body, MAX_RESPONSE_BYTES).collect().await {
                 Ok(collected) => Ok(Response::from_parts(parts, collected.to_bytes())),
                 Err(err) if err.is::<http_body_util::LengthLimitError>() => {
-                    Err(FetchError::TooLarge(parts.status))
+                    Err(FetchError::TooLarge(parts))
                 }
                 Err(err) => Err(FetchError::Transport(err)),
             }
@@ -507,13 +513,16 @@ impl OAuthClient {
                     timeout: self.timeout,
                 });
             }
-            Ok(Err(FetchError::TooLarge(status))) => {
+            Ok(Err(FetchError::TooLarge(parts))) if parts.status.is_success() => {
                 return Err(Error::InvalidResponse {
                     grant: kind,
-                    status,
+                    status: parts.status,
                     reason: "the body is larger than 64 KiB",
                 });
             }
+            // An error answer is classified by its status (and headers): its
+            // body would only have added details.
+            Ok(Err(FetchError::TooLarge(parts))) => Response::from_parts(parts, Bytes::new()),
             Ok(Err(FetchError::Transport(source))) => {
                 return Err(Error::Transport {
                     grant: kind,
@@ -1082,5 +1091,80 @@ mod tests {
         assert_eq!(err.retry_after(), None);
         let (client, _) = client_with_headers(Api::Gateway, StatusCode::OK, headers, GOOD);
         assert!(client.fetch(&Grant::Password).await.is_ok());
+    }
+
+    /// An error body under a 2xx status in Volt's numeric shapes refuses the
+    /// grant as its named codes do (so a refused refresh token falls back to
+    /// the password grant); any other is an unusable answer.
+    #[test]
+    fn a_2xx_error_body_with_a_refusing_numeric_code_is_a_rejection() {
+        for body in [
+            r#"{"code":401,"message":"Invalid credentials"}"#,
+            r#"{"code":"401","message":"Invalid credentials"}"#,
+            r#"{"code":403,"message":"Forbidden"}"#,
+            r#"{"exception":{"code":400,"message":"Validation exception","errorList":[]}}"#,
+            r#"{"code":"UNAUTHORIZED","message":"Unauthorized."}"#,
+        ] {
+            let err = parse(
+                GrantType::RefreshToken,
+                StatusCode::OK,
+                body.as_bytes(),
+                &[],
+            );
+            assert!(
+                matches!(err, Err(Error::Rejected { .. })),
+                "{body}: {err:?}"
+            );
+        }
+        for body in [
+            r#"{"code":500,"message":"Internal error"}"#,
+            r#"{"code":429,"message":"Too many requests"}"#,
+            r#"{"code":"4010"}"#,
+        ] {
+            let err = parse(
+                GrantType::RefreshToken,
+                StatusCode::OK,
+                body.as_bytes(),
+                &[],
+            );
+            assert!(
+                matches!(err, Err(Error::InvalidResponse { .. })),
+                "{body}: {err:?}"
+            );
+        }
+    }
+
+    /// An error answer whose body is over the limit (a proxy's error page) is
+    /// classified by its status, as with a body of none of Volt's shapes; only
+    /// a 2xx needs its body.
+    #[tokio::test]
+    async fn an_oversized_error_answer_is_classified_by_its_status() {
+        let page: &'static str = format!("<html>{}</html>", "x".repeat(MAX_RESPONSE_BYTES)).leak();
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("30"));
+        let fetch = |status: u16| {
+            let status = StatusCode::from_u16(status).unwrap();
+            let (client, _) = client_with_headers(Api::Gateway, status, headers.clone(), page);
+            async move { client.fetch(&Grant::Password).await.unwrap_err() }
+        };
+        let Error::Failed { response, .. } = fetch(503).await else {
+            panic!("503 not Failed")
+        };
+        assert_eq!(response.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.retry_after(), Some(Duration::from_secs(30)));
+        assert_eq!((response.code, response.message), (None, None));
+        let err = fetch(502).await;
+        assert!(matches!(err, Error::Failed { .. }), "{err:?}");
+        assert_eq!(err.status(), Some(StatusCode::BAD_GATEWAY));
+        let err = fetch(401).await;
+        assert!(err.is_rejected(), "{err:?}");
+        // A 2xx without its whole body has no token.
+        match fetch(200).await {
+            Error::InvalidResponse { status, reason, .. } => {
+                assert_eq!(status, StatusCode::OK);
+                assert_eq!(reason, "the body is larger than 64 KiB");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

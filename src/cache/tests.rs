@@ -702,6 +702,29 @@ async fn a_200_with_an_error_body_on_refresh_falls_back_to_password() {
     assert_eq!(*source.password.lock().unwrap(), 2);
 }
 
+/// The same in Volt's numeric error shapes: a refused refresh token answered
+/// `200` with `{"code":401,…}` is not presented again after every backoff.
+#[tokio::test(start_paused = true)]
+async fn a_200_with_a_numeric_error_body_on_refresh_falls_back_to_password() {
+    for refresh_body in [
+        r#"{"code":401,"message":"Invalid refresh token"}"#,
+        r#"{"exception":{"code":400,"message":"Validation exception","errorList":[]}}"#,
+    ] {
+        let source = raw(
+            r#"{"access_token":"a","token_type":"Bearer","expires_in":3600,"refresh_token":"r"}"#,
+            StatusCode::OK,
+            refresh_body,
+        );
+        let cache = TokenCache::new(source.clone(), settings());
+        cache.token().await.unwrap();
+        sleep(HOUR - Duration::from_secs(10)).await;
+        let lease = cache.token().await;
+        assert!(lease.is_ok(), "{refresh_body}: {lease:?}");
+        assert_eq!(*source.refresh.lock().unwrap(), 1, "{refresh_body}");
+        assert_eq!(*source.password.lock().unwrap(), 2, "{refresh_body}");
+    }
+}
+
 /// A week of a failing endpoint with no token, then recovery: no overflow in
 /// the backoff, attempts spaced by the capped backoff, and after a success
 /// the backoff starts again from the minimum.
