@@ -13,8 +13,9 @@
 //! Refreshes are spawned, so a caller that gives up does not cancel the refresh
 //! others wait for. A refresh presents the refresh token, and falls back to the
 //! password grant when Volt rejects it. A failed refresh is retried after an
-//! exponential, jittered backoff; until then, requests keep the token while it
-//! is valid and otherwise get the refresh's error at once.
+//! exponential, jittered backoff, or the server's `Retry-After` if longer (at
+//! most the backoff maximum); until then, requests keep the token while it is
+//! valid and otherwise get the refresh's error at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -497,6 +498,7 @@ impl Shared {
                     tracing::warn!(
                         failures = flight.failures,
                         retry_in_ms = delay.as_millis() as u64,
+                        retry_after_s = error.retry_after().map(|wait| wait.as_secs()),
                         "token refresh failed; backing off"
                     );
                     // Let a stale token's readers start the next attempt once
@@ -659,7 +661,16 @@ impl Settings {
     /// How long to wait after the `failures`-th failure in a row: exponential
     /// from `backoff_min`, capped at `backoff_max`, with jitter down to half.
     /// A rejected password grant waits the cap: only new credentials would help.
+    /// No less than the server's `Retry-After`, itself capped at `backoff_max`
+    /// so that a hostile value cannot stall refreshes.
     fn backoff(&self, failures: u32, error: &Error) -> Duration {
+        let asked = error
+            .retry_after()
+            .map_or(Duration::ZERO, |wait| wait.min(self.backoff_max));
+        self.jittered_backoff(failures, error).max(asked)
+    }
+
+    fn jittered_backoff(&self, failures: u32, error: &Error) -> Duration {
         let exponential = if error.is_rejected() && error.grant() == Some(GrantType::Password) {
             self.backoff_max
         } else {

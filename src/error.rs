@@ -52,9 +52,9 @@ impl fmt::Display for GrantType {
 #[non_exhaustive]
 pub enum Error {
     /// Volt refused the credentials or the refresh token (HTTP 400/401/403 from
-    /// `/oauth`, or another 4xx but 429 with a code such as `invalid_client`,
-    /// or a 2xx whose body is such an error instead of a token). Retrying the
-    /// same grant will not help.
+    /// `/oauth`, or another 4xx but 429 with a code such as `invalid_client`
+    /// or `401`, or a 2xx whose body is such an error instead of a token).
+    /// Retrying the same grant will not help.
     #[error("Volt rejected the {grant} grant: {response}")]
     Rejected {
         /// The grant that was refused.
@@ -63,7 +63,8 @@ pub enum Error {
         response: ErrorResponse,
     },
     /// The token endpoint answered with an error that is not a rejection (5xx,
-    /// 429, an unexpected status): try again later.
+    /// 429, an unexpected status): try again later, not before
+    /// [`ErrorResponse::retry_after`] if the server said when.
     #[error("Volt's token endpoint failed the {grant} grant: {response}")]
     Failed {
         /// The grant that was attempted.
@@ -71,8 +72,10 @@ pub enum Error {
         /// What Volt answered.
         response: ErrorResponse,
     },
-    /// The answer could not be understood: not JSON, truncated, too large,
-    /// missing the token, or an unsupported token type.
+    /// A 2xx answer could not be understood: not JSON, truncated, too large,
+    /// missing the token, or an unsupported token type. (An error status is a
+    /// [`Rejected`](Self::Rejected) or [`Failed`](Self::Failed) whatever its
+    /// body.)
     #[error("unusable answer to the {grant} grant (HTTP {status}): {reason}")]
     InvalidResponse {
         /// The grant that was attempted.
@@ -142,6 +145,14 @@ impl Error {
         }
     }
 
+    /// The server's [`ErrorResponse::retry_after`], if it answered with one.
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Rejected { response, .. } | Self::Failed { response, .. } => response.retry_after,
+            _ => None,
+        }
+    }
+
     /// A short name of the outcome, for logs and counters.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
@@ -167,6 +178,24 @@ pub struct ErrorResponse {
     /// The server's message, if any (shortened, with any secret the request
     /// carried blanked out).
     pub message: Option<String>,
+    /// See [`ErrorResponse::retry_after`].
+    pub(crate) retry_after: Option<Duration>,
+}
+
+impl ErrorResponse {
+    /// How long the server asked to wait before the next attempt: the
+    /// `Retry-After` of a 429 or 503 answer, as delta-seconds (saturating
+    /// beyond `u64`) or as an HTTP-date counted from the answer's `Date`
+    /// (from this machine's clock when there is none). `None` when there was
+    /// none, or it was malformed, repeated or not in the future.
+    ///
+    /// The token cache starts the next attempt no earlier than this, nor
+    /// later than the backoff maximum
+    /// ([`Builder::backoff`](crate::Builder::backoff)) allows, unless the
+    /// ordinary backoff is longer.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
 }
 
 impl fmt::Display for ErrorResponse {

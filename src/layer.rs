@@ -328,7 +328,10 @@ impl<P> Builder<P> {
 
     /// The backoff after a failed `/oauth` attempt: doubling from `min` up to
     /// `max`, jittered down to half (defaults 1 second and 1 minute). A
-    /// rejected password grant waits `max` (jittered the same way). Checked
+    /// rejected password grant waits `max` (jittered the same way). A 429 or
+    /// 503 with `Retry-After` waits at least as long as the server asked
+    /// ([`ErrorResponse::retry_after`](crate::ErrorResponse::retry_after)),
+    /// but never more than `max`. Checked
     /// when the layer is built: `min` must be positive and at most `max`, and
     /// `max` at most a day.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {

@@ -57,7 +57,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{ACCEPT, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::server::conn::http1;
@@ -100,6 +100,14 @@ pub enum Broken {
     Oversized,
     /// A form-encoded body instead of JSON (`Content-Type: text/plain`).
     NotJson,
+}
+
+/// A scripted `/oauth` failure: how many calls are left to answer, and the answer.
+struct Failure {
+    remaining: usize,
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
 }
 
 /// What one `/oauth` request carried, as recorded by [`MockVolt::oauth_requests`].
@@ -294,7 +302,7 @@ struct State {
     /// Payments created by `POST /v2/payments`, as `GET /payments/{id}` answers them.
     payments: Vec<serde_json::Value>,
     api_authorizations: Vec<Option<String>>,
-    failure: Option<(usize, StatusCode, Bytes)>,
+    failure: Option<Failure>,
     broken: Option<(usize, Broken)>,
     delay: Duration,
     holds: Vec<Arc<HoldInner>>,
@@ -414,7 +422,35 @@ impl MockVolt {
     /// The next `n` `/oauth` calls answer `status` with `body` (`Content-Type: application/json`).
     /// Replaces any earlier `fail_oauth` budget; checked before [`break_oauth`](Self::break_oauth).
     pub fn fail_oauth(&self, n: usize, status: StatusCode, body: impl Into<Bytes>) {
-        self.shared.state().failure = (n > 0).then(|| (n, status, body.into()));
+        self.fail_oauth_with_headers(n, status, HeaderMap::new(), body);
+    }
+
+    /// [`fail_oauth`](Self::fail_oauth), with `headers` added to each answer (replacing
+    /// any of the same name, `Content-Type` included): say, a `429` or `503` with
+    /// `Retry-After` (and a `Date` to make an HTTP-date exact).
+    ///
+    /// ```
+    /// # use volt_auth::mock::MockVolt;
+    /// use http::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+    ///
+    /// let mock = MockVolt::builder().in_process();
+    /// let mut headers = HeaderMap::new();
+    /// headers.insert(RETRY_AFTER, HeaderValue::from_static("30"));
+    /// mock.fail_oauth_with_headers(1, http::StatusCode::TOO_MANY_REQUESTS, headers, "{}");
+    /// ```
+    pub fn fail_oauth_with_headers(
+        &self,
+        n: usize,
+        status: StatusCode,
+        headers: HeaderMap,
+        body: impl Into<Bytes>,
+    ) {
+        self.shared.state().failure = (n > 0).then(|| Failure {
+            remaining: n,
+            status,
+            headers,
+            body: body.into(),
+        });
     }
 
     /// The next `n` `/oauth` calls answer `200` with a broken body. Replaces any earlier budget.
@@ -851,10 +887,17 @@ fn unreadable_body() -> Response<Full<Bytes>> {
 /// Consumes one unit of the `fail_oauth` or `break_oauth` budget, if any.
 fn scripted(shared: &Shared) -> Option<Response<Full<Bytes>>> {
     let mut state = shared.state();
-    if let Some((remaining, status, body)) = state.failure.as_mut() {
-        let response = json(*status, body.clone());
-        *remaining -= 1;
-        if *remaining == 0 {
+    if let Some(failure) = state.failure.as_mut() {
+        let mut response = json(failure.status, failure.body.clone());
+        for name in failure.headers.keys() {
+            let values = failure.headers.get_all(name).iter().cloned();
+            response.headers_mut().remove(name);
+            for value in values {
+                response.headers_mut().append(name, value);
+            }
+        }
+        failure.remaining -= 1;
+        if failure.remaining == 0 {
             state.failure = None;
         }
         return Some(response);
@@ -1377,7 +1420,6 @@ impl AsyncWrite for ClosableStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderMap;
     use tower::ServiceExt;
 
     const FORM: &str = "application/x-www-form-urlencoded;charset=UTF-8";
@@ -1953,6 +1995,38 @@ mod tests {
         mock.fail_oauth(5, StatusCode::BAD_GATEWAY, "");
         mock.fail_oauth(0, StatusCode::BAD_GATEWAY, "");
         assert_eq!(send(&mock, password_request()).await.status, 200);
+    }
+
+    #[tokio::test]
+    async fn fail_oauth_with_headers_adds_them_to_each_scripted_answer() {
+        use http::header::{DATE, RETRY_AFTER};
+        let mock = MockVolt::builder().in_process();
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("30"));
+        headers.insert(
+            DATE,
+            HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
+        );
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
+        mock.fail_oauth_with_headers(2, StatusCode::TOO_MANY_REQUESTS, headers, "<html>");
+        for _ in 0..2 {
+            let answer = send(&mock, password_request()).await;
+            assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(answer.headers[RETRY_AFTER], "30");
+            assert_eq!(answer.headers[DATE], "Sun, 06 Nov 1994 08:49:37 GMT");
+            assert_eq!(answer.headers.get_all(CONTENT_TYPE).iter().count(), 1);
+            assert_eq!(answer.headers[CONTENT_TYPE], "text/html");
+            assert_eq!(answer.text(), "<html>");
+        }
+        let answer = send(&mock, password_request()).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert!(answer.headers.get(RETRY_AFTER).is_none());
+        assert_eq!(mock.oauth_calls(), 3);
+        // Plain fail_oauth adds none.
+        mock.fail_oauth(1, StatusCode::SERVICE_UNAVAILABLE, "");
+        let answer = send(&mock, password_request()).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(answer.headers.get(RETRY_AFTER).is_none());
     }
 
     #[tokio::test]

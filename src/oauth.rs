@@ -6,11 +6,11 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{ACCEPT, CONTENT_TYPE};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::header::{ACCEPT, CONTENT_TYPE, DATE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use secrecy::{ExposeSecret, SecretString};
@@ -312,6 +312,7 @@ fn failure_response(status: StatusCode, body: &[u8], secrets: &[&str]) -> (Error
         status,
         code: code.map(|code| scrub(&code, secrets)),
         message: message.map(|message| scrub(&message, secrets)),
+        retry_after: None,
     };
     let code_rejects = response.code.as_deref().is_some_and(|code| {
         matches!(
@@ -321,6 +322,11 @@ fn failure_response(status: StatusCode, body: &[u8], secrets: &[&str]) -> (Error
                 | "invalid_client"
                 | "unauthorized_client"
                 | "unauthorised"
+                | "unauthorized"
+                // Volt's numeric shapes: `{"code":401,…}`, `{"exception":{"code":400,…}}`.
+                | "400"
+                | "401"
+                | "403"
         )
     });
     (response, code_rejects)
@@ -402,10 +408,39 @@ fn redact(text: &str, secret: &str) -> String {
     redacted
 }
 
+/// The wait a `Retry-After` header asks for (RFC 9110, section 10.2.3):
+/// delta-seconds (saturating beyond `u64`), or an HTTP-date in any of the
+/// three formats, counted from the answer's `Date` so that this machine's
+/// clock matters only when there is none (then from `now`). `None` when the
+/// header is absent, repeated or malformed, or asks for no wait (`0`, or a
+/// date not in the future).
+fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let mut values = headers.get_all(RETRY_AFTER).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let text = value.to_str().ok()?.trim_matches([' ', '\t']);
+    let wait = if !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()) {
+        // Only digits: it fails to parse only beyond u64.
+        Duration::from_secs(text.parse().unwrap_or(u64::MAX))
+    } else {
+        let at = httpdate::parse_http_date(text).ok()?;
+        let date = headers
+            .get(DATE)
+            .and_then(|date| date.to_str().ok())
+            .and_then(|date| httpdate::parse_http_date(date.trim_matches([' ', '\t'])).ok())
+            .unwrap_or(now);
+        at.duration_since(date).ok()?
+    };
+    Some(wait).filter(|wait| !wait.is_zero())
+}
+
 /// Why a transport produced no readable answer.
 pub(crate) enum FetchError {
     Transport(BoxError),
-    TooLarge(StatusCode),
+    /// The body was over [`MAX_RESPONSE_BYTES`]; the head of the answer.
+    TooLarge(http::response::Parts),
 }
 
 /// The user's HTTP service, erased: a request with a complete body in, a
@@ -431,7 +466,7 @@ where
             match Limited::new(body, MAX_RESPONSE_BYTES).collect().await {
                 Ok(collected) => Ok(Response::from_parts(parts, collected.to_bytes())),
                 Err(err) if err.is::<http_body_util::LengthLimitError>() => {
-                    Err(FetchError::TooLarge(parts.status))
+                    Err(FetchError::TooLarge(parts))
                 }
                 Err(err) => Err(FetchError::Transport(err)),
             }
@@ -478,13 +513,16 @@ impl OAuthClient {
                     timeout: self.timeout,
                 });
             }
-            Ok(Err(FetchError::TooLarge(status))) => {
+            Ok(Err(FetchError::TooLarge(parts))) if parts.status.is_success() => {
                 return Err(Error::InvalidResponse {
                     grant: kind,
-                    status,
+                    status: parts.status,
                     reason: "the body is larger than 64 KiB",
                 });
             }
+            // An error answer is classified by its status (and headers): its
+            // body would only have added details.
+            Ok(Err(FetchError::TooLarge(parts))) => Response::from_parts(parts, Bytes::new()),
             Ok(Err(FetchError::Transport(source))) => {
                 return Err(Error::Transport {
                     grant: kind,
@@ -502,7 +540,24 @@ impl OAuthClient {
             self.credentials.password(),
             refresh,
         ];
-        parse(kind, response.status(), response.body(), &secrets)
+        let status = response.status();
+        match parse(kind, status, response.body(), &secrets) {
+            Err(Error::Failed {
+                grant,
+                response: mut failure,
+            }) if matches!(
+                status,
+                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+            ) =>
+            {
+                failure.retry_after = retry_after(response.headers(), SystemTime::now());
+                Err(Error::Failed {
+                    grant,
+                    response: failure,
+                })
+            }
+            result => result,
+        }
     }
 
     fn request(&self, grant: &Grant) -> Request<Bytes> {
@@ -766,6 +821,63 @@ mod tests {
         assert_eq!(response.code, None);
     }
 
+    fn retry_after_of(values: &[&'static str], date: Option<&'static str>) -> Option<Duration> {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(RETRY_AFTER, HeaderValue::from_static(value));
+        }
+        if let Some(date) = date {
+            headers.insert(DATE, HeaderValue::from_static(date));
+        }
+        // This machine's clock, for answers without a usable Date.
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:00 GMT").unwrap();
+        retry_after(&headers, now)
+    }
+
+    #[test]
+    fn retry_after_reads_delta_seconds_and_http_dates() {
+        let secs = |n| Some(Duration::from_secs(n));
+        let date = Some("Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(retry_after_of(&["30"], None), secs(30));
+        assert_eq!(retry_after_of(&[" 120\t"], date), secs(120));
+        assert_eq!(retry_after_of(&["999999999"], None), secs(999_999_999));
+        assert_eq!(
+            retry_after_of(&["99999999999999999999"], None),
+            secs(u64::MAX)
+        );
+        // The three HTTP-date formats, counted from the answer's Date.
+        for value in [
+            "Sun, 06 Nov 1994 08:50:22 GMT",
+            "Sunday, 06-Nov-94 08:50:22 GMT",
+            "Sun Nov  6 08:50:22 1994",
+        ] {
+            assert_eq!(retry_after_of(&[value], date), secs(45), "{value}");
+            // Without a Date (or with a malformed one), from this machine's clock.
+            assert_eq!(retry_after_of(&[value], None), secs(82), "{value}");
+            assert_eq!(retry_after_of(&[value], Some("yesterday")), secs(82));
+        }
+        // Ignored: absent, repeated, malformed, no wait, or a date not after Date.
+        let none: &[(&[&'static str], Option<&'static str>)] = &[
+            (&[], None),
+            (&["30", "30"], None),
+            (&["-5"], None),
+            (&["+5"], None),
+            (&["1.5"], None),
+            (&["30s"], None),
+            (&["3 0"], None),
+            (&[""], None),
+            (&["soon"], None),
+            (&["0"], None),
+            (&["Sun, 06 Nov 1994 08:49:37 GMT"], date),
+            (&["Sun, 06 Nov 1994 08:49:36 GMT"], date),
+            (&["Sun, 06 Nov 1994 08:48:59 GMT"], None),
+            (&["Sun, 06 Nov 1994 25:00:00 GMT"], date),
+        ];
+        for (values, date) in none {
+            assert_eq!(retry_after_of(values, *date), None, "{values:?} {date:?}");
+        }
+    }
+
     #[test]
     fn error_messages_never_echo_secrets_and_stay_short() {
         let body = format!(
@@ -808,6 +920,7 @@ mod tests {
     struct Recorder {
         seen: Arc<Mutex<Vec<Request<Bytes>>>>,
         status: StatusCode,
+        headers: HeaderMap,
         body: &'static str,
     }
 
@@ -828,6 +941,7 @@ mod tests {
             self.seen.lock().unwrap().push(request);
             let mut response = Response::new(http_body_util::Full::from(self.body));
             *response.status_mut() = self.status;
+            *response.headers_mut() = self.headers.clone();
             std::future::ready(Ok(response))
         }
     }
@@ -837,10 +951,20 @@ mod tests {
         status: StatusCode,
         body: &'static str,
     ) -> (OAuthClient, Arc<Mutex<Vec<Request<Bytes>>>>) {
+        client_with_headers(api, status, HeaderMap::new(), body)
+    }
+
+    fn client_with_headers(
+        api: Api,
+        status: StatusCode,
+        headers: HeaderMap,
+        body: &'static str,
+    ) -> (OAuthClient, Arc<Mutex<Vec<Request<Bytes>>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let recorder = Recorder {
             seen: seen.clone(),
             status,
+            headers,
             body,
         };
         let credentials = Credentials::new("cid", "the-client-secret", "user name", "the-password");
@@ -926,5 +1050,121 @@ mod tests {
         let err = client.fetch(&Grant::Password).await.unwrap_err();
         assert!(err.is_rejected());
         assert!(!format!("{err} {err:?}").contains("the-client-secret"));
+    }
+
+    #[tokio::test]
+    async fn only_a_429_or_503_carries_the_servers_retry_after() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("30"));
+        for (status, expected) in [
+            (429, Some(Duration::from_secs(30))),
+            (503, Some(Duration::from_secs(30))),
+            (500, None),
+            (502, None),
+            (404, None),
+        ] {
+            let status = StatusCode::from_u16(status).unwrap();
+            let (client, _) = client_with_headers(
+                Api::Gateway,
+                status,
+                headers.clone(),
+                r#"{"message":"slow down"}"#,
+            );
+            match client.fetch(&Grant::Password).await {
+                Err(Error::Failed { response, .. }) => {
+                    assert_eq!(response.status, status);
+                    assert_eq!(response.retry_after(), expected, "{status}");
+                    assert_eq!(response.message.as_deref(), Some("slow down"));
+                }
+                other => panic!("{status}: {other:?}"),
+            }
+        }
+        // A rejection and a token ignore it.
+        let (client, _) = client_with_headers(
+            Api::Gateway,
+            StatusCode::UNAUTHORIZED,
+            headers.clone(),
+            r#"{"error":"invalid_client"}"#,
+        );
+        let err = client.fetch(&Grant::Password).await.unwrap_err();
+        assert!(err.is_rejected());
+        assert_eq!(err.retry_after(), None);
+        let (client, _) = client_with_headers(Api::Gateway, StatusCode::OK, headers, GOOD);
+        assert!(client.fetch(&Grant::Password).await.is_ok());
+    }
+
+    /// An error body under a 2xx status in Volt's numeric shapes refuses the
+    /// grant as its named codes do (so a refused refresh token falls back to
+    /// the password grant); any other is an unusable answer.
+    #[test]
+    fn a_2xx_error_body_with_a_refusing_numeric_code_is_a_rejection() {
+        for body in [
+            r#"{"code":401,"message":"Invalid credentials"}"#,
+            r#"{"code":"401","message":"Invalid credentials"}"#,
+            r#"{"code":403,"message":"Forbidden"}"#,
+            r#"{"exception":{"code":400,"message":"Validation exception","errorList":[]}}"#,
+            r#"{"code":"UNAUTHORIZED","message":"Unauthorized."}"#,
+        ] {
+            let err = parse(
+                GrantType::RefreshToken,
+                StatusCode::OK,
+                body.as_bytes(),
+                &[],
+            );
+            assert!(
+                matches!(err, Err(Error::Rejected { .. })),
+                "{body}: {err:?}"
+            );
+        }
+        for body in [
+            r#"{"code":500,"message":"Internal error"}"#,
+            r#"{"code":429,"message":"Too many requests"}"#,
+            r#"{"code":"4010"}"#,
+        ] {
+            let err = parse(
+                GrantType::RefreshToken,
+                StatusCode::OK,
+                body.as_bytes(),
+                &[],
+            );
+            assert!(
+                matches!(err, Err(Error::InvalidResponse { .. })),
+                "{body}: {err:?}"
+            );
+        }
+    }
+
+    /// An error answer whose body is over the limit (a proxy's error page) is
+    /// classified by its status, as with a body of none of Volt's shapes; only
+    /// a 2xx needs its body.
+    #[tokio::test]
+    async fn an_oversized_error_answer_is_classified_by_its_status() {
+        let page: &'static str = format!("<html>{}</html>", "x".repeat(MAX_RESPONSE_BYTES)).leak();
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("30"));
+        let fetch = |status: u16| {
+            let status = StatusCode::from_u16(status).unwrap();
+            let (client, _) = client_with_headers(Api::Gateway, status, headers.clone(), page);
+            async move { client.fetch(&Grant::Password).await.unwrap_err() }
+        };
+        let Error::Failed { response, .. } = fetch(503).await else {
+            panic!("503 not Failed")
+        };
+        assert_eq!(response.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.retry_after(), Some(Duration::from_secs(30)));
+        assert_eq!((response.code, response.message), (None, None));
+        let err = fetch(502).await;
+        assert!(matches!(err, Error::Failed { .. }), "{err:?}");
+        assert_eq!(err.status(), Some(StatusCode::BAD_GATEWAY));
+        let err = fetch(401).await;
+        assert!(err.is_rejected(), "{err:?}");
+        // A 2xx without its whole body has no token.
+        match fetch(200).await {
+            Error::InvalidResponse { status, reason, .. } => {
+                assert_eq!(status, StatusCode::OK);
+                assert_eq!(reason, "the body is larger than 64 KiB");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

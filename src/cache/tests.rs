@@ -105,6 +105,7 @@ fn server_error(grant: GrantType) -> Error {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: None,
             message: None,
+            retry_after: None,
         },
     }
 }
@@ -116,6 +117,7 @@ fn rejected(grant: GrantType, code: &str) -> Error {
             status: StatusCode::BAD_REQUEST,
             code: Some(code.to_owned()),
             message: None,
+            retry_after: None,
         },
     }
 }
@@ -703,6 +705,29 @@ async fn a_200_with_an_error_body_on_refresh_falls_back_to_password() {
     assert_eq!(*source.password.lock().unwrap(), 2);
 }
 
+/// The same in Volt's numeric error shapes: a refused refresh token answered
+/// `200` with `{"code":401,…}` is not presented again after every backoff.
+#[tokio::test(start_paused = true)]
+async fn a_200_with_a_numeric_error_body_on_refresh_falls_back_to_password() {
+    for refresh_body in [
+        r#"{"code":401,"message":"Invalid refresh token"}"#,
+        r#"{"exception":{"code":400,"message":"Validation exception","errorList":[]}}"#,
+    ] {
+        let source = raw(
+            r#"{"access_token":"a","token_type":"Bearer","expires_in":3600,"refresh_token":"r"}"#,
+            StatusCode::OK,
+            refresh_body,
+        );
+        let cache = TokenCache::new(source.clone(), settings());
+        cache.token().await.unwrap();
+        sleep(HOUR - Duration::from_secs(10)).await;
+        let lease = cache.token().await;
+        assert!(lease.is_ok(), "{refresh_body}: {lease:?}");
+        assert_eq!(*source.refresh.lock().unwrap(), 1, "{refresh_body}");
+        assert_eq!(*source.password.lock().unwrap(), 2, "{refresh_body}");
+    }
+}
+
 /// A week of a failing endpoint with no token, then recovery: no overflow in
 /// the backoff, attempts spaced by the capped backoff, and after a success
 /// the backoff starts again from the minimum.
@@ -728,6 +753,41 @@ async fn a_week_of_failures_then_recovery_resets_the_backoff() {
     let flight = cache.shared.lock();
     assert_eq!(flight.failures, 0);
     assert_eq!(flight.retry_at, None);
+}
+
+/// A 429 or 503 whose server asked to wait `retry_after`.
+fn throttled(retry_after: Duration) -> Error {
+    Error::Failed {
+        grant: GrantType::RefreshToken,
+        response: ErrorResponse {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: None,
+            message: None,
+            retry_after: Some(retry_after),
+        },
+    }
+}
+
+/// The wait after a failure is the longer of the jittered backoff and the
+/// server's `Retry-After`, which is capped at the backoff maximum.
+#[test]
+fn the_backoff_waits_for_retry_after_up_to_its_maximum() {
+    let settings = settings(); // 1 s doubling to 60 s
+    let secs = Duration::from_secs;
+    for _ in 0..100 {
+        // Longer than the first backoff (at most 1 s): the server's wait.
+        assert_eq!(settings.backoff(1, &throttled(secs(30))), secs(30));
+        assert_eq!(settings.backoff(1, &throttled(secs(60))), secs(60));
+        // Longer than the maximum: the maximum.
+        assert_eq!(settings.backoff(1, &throttled(secs(61))), secs(60));
+        assert_eq!(settings.backoff(1, &throttled(Duration::MAX)), secs(60));
+        // Shorter than the backoff (the 7th: 60 s, jittered to 30–60 s): the backoff.
+        let backoff = settings.backoff(7, &throttled(secs(2)));
+        assert!((secs(30)..=secs(60)).contains(&backoff), "{backoff:?}");
+        // No hint: the backoff alone.
+        let backoff = settings.backoff(1, &server_error(GrantType::Password));
+        assert!((Duration::from_millis(500)..=secs(1)).contains(&backoff));
+    }
 }
 
 /// Any positive minimum doubles up to any maximum (the doubling used to stop

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response};
 use http_body_util::Full;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 use tower::{BoxError, Service, ServiceExt};
 use volt_auth::mock::{MockFuture, MockService, MockVolt};
 use volt_auth::{Builder, VoltAuthLayer};
@@ -81,11 +81,12 @@ pub fn bearer(token: &str) -> Option<String> {
     Some(format!("Bearer {token}"))
 }
 
-/// The in-process mock, recording the head of every request it receives.
+/// The in-process mock, recording the head of every request it receives and
+/// when (on tokio's clock, so paused in `start_paused` tests).
 #[derive(Clone)]
 pub struct Recorder {
     mock: MockService,
-    seen: Arc<Mutex<Vec<Parts>>>,
+    seen: Arc<Mutex<Vec<(Instant, Parts)>>>,
 }
 
 impl Recorder {
@@ -97,7 +98,22 @@ impl Recorder {
     }
 
     pub fn seen(&self) -> Vec<Parts> {
-        self.seen.lock().unwrap().clone()
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, parts)| parts.clone())
+            .collect()
+    }
+
+    /// When each request arrived, as offsets from `start`.
+    pub fn times_since(&self, start: Instant) -> Vec<Duration> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, _)| *at - start)
+            .collect()
     }
 }
 
@@ -112,7 +128,10 @@ impl Service<Request<Body>> for Recorder {
 
     fn call(&mut self, request: Request<Body>) -> MockFuture {
         let (parts, body) = request.into_parts();
-        self.seen.lock().unwrap().push(parts.clone());
+        self.seen
+            .lock()
+            .unwrap()
+            .push((Instant::now(), parts.clone()));
         self.mock.call(Request::from_parts(parts, body))
     }
 }
