@@ -928,15 +928,17 @@ async fn a_month_of_service() {
     let failed = month
         .outage(Fault::Refused, exp - 10 * MIN, exp + 25 * MIN)
         .await;
-    // Every request from the margin to the first attempt after the outage
-    // (at most a minute and a second later), bursts included.
-    assert!((1530..=1591 + BURST).contains(&failed), "{failed}");
+    // Every request after the margin (the one due exactly then may still get
+    // the token) up to the first attempt after the outage (at the outage's
+    // end at the earliest, a minute and a second later at the latest),
+    // bursts included.
+    assert!((1529..=1591 + BURST).contains(&failed), "{failed}");
     month.run_until(month.at(5, 0, 0)).await;
     let expect = Expect {
         refreshed: 25..=27,
         failed: 30..=80,
         refused: 30..=80,
-        failed_requests: 1530..=1591 + BURST as u64,
+        failed_requests: 1529..=1591 + BURST as u64,
         ..HOURLY_DAY
     };
     day(&mut month, 4, expect);
@@ -1065,14 +1067,14 @@ async fn a_month_of_service() {
     let failed = month
         .outage(Fault::Unavailable, exp - 30 * MIN, exp + 3 * HOUR)
         .await;
-    assert!((10830..=10891 + 4 * BURST).contains(&failed), "{failed}");
+    assert!((10829..=10891 + 4 * BURST).contains(&failed), "{failed}");
     month.run_until(month.at(23, 0, 0)).await;
     let expect = Expect {
         password: 1,
         rejected: 1,
         refreshed: 0..=0,
-        failed: 180..=370,
-        failed_requests: 10830..=10891 + 4 * BURST as u64,
+        failed: 180..=390,
+        failed_requests: 10829..=10891 + 4 * BURST as u64,
         ..DAILY_DAY
     };
     day(&mut month, 22, expect);
@@ -1089,14 +1091,14 @@ async fn a_month_of_service() {
     let failed = month
         .outage(Fault::PasswordChanged, exp - HOUR, exp + HOUR)
         .await;
-    assert!((3630..=3691 + 2 * BURST).contains(&failed), "{failed}");
+    assert!((3629..=3691 + 2 * BURST).contains(&failed), "{failed}");
     month.run_until(month.at(25, 0, 0)).await;
     let expect = Expect {
         password: 1,
         password_rejected: 60..=140,
         rejected: 1,
         refreshed: 0..=0,
-        failed_requests: 3630..=3691 + 2 * BURST as u64,
+        failed_requests: 3629..=3691 + 2 * BURST as u64,
         ..DAILY_DAY
     };
     day(&mut month, 24, expect);
@@ -1149,12 +1151,15 @@ async fn a_month_of_service() {
     month.run_until(month.at(30, 0, 0)).await;
     day(&mut month, 29, DAILY_DAY);
 
-    // The month in total.
+    // The month in total: password grants on days 0, 10, 15, 22, 24 and 27,
+    // each but the first after a refused refresh token, which was never
+    // presented again; three 401s, each replayed once.
     let stats = month.auth.stats();
+    assert_eq!(stats.password.succeeded, 6);
+    assert_eq!(stats.refresh.rejected, 5);
     assert_eq!(stats.replays, 3);
-    assert_eq!(stats.password.succeeded, 5);
-    assert_eq!(stats.refresh.rejected, 4);
     assert_eq!(month.volt.ledger().unauthorized.len(), 3);
+    assert_eq!(month.volt.ledger().presented_again, 0);
 
     // Dropping the layer stops its timer: nothing is left running.
     drop(month);
