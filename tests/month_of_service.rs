@@ -1,7 +1,9 @@
 //! Thirty days of service under tokio's paused clock: one layer, built once,
 //! with the settings users run (refresh 5 min ahead with up to 1 min of
 //! jitter, 30 s expiry margin, 5 s token timeout, backoff 1 s doubling to
-//! 1 min), in front of two in-process mock Volts behind one transport, [`Volt`].
+//! 1 min), in front of three in-process mock Volts behind one transport,
+//! [`Volt`]: one issuing 1-hour tokens, one 24-hour tokens, one with the API
+//! user's password changed.
 //!
 //! Traffic: one `GET /banks` every 15 s, every second while `/oauth` is
 //! failing (callers retrying), and a burst of 16 concurrent requests every
@@ -19,6 +21,7 @@
 //! | 17 | `/oauth` refuses connections for 4 h while the token is fresh: no `/oauth` call |
 //! | 19 | `/oauth` refuses connections for 58 min ending 2 min before expiry: invisible |
 //! | 22 | `/oauth` answers 503 for 3.5 h across expiry; the refresh token expires with the access token, so `invalid_grant` and the password grant after it |
+//! | 24 | the API user's password is changed at Volt for 2 h around the token's expiry: one refused refresh token, then one refused password grant per capped backoff window; requests fail with that rejection once the token expired |
 //! | 25 | every access token revoked: one 401, one refresh, one replay |
 //! | 27 | access and refresh tokens revoked: one 401, a refused refresh, the password grant, one replay |
 //! | 28 | `/oauth` hangs for 1 h 57 min ending 3 min before expiry: invisible |
@@ -32,14 +35,15 @@
 //! idle gap moved it; after the k-th failure in a row the next comes no sooner
 //! than half of min(2^(k-1) s, 60 s) after it and no later than that plus a
 //! request interval; a refused refresh token is followed at once by the
-//! password grant. Checked at every midnight: the day's `/oauth` attempts by
+//! password grant and never presented again. Checked at every midnight: the day's `/oauth` attempts by
 //! grant and outcome, 401s, replays and failed requests; `Stats` against the
 //! transport's and the mocks' counts; one live tokio task (the token's phase
 //! timer) or none after an idle gap expired the token.
 //!
-//! Not covered: a password rotation (`Credentials` are fixed when the layer is
-//! built; the crate has no way to change them); the process-wide ticket
-//! registry (only unit tests can see it; one cache registers one entry).
+//! Not covered: rotating the password in the layer (`Credentials` are fixed
+//! when the layer is built and the crate has no way to change them; day 24
+//! only changes it at Volt and back); the process-wide ticket registry (only
+//! unit tests can see it; one cache registers one entry).
 
 mod common;
 
