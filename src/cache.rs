@@ -126,6 +126,9 @@ struct Flight {
     forced_streak: u32,
     /// Whether the running refresh was forced by a 401.
     forcing: bool,
+    /// The generation whose refresh token Volt refused: later refreshes of
+    /// that token go straight to the password grant (0: none).
+    refused_refresh: u64,
     timer: Option<AbortHandle>,
     /// The task that rearms `may_kick` when the backoff ends; aborted with
     /// the cache, so that it does not sleep on for up to `backoff_max`.
@@ -411,9 +414,11 @@ impl Shared {
     /// password grant when there is none or Volt rejects it.
     async fn refresh(self: Arc<Self>, guard: FinishOnDrop) {
         let previous = self.current.load_full();
+        let refused = self.lock().refused_refresh;
         let refresh_token = previous
             .token
             .as_ref()
+            .filter(|_| previous.generation != refused)
             .and_then(|t| t.refresh_token().cloned());
         let result = match refresh_token {
             Some(refresh_token) => {
@@ -424,6 +429,8 @@ impl Shared {
                     }
                     Err(error) if error.is_rejected() => {
                         tracing::info!("the refresh token was rejected; authenticating again");
+                        // Not presented again should the password grant fail.
+                        self.lock().refused_refresh = previous.generation;
                         self.attempt(Grant::Password).await
                     }
                     Err(error) => Err(error),

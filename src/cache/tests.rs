@@ -263,6 +263,46 @@ async fn a_rejected_refresh_token_falls_back_to_one_password_grant() {
     }
 }
 
+/// A refresh token Volt refused is not presented again when the password
+/// grant after it fails: each later attempt is one password grant.
+#[tokio::test(start_paused = true)]
+async fn a_refused_refresh_token_is_not_presented_again() {
+    for failure in [
+        rejected(GrantType::Password, "invalid_grant"),
+        server_error(GrantType::Password),
+    ] {
+        let script = Script::new(HOUR);
+        let cache = script.cache();
+        cache.token().await.unwrap();
+        sleep(HOUR).await;
+        script.fail_next(rejected(GrantType::RefreshToken, "invalid_grant"));
+        script.fail_next(failure.clone());
+        script.fail_next(failure.clone());
+        for _ in 0..2 {
+            assert_eq!(cache.token().await.unwrap_err().kind(), failure.kind());
+            sleep(Duration::from_secs(60)).await;
+        }
+        assert_eq!(secret(&cache.token().await.unwrap()), "at-5");
+        assert_eq!(
+            script.calls(),
+            [
+                (GrantType::Password, None),
+                (GrantType::RefreshToken, Some("rt-1".into())),
+                (GrantType::Password, None),
+                (GrantType::Password, None),
+                (GrantType::Password, None),
+            ]
+        );
+        // The new token's refresh token is used again.
+        sleep(HOUR).await;
+        assert_eq!(secret(&cache.token().await.unwrap()), "at-6");
+        assert_eq!(
+            script.calls()[5],
+            (GrantType::RefreshToken, Some("rt-5".into()))
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_server_failure_on_refresh_is_not_a_rejection() {
     let script = Script::new(HOUR);
