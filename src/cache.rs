@@ -499,7 +499,17 @@ impl Shared {
                 }
                 Err(error) => {
                     flight.failures = flight.failures.saturating_add(1);
-                    let delay = self.settings.backoff(flight.failures, &error);
+                    // While the current token serves, the next attempt comes
+                    // no later than its expiry, so that an outage that ends
+                    // just before costs no failed request.
+                    let entry = self.current.load();
+                    let serving = entry
+                        .token
+                        .as_ref()
+                        .filter(|_| entry.phase.load(Ordering::Acquire) != EXPIRED)
+                        .and_then(|_| entry.expired_at.checked_duration_since(now))
+                        .filter(|left| !left.is_zero());
+                    let delay = self.settings.backoff(flight.failures, &error, serving);
                     flight.retry_at = Some(now + delay);
                     flight.last_error = Some(error.clone());
                     tracing::warn!(
@@ -668,13 +678,17 @@ impl Settings {
     /// How long to wait after the `failures`-th failure in a row: exponential
     /// from `backoff_min`, capped at `backoff_max`, with jitter down to half.
     /// A rejected password grant waits the cap: only new credentials would help.
-    /// No less than the server's `Retry-After`, itself capped at `backoff_max`
-    /// so that a hostile value cannot stall refreshes.
-    fn backoff(&self, failures: u32, error: &Error) -> Duration {
+    /// No later than `serving` (how long the current token is still served),
+    /// if given. No less than the server's `Retry-After`, itself capped at
+    /// `backoff_max` so that a hostile value cannot stall refreshes.
+    fn backoff(&self, failures: u32, error: &Error, serving: Option<Duration>) -> Duration {
         let asked = error
             .retry_after()
             .map_or(Duration::ZERO, |wait| wait.min(self.backoff_max));
-        self.jittered_backoff(failures, error).max(asked)
+        let ordinary = self.jittered_backoff(failures, error);
+        serving
+            .map_or(ordinary, |left| ordinary.min(left))
+            .max(asked)
     }
 
     fn jittered_backoff(&self, failures: u32, error: &Error) -> Duration {

@@ -775,10 +775,15 @@ impl Month {
                     "{clock}: the fallback waited"
                 );
             } else if streak > 0 {
+                // No later than the token, if still served, stops being served.
+                let served = issued
+                    .map(|(issued_at, lifetime)| issued_at + lifetime - MARGIN)
+                    .filter(|&end| end > failed_at)
+                    .map_or(window, |end| window.min(end - failed_at));
                 let gap = at - failed_at;
                 assert!(
-                    gap >= window / 2 && gap <= window + BUSY + MS,
-                    "{clock}: {gap:?} after failure {streak} (backoff {window:?})"
+                    gap >= (window / 2).min(served) && gap <= served + BUSY + MS,
+                    "{clock}: {gap:?} after failure {streak} (backoff {window:?}, served {served:?})"
                 );
             } else if let Some((issued_at, lifetime)) = issued {
                 if !self.unscheduled.contains(&at) {

@@ -808,24 +808,37 @@ fn throttled(retry_after: Duration) -> Error {
     }
 }
 
-/// The wait after a failure is the longer of the jittered backoff and the
-/// server's `Retry-After`, which is capped at the backoff maximum.
+/// The wait after a failure is the longer of the jittered backoff (no later
+/// than the token's expiry while it serves) and the server's `Retry-After`,
+/// which is capped at the backoff maximum.
 #[test]
 fn the_backoff_waits_for_retry_after_up_to_its_maximum() {
     let settings = settings(); // 1 s doubling to 60 s
     let secs = Duration::from_secs;
     for _ in 0..100 {
         // Longer than the first backoff (at most 1 s): the server's wait.
-        assert_eq!(settings.backoff(1, &throttled(secs(30))), secs(30));
-        assert_eq!(settings.backoff(1, &throttled(secs(60))), secs(60));
+        assert_eq!(settings.backoff(1, &throttled(secs(30)), None), secs(30));
+        assert_eq!(settings.backoff(1, &throttled(secs(60)), None), secs(60));
         // Longer than the maximum: the maximum.
-        assert_eq!(settings.backoff(1, &throttled(secs(61))), secs(60));
-        assert_eq!(settings.backoff(1, &throttled(Duration::MAX)), secs(60));
+        assert_eq!(settings.backoff(1, &throttled(secs(61)), None), secs(60));
+        assert_eq!(
+            settings.backoff(1, &throttled(Duration::MAX), None),
+            secs(60)
+        );
         // Shorter than the backoff (the 7th: 60 s, jittered to 30–60 s): the backoff.
-        let backoff = settings.backoff(7, &throttled(secs(2)));
+        let backoff = settings.backoff(7, &throttled(secs(2)), None);
         assert!((secs(30)..=secs(60)).contains(&backoff), "{backoff:?}");
         // No hint: the backoff alone.
-        let backoff = settings.backoff(1, &server_error(GrantType::Password));
+        let backoff = settings.backoff(1, &server_error(GrantType::Password), None);
+        assert!((Duration::from_millis(500)..=secs(1)).contains(&backoff));
+        // A token served for 10 s more: no later than its expiry, unless the
+        // server asked for longer.
+        let serving = Some(secs(10));
+        let down = server_error(GrantType::Password);
+        assert_eq!(settings.backoff(7, &down, serving), secs(10));
+        assert_eq!(settings.backoff(7, &throttled(secs(2)), serving), secs(10));
+        assert_eq!(settings.backoff(7, &throttled(secs(30)), serving), secs(30));
+        let backoff = settings.backoff(1, &down, serving);
         assert!((Duration::from_millis(500)..=secs(1)).contains(&backoff));
     }
 }
@@ -960,4 +973,54 @@ async fn stats_tell_a_failing_endpoint_while_the_token_still_serves() {
             .remaining
             .is_some_and(|left| left > HOUR - Duration::from_secs(31))
     );
+}
+
+/// A refresh that fails while the token still serves is retried no later than
+/// the token's expiry: when `/oauth` is back by then, no request fails; when it
+/// is not, that one attempt fails and the backoff goes on as before.
+#[tokio::test(start_paused = true)]
+async fn the_backoff_ends_by_the_expiry_of_the_token_it_keeps() {
+    let secs = Duration::from_secs;
+    for back_by_expiry in [true, false] {
+        let script = Script::new(HOUR);
+        // 100 s, jittered to 50–100 s: always past the expiry below.
+        let cache = TokenCache::new(
+            script.clone(),
+            Settings {
+                backoff_min: secs(100),
+                backoff_max: secs(100),
+                ..settings()
+            },
+        );
+        cache.token().await.unwrap();
+        // Stale, 30 s before the token stops being served (expiry minus the
+        // 30 s margin, at 3570 s): the background refresh fails.
+        sleep(secs(3540)).await;
+        script.fail_next(server_error(GrantType::RefreshToken));
+        if !back_by_expiry {
+            script.fail_next(server_error(GrantType::RefreshToken));
+        }
+        assert_eq!(secret(&cache.token().await.unwrap()), "at-1");
+        sleep(Duration::from_millis(1)).await;
+        assert_eq!(script.count(), 2);
+        assert_eq!(
+            cache.stats().retry_in,
+            Some(secs(30) - Duration::from_millis(1))
+        );
+
+        // Just past the expiry, the next caller starts the next attempt.
+        sleep(secs(30)).await;
+        let outcome = cache.token().await;
+        assert_eq!(script.count(), 3);
+        if back_by_expiry {
+            assert_eq!(secret(&outcome.unwrap()), "at-3");
+        } else {
+            assert!(matches!(outcome, Err(Error::Failed { .. })));
+            // The token has expired: the ordinary backoff, 50–100 s.
+            let wait = cache.stats().retry_in.unwrap();
+            assert!((secs(50)..=secs(100)).contains(&wait), "{wait:?}");
+            assert!(cache.token().await.is_err());
+            assert_eq!(script.count(), 3);
+        }
+    }
 }
