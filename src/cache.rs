@@ -114,7 +114,9 @@ struct Shared {
     counters: Counters,
 }
 
-/// The slow-path state, behind a mutex that is never held across an await.
+/// The slow-path state, behind a mutex that is never held across an await
+/// nor while an event is logged (a subscriber may read the stats, which take
+/// it).
 #[derive(Default)]
 struct Flight {
     running: bool,
@@ -344,8 +346,20 @@ impl Shared {
     }
 
     /// Decides, under the lock, whether a caller has a token, must wait for a
-    /// refresh (starting it if none runs), or gets the last error.
+    /// refresh (starting it if none runs), or gets the last error. What it
+    /// did is logged once the lock is released.
     fn begin(self: &Arc<Self>, rejected: Option<u64>) -> Result<Begin, Error> {
+        let mut notes = Notes::default();
+        let begun = self.begin_locked(rejected, &mut notes);
+        notes.log();
+        begun
+    }
+
+    fn begin_locked(
+        self: &Arc<Self>,
+        rejected: Option<u64>,
+        notes: &mut Notes,
+    ) -> Result<Begin, Error> {
         let now = Instant::now();
         let mut flight = self.lock();
         self.reclaim(&mut flight);
@@ -354,6 +368,7 @@ impl Shared {
             let mut phase = entry.phase.load(Ordering::Acquire);
             if phase == UNTIMED {
                 phase = retime(&mut flight, &entry, now);
+                notes.retimed = Some((entry.generation, phase));
             }
             if rejected == Some(entry.generation) {
                 if phase != EXPIRED {
@@ -362,7 +377,7 @@ impl Shared {
                     }
                     entry.phase.store(EXPIRED, Ordering::Release);
                     flight.forcing = true;
-                    tracing::debug!(generation = entry.generation, "a 401 invalidated the token");
+                    notes.invalidated = Some(entry.generation);
                 }
             } else if phase != EXPIRED {
                 if phase == STALE && self.may_kick.swap(false, Ordering::AcqRel) {
@@ -467,7 +482,7 @@ impl Shared {
     /// Publishes a refresh's outcome, then wakes every waiter.
     fn finish(self: &Arc<Self>, result: Result<Token, Error>) {
         let now = Instant::now();
-        let outcome = {
+        let (outcome, backoff) = {
             let mut flight = self.lock();
             flight.running = false;
             match result {
@@ -495,7 +510,7 @@ impl Shared {
                     time(&mut flight, &entry);
                     self.may_kick.store(true, Ordering::Release);
                     self.counters.refreshes.fetch_add(1, Ordering::Relaxed);
-                    None
+                    (None, None)
                 }
                 Err(error) => {
                     flight.failures = flight.failures.saturating_add(1);
@@ -512,12 +527,6 @@ impl Shared {
                     let delay = self.settings.backoff(flight.failures, &error, serving);
                     flight.retry_at = Some(now + delay);
                     flight.last_error = Some(error.clone());
-                    tracing::warn!(
-                        failures = flight.failures,
-                        retry_in_ms = delay.as_millis() as u64,
-                        retry_after_s = error.retry_after().map(|wait| wait.as_secs()),
-                        "token refresh failed; backing off"
-                    );
                     // Let a stale token's readers start the next attempt once
                     // the backoff is over (or at once if the runtime goes).
                     let rearm = Rearm(Arc::downgrade(self));
@@ -531,10 +540,19 @@ impl Shared {
                         });
                         flight.rearm = Some(task.abort_handle());
                     }
-                    Some(error)
+                    (Some(error), Some((flight.failures, delay)))
                 }
             }
         };
+        // Logged without the lock: a subscriber may read the stats.
+        if let (Some(error), Some((failures, delay))) = (&outcome, backoff) {
+            tracing::warn!(
+                failures,
+                retry_in_ms = delay.as_millis() as u64,
+                retry_after_s = error.retry_after().map(|wait| wait.as_secs()),
+                "token refresh failed; backing off"
+            );
+        }
         self.done.send_replace(outcome);
     }
 }
@@ -612,16 +630,33 @@ fn time(flight: &mut Flight, entry: &Arc<Entry>) {
 /// this runtime.
 fn retime(flight: &mut Flight, entry: &Arc<Entry>, now: Instant) -> u8 {
     let phase = entry.phase_at(now);
-    tracing::debug!(
-        generation = entry.generation,
-        phase,
-        "timing the token again"
-    );
     entry.phase.store(phase, Ordering::Release);
     if phase != EXPIRED {
         time(flight, entry);
     }
     phase
+}
+
+/// What [`Shared::begin`] did under the lock, logged once it is released: no
+/// event is emitted under the lock, so that a subscriber may read
+/// [`TokenCache::stats`] (which takes it).
+#[derive(Default)]
+struct Notes {
+    /// An untimed token's generation and the phase the clock gave it.
+    retimed: Option<(u64, u8)>,
+    /// The generation a 401 invalidated.
+    invalidated: Option<u64>,
+}
+
+impl Notes {
+    fn log(self) {
+        if let Some((generation, phase)) = self.retimed {
+            tracing::debug!(generation, phase, "timing the token again");
+        }
+        if let Some(generation) = self.invalidated {
+            tracing::debug!(generation, "a 401 invalidated the token");
+        }
+    }
 }
 
 /// Marks its entry untimed if dropped before the entry expires: the timer's

@@ -1024,3 +1024,92 @@ async fn the_backoff_ends_by_the_expiry_of_the_token_it_keeps() {
         }
     }
 }
+
+/// Reports, for every `volt_auth` event, whether the token cache's lock was
+/// held when it was emitted, and reads the stats there as a health-check layer
+/// would (when reading them cannot deadlock).
+struct LockProbe {
+    cache: TokenCache,
+    seen: Arc<Mutex<Vec<(String, bool)>>>,
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LockProbe {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if !event.metadata().target().starts_with("volt_auth") {
+            return;
+        }
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        let free = self.cache.shared.flight.try_lock().is_ok();
+        if free {
+            let _ = self.cache.stats();
+        }
+        self.seen.lock().unwrap().push((message.0, free));
+    }
+}
+
+/// No event is logged while the cache's lock is held: a subscriber that reads
+/// `stats()` (which takes that lock) when it sees a failed refresh, a 401
+/// or a token timed again would otherwise deadlock every request.
+#[test]
+fn no_event_is_logged_under_the_caches_lock() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let paused = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    };
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let probe = LockProbe {
+        cache: cache.clone(),
+        seen: seen.clone(),
+    };
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(probe));
+    // Tests on other threads, without a subscriber, may have cached the
+    // callsites' interest as "never" while this one was being set.
+    let interest = tracing::callsite::rebuild_interest_cache;
+
+    paused().block_on(async {
+        let first = cache.token().await.unwrap().ticket.generation;
+        // A background refresh that fails: its backoff is logged.
+        sleep(HOUR - Duration::from_secs(200)).await;
+        script.fail_next(server_error(GrantType::RefreshToken));
+        interest();
+        cache.token().await.unwrap();
+        sleep(Duration::from_millis(1)).await;
+        // Past the backoff, a 401 invalidates the token.
+        sleep(Duration::from_secs(2)).await;
+        interest();
+        cache.invalidate(first);
+        cache.token().await.unwrap();
+    });
+    // On another runtime, the token (its timer gone) is timed again.
+    interest();
+    paused().block_on(async { cache.token().await.unwrap() });
+
+    let seen = seen.lock().unwrap().clone();
+    for expected in [
+        "token refresh failed; backing off",
+        "a 401 invalidated the token",
+        "timing the token again",
+    ] {
+        assert!(
+            seen.iter().any(|(message, _)| message == expected),
+            "{expected:?} not logged: {seen:?}"
+        );
+    }
+    let locked: Vec<_> = seen.iter().filter(|(_, free)| !free).collect();
+    assert!(locked.is_empty(), "logged under the lock: {locked:?}");
+}
