@@ -13,8 +13,9 @@
 //! Refreshes are spawned, so a caller that gives up does not cancel the refresh
 //! others wait for. A refresh presents the refresh token, and falls back to the
 //! password grant when Volt rejects it. A failed refresh is retried after an
-//! exponential, jittered backoff, or the server's `Retry-After` if longer (at
-//! most the backoff maximum); until then, requests keep the token while it is
+//! exponential, jittered backoff, cut short to end when the current token
+//! stops being served, or after the server's `Retry-After` if longer (at most
+//! the backoff maximum); until then, requests keep the token while it is
 //! valid and otherwise get the refresh's error at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};

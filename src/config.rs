@@ -254,9 +254,16 @@ impl Endpoint {
     /// use volt_auth::{Api, Endpoint, Environment};
     ///
     /// let production = Endpoint::new(Api::Gateway, Environment::Production);
-    /// assert_eq!(production.with_api(Api::Global).token_uri(), "https://gateway.volt.io/oauth");
+    /// assert_eq!(production.clone().with_api(Api::Global).token_uri(), "https://gateway.volt.io/oauth");
     /// let proxy = Endpoint::custom("https://volt-proxy.internal").unwrap();
     /// assert_eq!(proxy.with_api(Api::Global).token_uri(), "https://volt-proxy.internal/oauth");
+    ///
+    /// // A custom base URL naming a preset's host is custom: it is kept, so it
+    /// // does not equal the preset.
+    /// let same_host = Endpoint::custom("https://api.volt.io").unwrap();
+    /// assert_eq!(same_host.token_uri(), production.token_uri());
+    /// assert_ne!(same_host, production);
+    /// assert_eq!(same_host.with_api(Api::Global).token_uri(), "https://api.volt.io/oauth");
     /// ```
     pub fn with_api(self, api: Api) -> Self {
         match self.environment {

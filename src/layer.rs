@@ -21,8 +21,8 @@ use crate::service::VoltAuth;
 /// The longest backoff [`Builder::backoff`] accepts: waits are added to the
 /// clock, which a duration like [`Duration::MAX`] would overflow.
 const MAX_BACKOFF: Duration = Duration::from_secs(24 * 60 * 60);
-/// The longest wait for one `/oauth` answer: a refresh that hangs longer than
-/// this would use up the refresh-ahead window instead of being retried.
+/// The longest wait for one `/oauth` answer: a hung `/oauth` call holds the
+/// one refresh, and every caller without a valid token, for no longer.
 const MAX_TOKEN_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
 /// Attaches a Volt bearer token to every request of the services it wraps.
@@ -199,7 +199,7 @@ impl<S, P: Clone> Layer<S> for VoltAuthLayer<P> {
 /// | token counts as expired | 30 seconds before expiry | [`expiry_margin`](Self::expiry_margin) |
 /// | `/oauth` timeout | 5 seconds per attempt | [`token_timeout`](Self::token_timeout) |
 /// | backoff after a failure | 1 second doubling to 1 minute, jittered down to half | [`backoff`](Self::backoff) |
-/// | replay after a 401 | [`DefaultReplay`]: `Full`, `Empty`, `String` bodies up to 1 MiB | [`replay`](Self::replay) |
+/// | replay after a 401 | [`DefaultReplay`]: `Full`, `Empty`, `String` (and the bodies it lists) up to 1 MiB | [`replay`](Self::replay) |
 ///
 /// Settings are checked, and nothing is sent, when the layer is built:
 ///
@@ -320,7 +320,10 @@ impl<P> Builder<P> {
 
     /// How long one `/oauth` request may take (default 5 seconds; checked when
     /// the layer is built: positive and at most 5 minutes, so that a hung
-    /// token endpoint is given up on and retried while the token is valid).
+    /// token endpoint holds the one refresh for no longer than that). Keep it
+    /// well under [`refresh_ahead`](Self::refresh_ahead) minus the
+    /// [`expiry_margin`](Self::expiry_margin) for a hung background refresh to
+    /// be given up on and retried while the token is still served.
     pub fn token_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
