@@ -1098,6 +1098,14 @@ mod tests {
     /// the password grant); any other is an unusable answer.
     #[test]
     fn a_2xx_error_body_with_a_refusing_numeric_code_is_a_rejection() {
+        let parsed = |body: &str| {
+            parse(
+                GrantType::RefreshToken,
+                StatusCode::OK,
+                body.as_bytes(),
+                &[],
+            )
+        };
         for body in [
             r#"{"code":401,"message":"Invalid credentials"}"#,
             r#"{"code":"401","message":"Invalid credentials"}"#,
@@ -1105,12 +1113,7 @@ mod tests {
             r#"{"exception":{"code":400,"message":"Validation exception","errorList":[]}}"#,
             r#"{"code":"UNAUTHORIZED","message":"Unauthorized."}"#,
         ] {
-            let err = parse(
-                GrantType::RefreshToken,
-                StatusCode::OK,
-                body.as_bytes(),
-                &[],
-            );
+            let err = parsed(body);
             assert!(
                 matches!(err, Err(Error::Rejected { .. })),
                 "{body}: {err:?}"
@@ -1121,12 +1124,7 @@ mod tests {
             r#"{"code":429,"message":"Too many requests"}"#,
             r#"{"code":"4010"}"#,
         ] {
-            let err = parse(
-                GrantType::RefreshToken,
-                StatusCode::OK,
-                body.as_bytes(),
-                &[],
-            );
+            let err = parsed(body);
             assert!(
                 matches!(err, Err(Error::InvalidResponse { .. })),
                 "{body}: {err:?}"
