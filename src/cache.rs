@@ -19,7 +19,10 @@
 //! valid and otherwise get the refresh's error at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -415,9 +418,13 @@ impl Shared {
         flight.running = true;
         // Made before spawning: a task dropped before its first poll (its
         // runtime shut down) still ends the refresh.
-        let guard = FinishOnDrop(Some(self.clone()));
-        let shared = self.clone();
-        handle.spawn(async move { shared.refresh(guard).await });
+        handle.spawn(RefreshTask {
+            refresh: Box::pin(self.clone().refresh()),
+            guard: FinishOnDrop {
+                shared: Some(self.clone()),
+                polling: false,
+            },
+        });
         self.reclaim(flight);
         if !flight.running {
             // Dropped at once: this runtime is shutting down.
@@ -428,7 +435,7 @@ impl Shared {
 
     /// One refresh: the refresh grant when there is a refresh token, the
     /// password grant when there is none or Volt rejects it.
-    async fn refresh(self: Arc<Self>, guard: FinishOnDrop) {
+    async fn refresh(self: Arc<Self>) -> Result<Token, Error> {
         let previous = self.current.load_full();
         let refused = self.lock().refused_refresh;
         let refresh_token = previous
@@ -436,7 +443,7 @@ impl Shared {
             .as_ref()
             .filter(|_| previous.generation != refused)
             .and_then(|t| t.refresh_token().cloned());
-        let result = match refresh_token {
+        match refresh_token {
             Some(refresh_token) => {
                 match self.attempt(Grant::Refresh(refresh_token.clone())).await {
                     Ok(mut token) => {
@@ -453,8 +460,7 @@ impl Shared {
                 }
             }
             None => self.attempt(Grant::Password).await,
-        };
-        guard.finish(result);
+        }
     }
 
     async fn attempt(&self, grant: Grant) -> Result<Token, Error> {
@@ -573,13 +579,39 @@ impl Drop for Shared {
     }
 }
 
-/// Ends a refresh that was dropped (runtime shut down) or panicked, so that no
-/// waiter hangs and a later caller can start the next refresh.
-struct FinishOnDrop(Option<Arc<Shared>>);
+/// A refresh spawned with the guard that ends it however its task ends.
+struct RefreshTask {
+    refresh: Pin<Box<dyn Future<Output = Result<Token, Error>> + Send>>,
+    guard: FinishOnDrop,
+}
+
+impl Future for RefreshTask {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let task = &mut *self;
+        // Still set if the refresh panics: the task is then dropped while
+        // this poll unwinds.
+        task.guard.polling = true;
+        let polled = task.refresh.as_mut().poll(cx);
+        task.guard.polling = false;
+        let result = ready!(polled);
+        task.guard.finish(result);
+        Poll::Ready(())
+    }
+}
+
+/// Ends a refresh that panicked or was dropped (runtime shut down), so that
+/// no waiter hangs and a later caller can start the next refresh.
+struct FinishOnDrop {
+    shared: Option<Arc<Shared>>,
+    /// The refresh is being polled: dropped now, it panicked.
+    polling: bool,
+}
 
 impl FinishOnDrop {
-    fn finish(mut self, result: Result<Token, Error>) {
-        if let Some(shared) = self.0.take() {
+    fn finish(&mut self, result: Result<Token, Error>) {
+        if let Some(shared) = self.shared.take() {
             shared.finish(result);
         }
     }
@@ -587,15 +619,18 @@ impl FinishOnDrop {
 
 impl Drop for FinishOnDrop {
     fn drop(&mut self) {
-        let Some(shared) = self.0.take() else { return };
-        if std::thread::panicking() {
-            // A failure like any other: back off before the next attempt.
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        if self.polling {
+            // The refresh panicked: a failure like any other, backed off.
             shared.finish(Err(Error::Interrupted));
         } else {
             // Dropped with its runtime, perhaps inside `start` (under the
-            // lock): nothing failed, so no backoff. Waiters wake and the
-            // first to take the lock starts the next refresh; a stale
-            // token's readers may start it too.
+            // lock), perhaps while this thread unwinds from a panic that is
+            // not the refresh's: nothing failed, so no backoff. Waiters wake
+            // and the first to take the lock starts the next refresh; a
+            // stale token's readers may start it too.
             shared.abandoned.store(true, Ordering::Release);
             shared.may_kick.store(true, Ordering::Release);
             shared.done.send_replace(None);

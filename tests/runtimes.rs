@@ -135,3 +135,57 @@ fn a_background_refresh_dropped_with_its_runtime_is_started_again() {
         assert!(token.expires_at() > Instant::now() + HOUR - Duration::from_secs(1));
     });
 }
+
+fn multi_thread() -> Runtime {
+    Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn a_runtime_dropped_while_its_thread_unwinds_from_an_unrelated_panic_costs_no_backoff() {
+    let mock = MockVolt::builder().in_process();
+    let auth = common::layer(&mock);
+    let hold = mock.hold_oauth();
+    let (started, refresh_at_oauth) = std::sync::mpsc::channel();
+    let (go, panic_now) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::spawn({
+        let auth = auth.clone();
+        let hold = mock.hold_oauth();
+        move || {
+            let rt = runtime(false);
+            rt.block_on(async {
+                tokio::spawn(async move { auth.access_token().await });
+                hold.wait_for(1).await; // this runtime's refresh is at /oauth
+                drop(hold);
+                started.send(()).expect("send");
+                panic_now.recv().expect("recv");
+                panic!("an unrelated bug in the worker's own code");
+            })
+        }
+    });
+    refresh_at_oauth.recv().expect("the worker's refresh started");
+    // A server runtime waits for the refresh the worker's runtime runs.
+    let server = multi_thread();
+    let waiter = server.spawn({
+        let auth = auth.clone();
+        async move { timeout(GUARD, auth.access_token()).await }
+    });
+    go.send(()).expect("send");
+    assert!(worker.join().is_err(), "the worker panicked");
+    drop(hold);
+
+    // Nothing failed: the refresh was dropped with its runtime, and the next
+    // one starts at once, without a backoff.
+    let token = server.block_on(waiter).expect("the waiter did not panic");
+    assert!(matches!(token, Ok(Ok(_))), "{token:?}");
+    let again = runtime(false).block_on(async { timeout(GUARD, auth.access_token()).await });
+    assert!(matches!(again, Ok(Ok(_))), "{again:?}");
+    assert_eq!((mock.oauth_calls(), mock.password_grants()), (2, 2));
+    let stats = auth.stats();
+    assert_eq!((stats.failures, stats.refreshes), (0, 1));
+    assert!(stats.last_error.is_none(), "{:?}", stats.last_error);
+}
+

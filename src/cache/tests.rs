@@ -484,6 +484,11 @@ async fn a_panicking_or_dropped_refresh_releases_its_waiters() {
     }
     let cache = TokenCache::new(Never, settings());
     assert!(matches!(cache.token().await, Err(Error::Interrupted)));
+    // The refresh's own panic is a failure: backed off like any other.
+    let stats = cache.stats();
+    assert_eq!(stats.failures, 1);
+    assert!(stats.retry_in.is_some());
+    assert!(matches!(stats.last_error, Some(Error::Interrupted)));
 }
 
 #[test]
