@@ -342,11 +342,42 @@ impl Shared {
     /// arrives or a backoff ends.
     fn start_if_due(self: &Arc<Self>, flight: &mut Flight, now: Instant) {
         self.reclaim(flight);
-        if !flight.running && flight.retry_at.is_none_or(|at| now >= at) {
+        if flight.running {
+            // Its end sets the flag again.
+            return;
+        }
+        let rearmed = match flight.retry_at {
+            // The flag was set before the backoff ended: the task that was
+            // to set it at the end went with its runtime. Set it again from
+            // this one.
+            Some(at) if now < at => self.rearm(flight, at),
             // Without a runtime there is no background refresh; the request
             // that later waits for the token reports the error.
-            let _ = self.start(flight);
+            _ => self.start(flight).is_ok(),
+        };
+        if !rearmed {
+            // No runtime here: the next stale read tries again.
+            self.may_kick.store(true, Ordering::Release);
         }
+    }
+
+    /// Lets a stale token's readers start a refresh again at `at`, the end
+    /// of a backoff (or as soon as this runtime shuts down), replacing the
+    /// task that was to do it. `false` outside a runtime.
+    fn rearm(self: &Arc<Self>, flight: &mut Flight, at: Instant) -> bool {
+        if let Some(previous) = flight.rearm.take() {
+            previous.abort();
+        }
+        let Ok(handle) = Handle::try_current() else {
+            return false;
+        };
+        let rearm = Rearm(Arc::downgrade(self));
+        let task = handle.spawn(async move {
+            sleep_until(at).await;
+            drop(rearm);
+        });
+        flight.rearm = Some(task.abort_handle());
+        true
     }
 
     /// Decides, under the lock, whether a caller has a token, must wait for a
@@ -536,16 +567,8 @@ impl Shared {
                     flight.last_error = Some(error.clone());
                     // Let a stale token's readers start the next attempt once
                     // the backoff is over (or at once if the runtime goes).
-                    let rearm = Rearm(Arc::downgrade(self));
-                    if let Some(previous) = flight.rearm.take() {
-                        previous.abort();
-                    }
-                    if let Ok(handle) = Handle::try_current() {
-                        let task = handle.spawn(async move {
-                            sleep_until(now + delay).await;
-                            drop(rearm);
-                        });
-                        flight.rearm = Some(task.abort_handle());
+                    if !self.rearm(&mut flight, now + delay) {
+                        self.may_kick.store(true, Ordering::Release);
                     }
                     (Some(error), Some((flight.failures, delay)))
                 }

@@ -144,6 +144,13 @@ fn multi_thread() -> Runtime {
         .expect("runtime")
 }
 
+/// Polls `future` once on this thread, outside any runtime.
+fn poll_once<F: Future>(future: F) -> Poll<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    future.as_mut().poll(&mut cx)
+}
+
 #[test]
 fn a_runtime_dropped_while_its_thread_unwinds_from_an_unrelated_panic_costs_no_backoff() {
     let mock = MockVolt::builder().in_process();
@@ -189,3 +196,95 @@ fn a_runtime_dropped_while_its_thread_unwinds_from_an_unrelated_panic_costs_no_b
     assert!(stats.last_error.is_none(), "{:?}", stats.last_error);
 }
 
+#[test]
+fn access_token_on_a_plain_thread_reports_no_runtime() {
+    let mock = MockVolt::builder().in_process();
+    let auth = common::layer(&mock);
+    let outcome = std::thread::spawn(move || poll_once(auth.access_token()))
+        .join()
+        .expect("no panic");
+    assert!(
+        matches!(outcome, Poll::Ready(Err(volt_auth::Error::NoRuntime))),
+        "{outcome:?}"
+    );
+    assert_eq!(mock.oauth_calls(), 0);
+}
+
+#[test]
+fn a_stale_token_read_on_a_plain_thread_leaves_the_background_refresh_to_the_next_request() {
+    let mock = MockVolt::builder().in_process();
+    let auth = common::layer(&mock);
+    let home = runtime(true);
+    home.block_on(async {
+        auth.access_token().await.expect("first token");
+        // Inside the refresh-ahead window: the timer marks the token stale.
+        advance(HOUR - Duration::from_secs(60)).await;
+        sleep(Duration::from_millis(1)).await; // the timer runs
+    });
+    // Sync code without a runtime reads the stale token: it cannot start
+    // the refresh.
+    let outcome = std::thread::spawn({
+        let auth = auth.clone();
+        move || poll_once(auth.access_token())
+    })
+    .join()
+    .expect("no panic");
+    assert!(matches!(outcome, Poll::Ready(Ok(_))), "{outcome:?}");
+    assert_eq!(mock.oauth_calls(), 1);
+
+    home.block_on(async {
+        let mut api = auth.layer(mock.service());
+        banks_ok(&mut api, &mock).await;
+        sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
+        assert_eq!((mock.oauth_calls(), mock.refresh_grants()), (2, 1));
+        assert_eq!(auth.stats().refreshes, 2);
+    });
+}
+
+#[test]
+fn a_backoff_whose_runtime_is_gone_still_ends_in_a_background_refresh() {
+    let mock = MockVolt::builder().in_process();
+    let auth = common::layer(&mock);
+    let stale = HOUR - Duration::from_secs(60);
+    let home = runtime(true);
+    home.block_on(async {
+        auth.access_token().await.expect("first token");
+        advance(stale).await;
+        sleep(Duration::from_millis(1)).await; // the timer marks it stale
+    });
+    // Another paused runtime, at the same time, starts the background
+    // refresh; it fails and backs off, and that runtime is dropped.
+    mock.fail_oauth(1, http::StatusCode::SERVICE_UNAVAILABLE, "down");
+    let gone = runtime(true);
+    gone.block_on(async {
+        advance(stale + Duration::from_millis(1)).await;
+        auth.access_token().await.expect("the stale token");
+        timeout(GUARD, async {
+            while auth.stats().failures == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the refresh failed");
+    });
+    drop(gone);
+    assert_eq!(mock.oauth_calls(), 2);
+
+    home.block_on(async {
+        let mut api = auth.layer(mock.service());
+        // During the backoff: the stale token, and no /oauth call.
+        banks_ok(&mut api, &mock).await;
+        sleep(Duration::from_millis(1)).await;
+        assert_eq!(mock.oauth_calls(), 2);
+        // After it (at most backoff_min plus real time elapsed): the next
+        // request starts the background refresh.
+        advance(Duration::from_secs(2)).await;
+        sleep(Duration::from_millis(1)).await; // the backoff's end is marked
+        banks_ok(&mut api, &mock).await;
+        sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
+        assert_eq!((mock.oauth_calls(), mock.refresh_grants()), (3, 2));
+        let stats = auth.stats();
+        assert_eq!((stats.refreshes, stats.failures), (2, 0));
+        assert_eq!(mock.unauthorized(), 0);
+    });
+}
