@@ -18,9 +18,9 @@
 //! the backoff maximum); until then, requests keep the token while it is
 //! valid and otherwise get the refresh's error at once.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -31,7 +31,7 @@ use http::header::AUTHORIZATION;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::error::{Error, GrantType};
 use crate::oauth::{Grant, Token, TokenSource};
@@ -58,6 +58,10 @@ pub(crate) struct Settings {
     pub(crate) expiry_margin: Duration,
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
+    /// How long a waiter waits for a refresh before it takes the refresh
+    /// for stranded on a runtime nothing drives, and starts another on its
+    /// own: longer than a refresh takes on a runtime that runs.
+    pub(crate) stranded_after: Duration,
 }
 
 /// The token requests use, the phase it is in, and when its phases change.
@@ -105,9 +109,10 @@ struct Shared {
     current: Arc<ArcSwap<Entry>>,
     /// Whether a request that sees a stale token may start a background refresh.
     may_kick: AtomicBool,
-    /// The running refresh's task was dropped with its runtime (see
-    /// [`FinishOnDrop`]); the next caller under the lock ends it.
-    abandoned: AtomicBool,
+    /// The latest refresh whose task was dropped with its runtime (see
+    /// [`FinishOnDrop`]); if it is the running one, the next caller under the
+    /// lock ends it.
+    abandoned: AtomicU64,
     /// The generation a forced refresh produced, until a response accepts it
     /// (0: none pending).
     unconfirmed: AtomicU64,
@@ -124,6 +129,9 @@ struct Shared {
 #[derive(Default)]
 struct Flight {
     running: bool,
+    /// The number of the latest refresh started: a refresh given up on
+    /// (see [`Settings::stranded_after`]) publishes nothing when it ends.
+    flight: u64,
     generation: u64,
     failures: u32,
     retry_at: Option<Instant>,
@@ -144,7 +152,8 @@ struct Flight {
 enum Begin {
     Ready(Lease),
     Keep,
-    Wait,
+    /// For the refresh of this number.
+    Wait(u64),
 }
 
 impl TokenCache {
@@ -162,7 +171,7 @@ impl TokenCache {
                     expired_at: now,
                 })),
                 may_kick: AtomicBool::new(true),
-                abandoned: AtomicBool::new(false),
+                abandoned: AtomicU64::new(0),
                 unconfirmed: AtomicU64::new(0),
                 flight: Mutex::new(Flight::default()),
                 done,
@@ -302,13 +311,21 @@ impl TokenCache {
     async fn acquire(&self, rejected: Option<u64>) -> Result<Option<Lease>, Error> {
         loop {
             let mut done = self.shared.done.subscribe();
-            match Shared::begin(&self.shared, rejected)? {
+            let flight = match Shared::begin(&self.shared, rejected)? {
                 Begin::Ready(lease) => return Ok(Some(lease)),
                 Begin::Keep => return Ok(None),
-                Begin::Wait => {}
-            }
-            if done.changed().await.is_err() {
-                return Err(Error::Interrupted);
+                Begin::Wait(flight) => flight,
+            };
+            // A refresh spawned on a runtime that nothing drives (a sync
+            // worker's `current_thread` runtime between `block_on` calls)
+            // would hold up every waiter on other runtimes.
+            match timeout(self.shared.settings.stranded_after, done.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Error::Interrupted),
+                Err(_) => {
+                    self.shared.strand(flight);
+                    continue;
+                }
             }
             if let Some(error) = done.borrow_and_update().clone() {
                 return Err(error);
@@ -425,7 +442,7 @@ impl Shared {
             }
         }
         if flight.running {
-            return Ok(Begin::Wait);
+            return Ok(Begin::Wait(flight.flight));
         }
         if let (Some(retry_at), Some(error)) = (flight.retry_at, &flight.last_error) {
             if now < retry_at {
@@ -433,12 +450,12 @@ impl Shared {
             }
         }
         self.start(&mut flight)?;
-        Ok(Begin::Wait)
+        Ok(Begin::Wait(flight.flight))
     }
 
     /// Ends the running refresh if its task was dropped with its runtime.
     fn reclaim(&self, flight: &mut Flight) {
-        if flight.running && self.abandoned.swap(false, Ordering::AcqRel) {
+        if flight.running && self.abandoned.load(Ordering::Acquire) == flight.flight {
             flight.running = false;
             flight.forcing = false;
         }
@@ -447,12 +464,14 @@ impl Shared {
     fn start(self: &Arc<Self>, flight: &mut Flight) -> Result<(), Error> {
         let handle = Handle::try_current().map_err(|_| Error::NoRuntime)?;
         flight.running = true;
+        flight.flight += 1;
         // Made before spawning: a task dropped before its first poll (its
         // runtime shut down) still ends the refresh.
         handle.spawn(RefreshTask {
             refresh: Box::pin(self.clone().refresh()),
             guard: FinishOnDrop {
                 shared: Some(self.clone()),
+                flight: flight.flight,
                 polling: false,
             },
         });
@@ -517,11 +536,29 @@ impl Shared {
         result
     }
 
-    /// Publishes a refresh's outcome, then wakes every waiter.
-    fn finish(self: &Arc<Self>, result: Result<Token, Error>) {
+    /// Gives up on the refresh numbered `number` if it is still running, so
+    /// that the next caller starts another.
+    fn strand(&self, number: u64) {
+        let mut flight = self.lock();
+        if !(flight.running && flight.flight == number) {
+            return;
+        }
+        flight.running = false;
+        drop(flight);
+        tracing::warn!(
+            "the token refresh has not ended on its runtime (is it driven?); starting another"
+        );
+    }
+
+    /// Publishes the outcome of the refresh numbered `number`, then wakes
+    /// every waiter; nothing if that refresh was given up on.
+    fn finish(self: &Arc<Self>, number: u64, result: Result<Token, Error>) {
         let now = Instant::now();
         let (outcome, backoff) = {
             let mut flight = self.lock();
+            if !(flight.running && flight.flight == number) {
+                return;
+            }
             flight.running = false;
             match result {
                 Ok(token) => {
@@ -628,6 +665,8 @@ impl Future for RefreshTask {
 /// no waiter hangs and a later caller can start the next refresh.
 struct FinishOnDrop {
     shared: Option<Arc<Shared>>,
+    /// The refresh's number.
+    flight: u64,
     /// The refresh is being polled: dropped now, it panicked.
     polling: bool,
 }
@@ -635,7 +674,7 @@ struct FinishOnDrop {
 impl FinishOnDrop {
     fn finish(&mut self, result: Result<Token, Error>) {
         if let Some(shared) = self.shared.take() {
-            shared.finish(result);
+            shared.finish(self.flight, result);
         }
     }
 }
@@ -647,14 +686,14 @@ impl Drop for FinishOnDrop {
         };
         if self.polling {
             // The refresh panicked: a failure like any other, backed off.
-            shared.finish(Err(Error::Interrupted));
+            shared.finish(self.flight, Err(Error::Interrupted));
         } else {
             // Dropped with its runtime, perhaps inside `start` (under the
             // lock), perhaps while this thread unwinds from a panic that is
             // not the refresh's: nothing failed, so no backoff. Waiters wake
             // and the first to take the lock starts the next refresh; a
             // stale token's readers may start it too.
-            shared.abandoned.store(true, Ordering::Release);
+            shared.abandoned.fetch_max(self.flight, Ordering::AcqRel);
             shared.may_kick.store(true, Ordering::Release);
             shared.done.send_replace(None);
         }

@@ -106,6 +106,7 @@ impl VoltAuthLayer {
                 expiry_margin: Duration::from_secs(30),
                 backoff_min: Duration::from_secs(1),
                 backoff_max: Duration::from_secs(60),
+                stranded_after: Duration::ZERO, // set by `build`
             },
             timeout: Duration::from_secs(5),
             replay: DefaultReplay::new(),
@@ -377,7 +378,7 @@ impl<P> Builder<P> {
         ResBody::Error: Into<BoxError>,
     {
         let endpoint = self.endpoint?;
-        let settings = self.settings;
+        let mut settings = self.settings;
         if self.timeout.is_zero() {
             return Err(ConfigError::InvalidSetting(
                 "the token timeout must be positive",
@@ -403,6 +404,9 @@ impl<P> Builder<P> {
                 "the expiry margin must not exceed the refresh-ahead window",
             ));
         }
+        // A refresh takes at most two `/oauth` calls (a refused refresh
+        // token, then the password grant).
+        settings.stranded_after = self.timeout * 2 + Duration::from_secs(1);
         let mut origins = endpoint.origin().into_iter().collect::<Vec<_>>();
         for origin in self.origins {
             origins.push(origin?);

@@ -173,7 +173,9 @@ fn a_runtime_dropped_while_its_thread_unwinds_from_an_unrelated_panic_costs_no_b
             })
         }
     });
-    refresh_at_oauth.recv().expect("the worker's refresh started");
+    refresh_at_oauth
+        .recv()
+        .expect("the worker's refresh started");
     // A server runtime waits for the refresh the worker's runtime runs.
     let server = multi_thread();
     let waiter = server.spawn({
@@ -287,4 +289,55 @@ fn a_backoff_whose_runtime_is_gone_still_ends_in_a_background_refresh() {
         assert_eq!((stats.refreshes, stats.failures), (2, 0));
         assert_eq!(mock.unauthorized(), 0);
     });
+}
+
+#[test]
+fn a_refresh_stranded_on_a_runtime_nothing_drives_does_not_hold_up_other_runtimes() {
+    let mock = MockVolt::builder().in_process();
+    let auth = common::layer(&mock);
+    // A sync worker's runtime starts the refresh and gives up on it at
+    // /oauth; the runtime is kept, but nothing drives it until its next job.
+    let idle = runtime(false);
+    let hold = mock.hold_oauth();
+    idle.block_on(async {
+        tokio::select! {
+            () = hold.wait_for(1) => {}
+            token = auth.access_token() => panic!("{token:?}"),
+        }
+    });
+    drop(hold);
+    assert_eq!(mock.oauth_calls(), 1);
+
+    // A server runtime's callers wait for it no longer than two token
+    // timeouts and a second, then start their own.
+    let server = runtime(true);
+    let token = server.block_on(async {
+        let started = Instant::now();
+        let token = timeout(GUARD, auth.access_token()).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(11));
+        token
+    });
+    let token = token.expect("no hang").expect("a token");
+    assert_eq!((mock.oauth_calls(), mock.password_grants()), (2, 2));
+
+    // The stranded refresh ends when its runtime runs again: its token is
+    // not published over the one in use.
+    idle.block_on(async {
+        timeout(GUARD, async {
+            while mock.issued_access_tokens().len() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the stranded refresh ended");
+    });
+    drop(idle);
+    let issued = mock.issued_access_tokens();
+    assert_eq!(issued.len(), 2);
+    server.block_on(async {
+        let again = auth.access_token().await.expect("the token in use");
+        assert_eq!(again.expose_secret(), token.expose_secret());
+    });
+    assert_eq!(auth.stats().refreshes, 1);
+    assert_eq!(mock.oauth_calls(), 2);
 }

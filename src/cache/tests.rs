@@ -22,6 +22,7 @@ fn settings() -> Settings {
         expiry_margin: Duration::from_secs(30),
         backoff_min: Duration::from_secs(1),
         backoff_max: Duration::from_secs(60),
+        stranded_after: Duration::from_secs(11),
     }
 }
 
