@@ -133,6 +133,11 @@ impl<P> VoltAuthLayer<P> {
     /// The [`Error`] of the last `/oauth` attempt, when there is no valid token
     /// (during a backoff, at once); [`Error::NoRuntime`] outside a Tokio
     /// runtime.
+    ///
+    /// # Panics
+    /// When it must wait for a refresh on a Tokio runtime built without its
+    /// timer (`enable_time` or `enable_all`), as Tokio's timers do. The same
+    /// holds for requests through the layer's services.
     pub async fn access_token(&self) -> Result<AccessToken, Error> {
         let lease = self.auth.cache.token().await?;
         Ok(AccessToken {
