@@ -16,6 +16,8 @@ use volt_auth::mock::MockVolt;
 use common::{GUARD, banks_ok, bearer};
 
 const HOUR: Duration = Duration::from_secs(3600);
+/// Inside the first token's refresh-ahead window (5 minutes, jittered to 6).
+const STALE: Duration = Duration::from_secs(3600 - 60);
 
 fn runtime(paused: bool) -> Runtime {
     let mut builder = Builder::new_current_thread();
@@ -30,6 +32,19 @@ fn token_from_a_runtime_now_gone(mock: &MockVolt) -> volt_auth::VoltAuthLayer {
     gone.block_on(auth.access_token()).expect("first token");
     drop(gone);
     assert_eq!(mock.oauth_calls(), 1);
+    auth
+}
+
+/// A cache whose first token is stale on `home`, a paused runtime: fetched,
+/// then the clock moved into the refresh-ahead window, where its timer marks
+/// it stale.
+fn stale_on(home: &Runtime, mock: &MockVolt) -> volt_auth::VoltAuthLayer {
+    let auth = common::layer(mock);
+    home.block_on(async {
+        auth.access_token().await.expect("first token");
+        advance(STALE).await;
+        sleep(Duration::from_millis(1)).await; // the timer runs
+    });
     auth
 }
 
@@ -98,7 +113,7 @@ fn a_fresh_token_whose_timer_is_gone_is_timed_again_on_the_next_runtime() {
         // Past the refresh-ahead point (at most 6 minutes before expiry),
         // the new timer marks it stale and the next request refreshes it in
         // the background.
-        advance(HOUR - Duration::from_secs(60)).await;
+        advance(STALE).await;
         sleep(Duration::from_millis(1)).await; // the timer runs
         assert_eq!(mock.oauth_calls(), 1);
         banks_ok(&mut api, &mock).await;
@@ -111,14 +126,8 @@ fn a_fresh_token_whose_timer_is_gone_is_timed_again_on_the_next_runtime() {
 #[test]
 fn a_background_refresh_dropped_with_its_runtime_is_started_again() {
     let mock = MockVolt::builder().in_process();
-    let auth = common::layer(&mock);
     let home = runtime(true);
-    home.block_on(async {
-        auth.access_token().await.expect("first token");
-        // Inside the refresh-ahead window: the timer marks the token stale.
-        advance(HOUR - Duration::from_secs(60)).await;
-        sleep(Duration::from_millis(1)).await; // the timer runs
-    });
+    let auth = stale_on(&home, &mock);
     // Another runtime starts the background refresh and is dropped before
     // running it: the stale token is still handed out there.
     let gone = runtime(false);
@@ -215,14 +224,8 @@ fn access_token_on_a_plain_thread_reports_no_runtime() {
 #[test]
 fn a_stale_token_read_on_a_plain_thread_leaves_the_background_refresh_to_the_next_request() {
     let mock = MockVolt::builder().in_process();
-    let auth = common::layer(&mock);
     let home = runtime(true);
-    home.block_on(async {
-        auth.access_token().await.expect("first token");
-        // Inside the refresh-ahead window: the timer marks the token stale.
-        advance(HOUR - Duration::from_secs(60)).await;
-        sleep(Duration::from_millis(1)).await; // the timer runs
-    });
+    let auth = stale_on(&home, &mock);
     // Sync code without a runtime reads the stale token: it cannot start
     // the refresh.
     let outcome = std::thread::spawn({
@@ -246,20 +249,14 @@ fn a_stale_token_read_on_a_plain_thread_leaves_the_background_refresh_to_the_nex
 #[test]
 fn a_backoff_whose_runtime_is_gone_still_ends_in_a_background_refresh() {
     let mock = MockVolt::builder().in_process();
-    let auth = common::layer(&mock);
-    let stale = HOUR - Duration::from_secs(60);
     let home = runtime(true);
-    home.block_on(async {
-        auth.access_token().await.expect("first token");
-        advance(stale).await;
-        sleep(Duration::from_millis(1)).await; // the timer marks it stale
-    });
+    let auth = stale_on(&home, &mock);
     // Another paused runtime, at the same time, starts the background
     // refresh; it fails and backs off, and that runtime is dropped.
     mock.fail_oauth(1, http::StatusCode::SERVICE_UNAVAILABLE, "down");
     let gone = runtime(true);
     gone.block_on(async {
-        advance(stale + Duration::from_millis(1)).await;
+        advance(STALE + Duration::from_millis(1)).await;
         auth.access_token().await.expect("the stale token");
         timeout(GUARD, async {
             while auth.stats().failures == 0 {
