@@ -140,9 +140,14 @@ struct Flight {
     forced_streak: u32,
     /// Whether the running refresh was forced by a 401.
     forcing: bool,
-    /// The generation whose refresh token Volt refused: later refreshes of
-    /// that token go straight to the password grant (0: none).
+    /// The generation whose refresh token Volt refused, or a given-up
+    /// refresh may still be presenting: later refreshes of that token go
+    /// straight to the password grant (0: none).
     refused_refresh: u64,
+    /// The generation whose refresh token the running refresh presents (0:
+    /// none, or not yet): if the refresh is given up, the next one must not
+    /// present it too, while Volt may be rotating it.
+    presenting: u64,
     timer: Option<AbortHandle>,
     /// The task that rearms `may_kick` when the backoff ends; aborted with
     /// the cache, so that it does not sleep on for up to `backoff_max`.
@@ -465,10 +470,11 @@ impl Shared {
         let handle = Handle::try_current().map_err(|_| Error::NoRuntime)?;
         flight.running = true;
         flight.flight += 1;
+        flight.presenting = 0;
         // Made before spawning: a task dropped before its first poll (its
         // runtime shut down) still ends the refresh.
         handle.spawn(RefreshTask {
-            refresh: Box::pin(self.clone().refresh()),
+            refresh: Box::pin(self.clone().refresh(flight.flight)),
             guard: FinishOnDrop {
                 shared: Some(self.clone()),
                 flight: flight.flight,
@@ -483,16 +489,27 @@ impl Shared {
         Ok(())
     }
 
-    /// One refresh: the refresh grant when there is a refresh token, the
-    /// password grant when there is none or Volt rejects it.
-    async fn refresh(self: Arc<Self>) -> Result<Token, Error> {
-        let previous = self.current.load_full();
-        let refused = self.lock().refused_refresh;
-        let refresh_token = previous
-            .token
-            .as_ref()
-            .filter(|_| previous.generation != refused)
-            .and_then(|t| t.refresh_token().cloned());
+    /// One refresh, numbered `number`: the refresh grant when there is a
+    /// refresh token, the password grant when there is none or Volt rejects
+    /// it. A refresh given up on sends nothing more (its answer would be
+    /// discarded).
+    async fn refresh(self: Arc<Self>, number: u64) -> Result<Token, Error> {
+        let (previous, refresh_token) = {
+            let mut flight = self.lock();
+            if !flight.is_running(number) {
+                return Err(Error::Interrupted);
+            }
+            let previous = self.current.load_full();
+            let refresh_token = previous
+                .token
+                .as_ref()
+                .filter(|_| previous.generation != flight.refused_refresh)
+                .and_then(|t| t.refresh_token().cloned());
+            if refresh_token.is_some() {
+                flight.presenting = previous.generation;
+            }
+            (previous, refresh_token)
+        };
         match refresh_token {
             Some(refresh_token) => {
                 match self.attempt(Grant::Refresh(refresh_token.clone())).await {
@@ -501,9 +518,16 @@ impl Shared {
                         Ok(token)
                     }
                     Err(error) if error.is_rejected() => {
+                        {
+                            let mut flight = self.lock();
+                            // Not presented again should the password grant fail.
+                            flight.refused_refresh = previous.generation;
+                            if !flight.is_running(number) {
+                                return Err(error);
+                            }
+                            flight.presenting = 0;
+                        }
                         tracing::info!("the refresh token was rejected; authenticating again");
-                        // Not presented again should the password grant fail.
-                        self.lock().refused_refresh = previous.generation;
                         self.attempt(Grant::Password).await
                     }
                     Err(error) => Err(error),
@@ -540,10 +564,15 @@ impl Shared {
     /// that the next caller starts another.
     fn strand(&self, number: u64) {
         let mut flight = self.lock();
-        if !(flight.running && flight.flight == number) {
+        if !flight.is_running(number) {
             return;
         }
         flight.running = false;
+        // It may be at /oauth with this refresh token, which Volt may rotate
+        // (and revoke the family of, should it see the token twice).
+        if flight.presenting != 0 {
+            flight.refused_refresh = flight.presenting;
+        }
         drop(flight);
         tracing::warn!(
             "the token refresh has not ended on its runtime (is it driven?); starting another"
@@ -556,7 +585,7 @@ impl Shared {
         let now = Instant::now();
         let (outcome, backoff) = {
             let mut flight = self.lock();
-            if !(flight.running && flight.flight == number) {
+            if !flight.is_running(number) {
                 return;
             }
             flight.running = false;
@@ -853,6 +882,11 @@ fn doubled(min: Duration, doublings: u32, max: Duration) -> Duration {
 }
 
 impl Flight {
+    /// Whether the refresh numbered `number` is the one callers wait for.
+    fn is_running(&self, number: u64) -> bool {
+        self.running && self.flight == number
+    }
+
     /// Whether a 401 may force a refresh now. Forced refreshes whose tokens
     /// the server keeps rejecting are throttled like failures, so a server
     /// that rejects every token costs one `/oauth` call per backoff period,

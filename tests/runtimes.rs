@@ -338,3 +338,105 @@ fn a_refresh_stranded_on_a_runtime_nothing_drives_does_not_hold_up_other_runtime
     assert_eq!(auth.stats().refreshes, 1);
     assert_eq!(mock.oauth_calls(), 2);
 }
+
+#[test]
+fn a_refresh_given_up_before_it_ran_sends_nothing_when_its_runtime_runs_again() {
+    let mock = MockVolt::builder().in_process();
+    let auth = common::layer(&mock);
+    // Spawned on a runtime that nothing drives, never polled.
+    let idle = runtime(false);
+    idle.block_on(async { assert!(poll_once(auth.access_token()).is_pending()) });
+    let server = runtime(true);
+    server.block_on(async {
+        let token = timeout(GUARD, auth.access_token()).await;
+        assert!(matches!(token, Ok(Ok(_))), "{token:?}");
+    });
+    assert_eq!((mock.oauth_calls(), mock.password_grants()), (1, 1));
+
+    // Run at last, the given-up refresh sends nothing: in particular not the
+    // refresh token of the token in use, which would rotate it away.
+    idle.block_on(async { sleep(Duration::from_millis(50)).await });
+    drop(idle);
+    assert_eq!(mock.oauth_calls(), 1);
+    server.block_on(async {
+        advance(2 * HOUR).await;
+        sleep(Duration::from_millis(1)).await; // the timer runs
+        let token = timeout(GUARD, auth.access_token()).await;
+        assert!(matches!(token, Ok(Ok(_))), "{token:?}");
+    });
+    assert_eq!(
+        (
+            mock.oauth_calls(),
+            mock.refresh_grants(),
+            mock.password_grants()
+        ),
+        (2, 1, 1)
+    );
+    assert_eq!(auth.stats().refresh.rejected, 0);
+}
+
+#[test]
+fn the_refresh_after_a_stranded_one_does_not_present_the_refresh_token_it_holds() {
+    let mock = MockVolt::builder().in_process();
+    let auth = token_from_a_runtime_now_gone(&mock);
+    // A sync worker's runtime presents the refresh token at /oauth, and is
+    // then left undriven.
+    let idle = runtime(true);
+    let hold = mock.hold_oauth();
+    idle.block_on(async {
+        advance(2 * HOUR).await;
+        tokio::select! {
+            () = hold.wait_for(1) => {}
+            token = auth.access_token() => panic!("{token:?}"),
+        }
+    });
+    drop(hold);
+    assert_eq!((mock.oauth_calls(), mock.refresh_grants()), (2, 1));
+
+    // The refresh that replaces it cannot know whether Volt has rotated that
+    // refresh token: it authenticates with the password instead.
+    let server = runtime(true);
+    server.block_on(async {
+        advance(2 * HOUR).await;
+        let token = timeout(GUARD, auth.access_token()).await;
+        assert!(matches!(token, Ok(Ok(_))), "{token:?}");
+    });
+    assert_eq!(
+        (
+            mock.oauth_calls(),
+            mock.refresh_grants(),
+            mock.password_grants()
+        ),
+        (3, 1, 2)
+    );
+
+    // The stranded refresh ends when its runtime runs again, and sends nothing more.
+    idle.block_on(async {
+        timeout(GUARD, async {
+            while mock.issued_access_tokens().len() < 3 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the stranded refresh ended");
+        sleep(Duration::from_millis(1)).await;
+    });
+    drop(idle);
+    assert_eq!(mock.oauth_calls(), 3);
+    // The token in use refreshes with its own refresh token.
+    server.block_on(async {
+        advance(2 * HOUR).await;
+        sleep(Duration::from_millis(1)).await; // the timer runs
+        let token = timeout(GUARD, auth.access_token()).await;
+        assert!(matches!(token, Ok(Ok(_))), "{token:?}");
+    });
+    assert_eq!(
+        (
+            mock.oauth_calls(),
+            mock.refresh_grants(),
+            mock.password_grants()
+        ),
+        (4, 2, 2)
+    );
+    assert_eq!(auth.stats().refresh.rejected, 0);
+}
