@@ -35,6 +35,12 @@ fn token_from_a_runtime_now_gone(mock: &MockVolt) -> volt_auth::VoltAuthLayer {
     auth
 }
 
+/// `auth` hands out a token within the guard.
+async fn gets_a_token(auth: &volt_auth::VoltAuthLayer) {
+    let token = timeout(GUARD, auth.access_token()).await;
+    assert!(matches!(token, Ok(Ok(_))), "{token:?}");
+}
+
 /// A cache whose first token is stale on `home`, a paused runtime: fetched,
 /// then the clock moved into the refresh-ahead window, where its timer marks
 /// it stale.
@@ -348,8 +354,7 @@ fn a_refresh_given_up_before_it_ran_sends_nothing_when_its_runtime_runs_again() 
     idle.block_on(async { assert!(poll_once(auth.access_token()).is_pending()) });
     let server = runtime(true);
     server.block_on(async {
-        let token = timeout(GUARD, auth.access_token()).await;
-        assert!(matches!(token, Ok(Ok(_))), "{token:?}");
+        gets_a_token(&auth).await;
     });
     assert_eq!((mock.oauth_calls(), mock.password_grants()), (1, 1));
 
@@ -367,8 +372,7 @@ fn a_refresh_given_up_before_it_ran_sends_nothing_when_its_runtime_runs_again() 
     server.block_on(async {
         advance(2 * HOUR).await;
         sleep(Duration::from_millis(1)).await; // the timer runs
-        let token = timeout(GUARD, auth.access_token()).await;
-        assert!(matches!(token, Ok(Ok(_))), "{token:?}");
+        gets_a_token(&auth).await;
     });
     assert_eq!(
         (
@@ -404,8 +408,7 @@ fn the_refresh_after_a_stranded_one_does_not_present_the_refresh_token_it_holds(
     let server = runtime(true);
     server.block_on(async {
         advance(2 * HOUR).await;
-        let token = timeout(GUARD, auth.access_token()).await;
-        assert!(matches!(token, Ok(Ok(_))), "{token:?}");
+        gets_a_token(&auth).await;
     });
     assert_eq!(
         (
@@ -433,8 +436,7 @@ fn the_refresh_after_a_stranded_one_does_not_present_the_refresh_token_it_holds(
     server.block_on(async {
         advance(2 * HOUR).await;
         sleep(Duration::from_millis(1)).await; // the timer runs
-        let token = timeout(GUARD, auth.access_token()).await;
-        assert!(matches!(token, Ok(Ok(_))), "{token:?}");
+        gets_a_token(&auth).await;
     });
     assert_eq!(
         (
