@@ -368,30 +368,33 @@ impl Shared {
             // Its end sets the flag again.
             return;
         }
-        let rearmed = match flight.retry_at {
+        match flight.retry_at {
             // The flag was set before the backoff ended: the task that was
             // to set it at the end went with its runtime. Set it again from
             // this one.
             Some(at) if now < at => self.rearm(flight, at),
             // Without a runtime there is no background refresh; the request
-            // that later waits for the token reports the error.
-            _ => self.start(flight).is_ok(),
-        };
-        if !rearmed {
-            // No runtime here: the next stale read tries again.
-            self.may_kick.store(true, Ordering::Release);
+            // that later waits for the token reports the error, and the next
+            // stale read tries again.
+            _ => {
+                if self.start(flight).is_err() {
+                    self.may_kick.store(true, Ordering::Release);
+                }
+            }
         }
     }
 
     /// Lets a stale token's readers start a refresh again at `at`, the end
     /// of a backoff (or as soon as this runtime shuts down), replacing the
-    /// task that was to do it. `false` outside a runtime.
-    fn rearm(self: &Arc<Self>, flight: &mut Flight, at: Instant) -> bool {
+    /// task that was to do it. Outside a runtime, at once: the next stale
+    /// read tries again.
+    fn rearm(self: &Arc<Self>, flight: &mut Flight, at: Instant) {
         if let Some(previous) = flight.rearm.take() {
             previous.abort();
         }
         let Ok(handle) = Handle::try_current() else {
-            return false;
+            self.may_kick.store(true, Ordering::Release);
+            return;
         };
         let rearm = Rearm(Arc::downgrade(self));
         let task = handle.spawn(async move {
@@ -399,7 +402,6 @@ impl Shared {
             drop(rearm);
         });
         flight.rearm = Some(task.abort_handle());
-        true
     }
 
     /// Decides, under the lock, whether a caller has a token, must wait for a
@@ -633,9 +635,7 @@ impl Shared {
                     flight.last_error = Some(error.clone());
                     // Let a stale token's readers start the next attempt once
                     // the backoff is over (or at once if the runtime goes).
-                    if !self.rearm(&mut flight, now + delay) {
-                        self.may_kick.store(true, Ordering::Release);
-                    }
+                    self.rearm(&mut flight, now + delay);
                     (Some(error), Some((flight.failures, delay)))
                 }
             }
