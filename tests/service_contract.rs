@@ -183,6 +183,21 @@ async fn warmed(mock: &MockVolt, probe: Probe) -> (VoltAuthLayer, Arc<Counts>, V
     (auth, counts, api)
 }
 
+/// A later `GET /banks` succeeds with the token of the one refresh (the
+/// second issued), and costs no further `/oauth` call.
+async fn serves_the_renewed_token<S>(mock: &MockVolt, api: &mut S)
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+{
+    assert_eq!(
+        send(api, get(mock, "/banks")).await.status(),
+        StatusCode::OK
+    );
+    let issued = mock.issued_access_tokens();
+    assert_eq!(mock.api_authorizations().last(), Some(&bearer(&issued[1])));
+    assert_eq!(mock.oauth_calls(), 2);
+}
+
 fn snapshot(counts: &Counts) -> (usize, usize, usize) {
     (
         counts.ready.load(Ordering::SeqCst),
@@ -392,13 +407,7 @@ async fn dropping_the_future_while_it_renews_after_a_401_hangs_nobody() {
     assert_eq!(mock.oauth_calls(), 2);
     assert_eq!(mock.api_calls(), 12);
     assert_eq!(auth.stats().replays, 0);
-    assert_eq!(
-        send(&mut api.clone(), get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
-    let issued = mock.issued_access_tokens();
-    assert_eq!(mock.api_authorizations().last(), Some(&bearer(&issued[1])));
-    assert_eq!(mock.oauth_calls(), 2);
+    serves_the_renewed_token(&mock, &mut api.clone()).await;
 }
 
 /// Dropped while the replay is in flight: the new token stays in service and
@@ -421,13 +430,7 @@ async fn dropping_the_future_during_the_replay_leaves_the_cache_usable() {
     assert!(task.await.is_err_and(|e| e.is_cancelled()));
     gate.add_permits(100);
 
-    assert_eq!(
-        send(&mut api.clone(), get(&mock, "/banks")).await.status(),
-        StatusCode::OK
-    );
-    let issued = mock.issued_access_tokens();
-    assert_eq!(mock.api_authorizations().last(), Some(&bearer(&issued[1])));
-    assert_eq!(mock.oauth_calls(), 2);
+    serves_the_renewed_token(&mock, &mut api.clone()).await;
 
     sleep(secs(2)).await;
     mock.revoke_access_tokens();
