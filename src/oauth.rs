@@ -42,6 +42,10 @@ const MIN_LIFETIME: Duration = Duration::from_secs(1);
 /// How much of a server's error message is kept.
 const MAX_MESSAGE_CHARS: usize = 300;
 
+/// The shortest secret blanked out where it occurs in a server's text; a
+/// shorter one (`"abc"` would match ordinary words) hides the whole text.
+const MIN_SCRUBBED: usize = 4;
+
 /// A grant to send, with the refresh token it presents.
 pub(crate) enum Grant {
     Password,
@@ -342,15 +346,21 @@ fn text(value: &Value) -> Option<String> {
 
 /// Shortens a server's text, drops control characters and blanks out secrets,
 /// in every spelling a server may echo them in (see [`spellings`]), ignoring
-/// ASCII case.
+/// ASCII case. A secret too short to be told from ordinary text (a spelling
+/// under [`MIN_SCRUBBED`] bytes) blanks out the whole text instead.
 fn scrub(text: &str, secrets: &[&str]) -> String {
-    let mut clean: String = text.chars().filter(|c| !c.is_control()).collect();
     let mut spellings: Vec<Zeroizing<String>> = secrets
         .iter()
-        .filter(|secret| secret.len() >= 4)
         .flat_map(|secret| spellings(secret))
-        .filter(|spelling| spelling.len() >= 4)
+        .filter(|spelling| !spelling.is_empty())
         .collect();
+    if spellings
+        .iter()
+        .any(|spelling| spelling.len() < MIN_SCRUBBED)
+    {
+        return "[redacted]".to_owned();
+    }
+    let mut clean: String = text.chars().filter(|c| !c.is_control()).collect();
     // Longest first, so that a secret holding another is blanked out whole;
     // a spelling that several encodings leave alike is searched for once.
     spellings.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
@@ -902,6 +912,36 @@ mod tests {
         assert_eq!(shown, r#"{"password":"[redacted]"}"#);
         // Non-ASCII text around a match keeps its characters.
         assert_eq!(scrub("é abcd ü", &secrets), "é [redacted] ü");
+    }
+
+    #[test]
+    fn a_secret_too_short_to_find_hides_the_whole_text() {
+        // A 3-character password, echoed: nothing of the text is kept.
+        let shown = scrub("wrong password pwd for alice", &["client-secret", "pwd"]);
+        assert_eq!(shown, "[redacted]");
+        // An empty secret (the password grant has no refresh token) hides
+        // nothing.
+        let shown = scrub(
+            "wrong password for alice",
+            &["client-secret", "password1", ""],
+        );
+        assert_eq!(shown, "wrong password for alice");
+        // Long, but short once its control characters are dropped.
+        assert_eq!(scrub("a ab b", &["\n\n\nab"]), "[redacted]");
+        // Through the parser: code and message both hidden, status kept.
+        let err = parse(
+            GrantType::Password,
+            StatusCode::UNAUTHORIZED,
+            br#"{"error":"invalid_grant","error_description":"bad password x1"}"#,
+            &["client-secret", "x1"],
+        )
+        .unwrap_err();
+        let Error::Rejected { response, .. } = &err else {
+            panic!("expected a rejection, got {err:?}");
+        };
+        assert_eq!(response.code.as_deref(), Some("[redacted]"));
+        assert_eq!(response.message.as_deref(), Some("[redacted]"));
+        assert!(!format!("{err} {err:?}").contains("x1"));
     }
 
     #[test]
