@@ -376,17 +376,22 @@ fn scrub(text: &str, secrets: &[&str]) -> String {
 }
 
 /// `secret` as sent and as a server may echo the request it was sent in:
-/// form-encoded (`+` or `%20` for a space), JSON-escaped (`/` also as `\/`),
-/// and without control characters (which [`scrub`] drops from the text).
+/// percent-encoded as a form (`+` or `%20` for a space), as RFC 3986 does
+/// (`~` kept, `*` encoded) and as JavaScript's `encodeURIComponent` does
+/// (`!*'()~` kept); JSON-escaped (`/` also as `\/`), also with every
+/// non-ASCII character as `\uXXXX` (PHP's `json_encode`, Python's
+/// `json.dumps`); and without control characters (which [`scrub`] drops from
+/// the text).
 fn spellings(secret: &str) -> Vec<Zeroizing<String>> {
     let mut spellings = vec![
         Zeroizing::new(secret.to_owned()),
         Zeroizing::new(secret.chars().filter(|c| !c.is_control()).collect()),
     ];
-    if let Ok(form) = serde_urlencoded::to_string([("", secret)]).map(Zeroizing::new) {
-        let form = Zeroizing::new(form.strip_prefix('=').unwrap_or(&form).to_owned());
-        spellings.push(Zeroizing::new(form.replace('+', "%20")));
-        spellings.push(form);
+    // The form's set is `serde_urlencoded`'s (WHATWG's), as the grant is sent.
+    for kept in [&b"*-._"[..], b"-._~", b"!'()*-._~"] {
+        let encoded = percent_encoded(secret, kept);
+        spellings.push(Zeroizing::new(encoded.replace("%20", "+")));
+        spellings.push(encoded);
     }
     if let Ok(json) = serde_json::to_string(secret).map(Zeroizing::new) {
         // Without the quotes around it (a secret may end in an escaped one).
@@ -394,10 +399,52 @@ fn spellings(secret: &str) -> Vec<Zeroizing<String>> {
             .get(1..json.len().saturating_sub(1))
             .unwrap_or_default();
         let json = Zeroizing::new(inner.to_owned());
+        let ascii = ascii_escaped(&json);
+        spellings.push(Zeroizing::new(ascii.replace('/', "\\/")));
+        spellings.push(ascii);
         spellings.push(Zeroizing::new(json.replace('/', "\\/")));
         spellings.push(json);
     }
     spellings
+}
+
+/// `text` with every byte but ASCII letters, digits and `kept` as `%XX`.
+fn percent_encoded(text: &str, kept: &[u8]) -> Zeroizing<String> {
+    // Sized for the worst case, so that no smaller buffer is left unwiped.
+    let mut encoded = Zeroizing::new(String::with_capacity(text.len() * 3));
+    for &byte in text.as_bytes() {
+        if byte.is_ascii_alphanumeric() || kept.contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            encoded.push('%');
+            encoded.push(char::from(HEX[usize::from(byte >> 4)]));
+            encoded.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+    }
+    encoded
+}
+
+/// JSON text with every non-ASCII character as `\uXXXX` (UTF-16, so a
+/// character beyond the BMP as a surrogate pair).
+fn ascii_escaped(json: &str) -> Zeroizing<String> {
+    // A character of 2, 3 or 4 bytes becomes 6, 6 or 12: at most thrice.
+    let mut escaped = Zeroizing::new(String::with_capacity(json.len() * 3));
+    for c in json.chars() {
+        if c.is_ascii() {
+            escaped.push(c);
+            continue;
+        }
+        let mut units = [0u16; 2];
+        for &mut unit in c.encode_utf16(&mut units) {
+            escaped.push_str("\\u");
+            for shift in [12, 8, 4, 0] {
+                let digit = u32::from((unit >> shift) & 0xf);
+                escaped.push(char::from_digit(digit, 16).unwrap_or('0'));
+            }
+        }
+    }
+    escaped
 }
 
 /// `text` with every occurrence of `secret`, in any ASCII case, replaced by
@@ -912,6 +959,29 @@ mod tests {
         assert_eq!(shown, r#"{"password":"[redacted]"}"#);
         // Non-ASCII text around a match keeps its characters.
         assert_eq!(scrub("é abcd ü", &secrets), "é [redacted] ü");
+    }
+
+    /// A server echoing the request as it decoded it, re-encoded by another
+    /// encoder than the one that sent it: JSON with every non-ASCII character
+    /// escaped (PHP's `json_encode`, Python's `json.dumps`), percent-encoded
+    /// keeping RFC 3986's `~` (Python's `quote`, Go's `QueryEscape`) or
+    /// JavaScript's `encodeURIComponent` set (`!*'()~`).
+    #[test]
+    fn scrub_blanks_out_ascii_escaped_json_and_other_percent_encodings() {
+        let secrets = ["p\u{e4}ss/w\u{f6}rd-\u{1f600}", "Pa55 w0rd~(x)*!"];
+        for echoed in [
+            r#"{"password":"p\u00e4ss\/w\u00f6rd-\ud83d\ude00"}"#,
+            r#"{"password":"p\u00E4ss/w\u00F6rd-\uD83D\uDE00"}"#,
+        ] {
+            assert_eq!(scrub(echoed, &secrets), r#"{"password":"[redacted]"}"#);
+        }
+        for echoed in [
+            "password=Pa55%20w0rd~%28x%29%2A%21",
+            "password=Pa55+w0rd~%28x%29%2a%21",
+            "password=Pa55%20w0rd~(x)*!",
+        ] {
+            assert_eq!(scrub(echoed, &secrets), "password=[redacted]", "{echoed}");
+        }
     }
 
     #[test]
