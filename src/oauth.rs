@@ -16,10 +16,9 @@ use http_body_util::{BodyExt, Limited};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::HashMap;
 
-use serde::Deserialize;
 use serde::de::IgnoredAny;
-use serde_json::Value;
 use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
@@ -132,29 +131,6 @@ impl fmt::Debug for Token {
             .field("lifetime", &self.lifetime)
             .finish_non_exhaustive()
     }
-}
-
-#[derive(Deserialize, Default)]
-struct Failure {
-    error: Option<Value>,
-    error_description: Option<Value>,
-    code: Option<Value>,
-    message: Option<Value>,
-    exception: Option<Exception>,
-}
-
-#[derive(Deserialize, Default)]
-struct Exception {
-    code: Option<Value>,
-    message: Option<Value>,
-    #[serde(rename = "errorList", default)]
-    error_list: Vec<FieldError>,
-}
-
-#[derive(Deserialize)]
-struct FieldError {
-    property: Option<Value>,
-    message: Option<Value>,
 }
 
 /// Parses an answer of `/oauth`. `secrets` are blanked out of any message kept.
@@ -281,24 +257,38 @@ fn parse_failure(grant: GrantType, status: StatusCode, body: &[u8], secrets: &[&
 /// The error an answer's body describes, in any of the shapes Volt uses, and
 /// whether its code refuses the grant (`invalid_grant`, `invalid_client`, …).
 fn failure_response(status: StatusCode, body: &[u8], secrets: &[&str]) -> (ErrorResponse, bool) {
-    let failure: Failure = serde_json::from_slice(body).unwrap_or_default();
-    let exception = failure.exception.unwrap_or_default();
-    let code = failure
-        .error
-        .or(failure.code)
-        .or(exception.code)
-        .and_then(|value| text(&value));
-    let mut message = failure
-        .error_description
-        .or(failure.message)
-        .or(exception.message)
-        .and_then(|value| text(&value));
+    // Read member by member, so that one of an unexpected type (a
+    // framework's `"exception": "Class\\Name"`, a null `errorList`) costs
+    // only itself. A member given twice counts as its last, as for a token.
+    let failure = match serde_json::from_slice(body) {
+        Ok(Value::Object(failure)) => failure,
+        _ => Map::new(),
+    };
+    let exception = failure.get("exception").and_then(Value::as_object);
+    // The first present and not null of `names`, then of the exception's
+    // `key` (the shapes' spellings of one member); `None` if it is not text.
+    let first = |names: [&str; 2], key: &str| {
+        names
+            .iter()
+            .filter_map(|name| failure.get(*name))
+            .chain(exception.and_then(|exception| exception.get(key)))
+            .find(|value| !value.is_null())
+            .and_then(text)
+    };
+    let code = first(["error", "code"], "code");
+    let mut message = first(["error_description", "message"], "message");
     let details: Vec<String> = exception
-        .error_list
-        .iter()
+        .and_then(|exception| exception.get("errorList"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
         .filter_map(|field| {
-            let property = field.property.as_ref().and_then(text);
-            let detail = field.message.as_ref().and_then(text)?;
+            let Some(field) = field.as_object() else {
+                // A list of messages rather than of fields.
+                return text(field);
+            };
+            let property = field.get("property").and_then(text);
+            let detail = field.get("message").and_then(text)?;
             Some(match property {
                 Some(property) => format!("{property}: {detail}"),
                 None => detail,
@@ -1240,6 +1230,66 @@ mod tests {
                 "{body}: {err:?}"
             );
         }
+    }
+
+    /// A member of an unexpected type (a framework's debug `exception`
+    /// string, a null `errorList`, a list of strings) costs that member only,
+    /// not the code and message the rest of the body carries.
+    #[test]
+    fn a_member_of_an_unexpected_type_keeps_the_rest_of_a_failure() {
+        let shown = |status: u16, body: &str| {
+            let status = StatusCode::from_u16(status).unwrap();
+            match parse(GrantType::RefreshToken, status, body.as_bytes(), SECRETS) {
+                Err(Error::Rejected { response, .. }) => (true, response.code, response.message),
+                Err(Error::Failed { response, .. }) => (false, response.code, response.message),
+                other => panic!("{body}: {other:?}"),
+            }
+        };
+        let some = |text: &str| Some(text.to_owned());
+        assert_eq!(
+            shown(
+                400,
+                r#"{"exception":{"code":400,"message":"Validation exception","errorList":null}}"#
+            ),
+            (true, some("400"), some("Validation exception"))
+        );
+        assert_eq!(
+            shown(
+                400,
+                r#"{"exception":{"code":400,"message":"Validation exception","errorList":["username: blank",{"property":"password","message":"blank"},7]}}"#
+            ),
+            (
+                true,
+                some("400"),
+                some("Validation exception (username: blank; password: blank; 7)")
+            )
+        );
+        assert_eq!(
+            shown(
+                401,
+                r#"{"message":"Unauthenticated.","exception":"Illuminate\\Auth\\AuthenticationException"}"#
+            ),
+            (true, None, some("Unauthenticated."))
+        );
+        // Its code still refuses the grant under a status that does not.
+        for status in [422, 200] {
+            assert_eq!(
+                shown(
+                    status,
+                    r#"{"code":401,"message":"Invalid credentials","exception":"X"}"#
+                ),
+                (true, some("401"), some("Invalid credentials")),
+                "{status}"
+            );
+        }
+        // A member given twice: the last, as for a token.
+        assert_eq!(
+            shown(
+                500,
+                r#"{"error":"server_error","error":"temporarily_unavailable"}"#
+            ),
+            (false, some("temporarily_unavailable"), None)
+        );
     }
 
     /// An error answer whose body is over the limit (a proxy's error page) is
