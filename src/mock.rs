@@ -239,7 +239,9 @@ impl MockBuilder {
         self
     }
 
-    /// Starts the mock on a free port of `127.0.0.1`.
+    /// Starts the mock on a free port of `127.0.0.1`. The server runs on the current Tokio
+    /// runtime: when that runtime shuts down, its port closes (connections are refused) until
+    /// [`MockVolt::restart`] listens again on another.
     ///
     /// # Errors
     /// The I/O error of binding the port.
@@ -350,7 +352,10 @@ impl fmt::Debug for MockVolt {
         f.debug_struct("MockVolt")
             .field("url", &self.url())
             .field("in_process", &self.in_process)
-            .field("listening", &lock(&self.server).is_some())
+            .field(
+                "listening",
+                &lock(&self.server).as_ref().is_some_and(Server::running),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -367,7 +372,8 @@ impl MockVolt {
         MockBuilder::default()
     }
 
-    /// Starts a mock with the default configuration on a free port of `127.0.0.1`.
+    /// Starts a mock with the default configuration on a free port of `127.0.0.1`, served on
+    /// the current Tokio runtime (see [`MockBuilder::start`]).
     ///
     /// # Errors
     /// The I/O error of binding the port.
@@ -489,7 +495,8 @@ impl MockVolt {
         }
     }
 
-    /// Listens again on the same port, with the same state. Does nothing if already listening.
+    /// Listens again on the same port, with the same state, on the current runtime. Does nothing
+    /// if already listening. A server whose runtime has shut down is not listening.
     ///
     /// # Errors
     /// [`io::ErrorKind::Unsupported`] on an in-process mock, and the I/O error of binding the
@@ -501,7 +508,7 @@ impl MockVolt {
                 "an in-process mock has no listener",
             ));
         }
-        if lock(&self.server).is_some() {
+        if lock(&self.server).as_ref().is_some_and(Server::running) {
             return Ok(());
         }
         let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, self.port)).await?;
@@ -1259,16 +1266,42 @@ impl Server {
 
     /// Closes the listening socket and every connection's socket now, then ends the tasks.
     fn shutdown(self) {
-        drop(lock(&self.listener).take());
-        let open = {
-            let mut connections = lock(&self.connections);
-            connections.closed = true;
-            std::mem::take(&mut connections.open)
-        };
-        for stream in open.into_values() {
-            drop(lock(&stream).take());
-        }
+        close(&self.listener, &self.connections);
         self.task.abort();
+    }
+
+    /// Whether the server still runs: its task ends with the runtime it was
+    /// spawned on.
+    fn running(&self) -> bool {
+        !self.task.is_finished()
+    }
+}
+
+/// Closes the listening socket and every connection's socket.
+fn close(listener: &SharedListener, connections: &Mutex<Connections>) {
+    drop(lock(listener).take());
+    let open = {
+        let mut connections = lock(connections);
+        connections.closed = true;
+        std::mem::take(&mut connections.open)
+    };
+    for stream in open.into_values() {
+        drop(lock(&stream).take());
+    }
+}
+
+/// Closes the server's sockets when its accept task ends however it ends:
+/// also when the runtime it runs on shuts down, which drops the task without
+/// running it again. Else the port would stay open, and connections would
+/// be accepted by the system and never answered.
+struct CloseOnDrop {
+    listener: SharedListener,
+    connections: Arc<Mutex<Connections>>,
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        close(&self.listener, &self.connections);
     }
 }
 
@@ -1277,6 +1310,11 @@ async fn accept_loop(
     connections: Arc<Mutex<Connections>>,
     shared: Arc<Shared>,
 ) {
+    // Declared first, so dropped last: after the connection tasks.
+    let _close = CloseOnDrop {
+        listener: Arc::clone(&listener),
+        connections: Arc::clone(&connections),
+    };
     let mut tasks = JoinSet::new();
     loop {
         let accept = poll_fn(|cx| match lock(&listener).as_ref() {

@@ -125,3 +125,44 @@ async fn wrong_credentials_and_missing_tokens_are_refused() {
     );
     assert_eq!((volt.api_calls(), volt.unauthorized()), (2, 2));
 }
+
+/// A mock kept beyond the runtime that started it (a `static` shared by
+/// several `#[tokio::test]`s, each on its own runtime): its server went with
+/// that runtime, but its port stayed open, so requests were accepted by the
+/// kernel and never answered, and `restart()` thought it was still
+/// listening. Now the port closes with the runtime (connections are refused
+/// at once), and `restart()` listens again on the caller's runtime, with the
+/// same state.
+#[test]
+fn a_mock_whose_runtime_is_gone_refuses_connections_and_restarts() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let (volt, token) = first.block_on(async {
+        let volt = MockVolt::start().await.unwrap();
+        let (status, body) = oauth(&client(), &volt, &password_grant()).await;
+        assert_eq!(status, StatusCode::OK);
+        let token = body["access_token"].as_str().unwrap().to_owned();
+        (volt, token)
+    });
+    let address = volt.url()["http://".len()..].to_owned();
+    drop(first);
+
+    runtime().block_on(async {
+        let refused = tokio::net::TcpStream::connect(&address).await;
+        assert_eq!(
+            refused.map_err(|error| error.kind()).err(),
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "the port of a mock whose runtime is gone still accepts connections"
+        );
+        volt.restart().await.unwrap();
+        assert_eq!(volt.url(), format!("http://{address}"));
+        assert_eq!(banks(&client(), &volt, &token).await, StatusCode::OK);
+        assert_eq!(volt.oauth_calls(), 1);
+        assert_eq!(volt.api_calls(), 1);
+    });
+}
