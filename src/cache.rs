@@ -140,13 +140,14 @@ struct Flight {
     forced_streak: u32,
     /// Whether the running refresh was forced by a 401.
     forcing: bool,
-    /// The generation whose refresh token Volt refused, or a given-up
-    /// refresh may still be presenting: later refreshes of that token go
+    /// The generation whose refresh token Volt refused, or a refresh given
+    /// up or dropped at /oauth may have presented: later refreshes of that token go
     /// straight to the password grant (0: none).
     refused_refresh: u64,
     /// The generation whose refresh token the running refresh presents (0:
-    /// none, or not yet): if the refresh is given up, the next one must not
-    /// present it too, while Volt may be rotating it.
+    /// none, or not yet): if the refresh is given up or dropped with its
+    /// runtime, the next one must not present it too, while Volt may be
+    /// rotating it.
     presenting: u64,
     timer: Option<AbortHandle>,
     /// The task that rearms `may_kick` when the backoff ends; aborted with
@@ -465,6 +466,10 @@ impl Shared {
         if flight.running && self.abandoned.load(Ordering::Acquire) == flight.flight {
             flight.running = false;
             flight.forcing = false;
+            // Dropped at /oauth, as in `strand`: Volt may have rotated it.
+            if flight.presenting != 0 {
+                flight.refused_refresh = flight.presenting;
+            }
         }
     }
 

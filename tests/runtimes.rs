@@ -448,3 +448,56 @@ fn the_refresh_after_a_stranded_one_does_not_present_the_refresh_token_it_holds(
     );
     assert_eq!(auth.stats().refresh.rejected, 0);
 }
+
+#[test]
+fn the_refresh_after_one_dropped_at_oauth_with_its_runtime_does_not_present_its_refresh_token() {
+    let mock = MockVolt::builder().in_process();
+    let auth = token_from_a_runtime_now_gone(&mock);
+    // A job's runtime presents the refresh token at /oauth and is dropped
+    // before the answer: Volt may have rotated that refresh token already.
+    let job = runtime(true);
+    let hold = mock.hold_oauth();
+    job.block_on(async {
+        advance(2 * HOUR).await;
+        tokio::select! {
+            () = hold.wait_for(1) => {}
+            token = auth.access_token() => panic!("{token:?}"),
+        }
+    });
+    drop(job);
+    drop(hold);
+    assert_eq!((mock.oauth_calls(), mock.refresh_grants()), (2, 1));
+
+    // The next refresh cannot know whether it was rotated: it authenticates
+    // with the password instead, at once and without a backoff.
+    let server = runtime(true);
+    server.block_on(async {
+        advance(2 * HOUR).await;
+        gets_a_token(&auth).await;
+    });
+    assert_eq!(
+        (
+            mock.oauth_calls(),
+            mock.refresh_grants(),
+            mock.password_grants()
+        ),
+        (3, 1, 2)
+    );
+    let stats = auth.stats();
+    assert_eq!((stats.failures, stats.refresh.rejected), (0, 0));
+
+    // The token it got refreshes with its own refresh token.
+    server.block_on(async {
+        advance(2 * HOUR).await;
+        sleep(Duration::from_millis(1)).await; // the timer runs
+        gets_a_token(&auth).await;
+    });
+    assert_eq!(
+        (
+            mock.oauth_calls(),
+            mock.refresh_grants(),
+            mock.password_grants()
+        ),
+        (4, 2, 2)
+    );
+}
