@@ -38,6 +38,8 @@ use crate::oauth::{Grant, Token, TokenSource};
 
 mod ticket;
 
+#[cfg(feature = "reqwest")]
+pub(crate) use ticket::AnsweredElsewhere;
 pub(crate) use ticket::Ticket;
 
 const FRESH: u8 = 0;

@@ -170,7 +170,7 @@ where
                 let Some(ticket) = this.ticket.take() else {
                     return Poll::Ready(Ok(response));
                 };
-                let Some(cache) = ticket.settle(response.status(), this.replay.is_some()) else {
+                let Some(cache) = ticket.settle_response(&response, this.replay.is_some()) else {
                     return Poll::Ready(Ok(response));
                 };
                 if let Err(response) = replay(&mut this, cache, ticket, response) {

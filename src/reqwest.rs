@@ -52,6 +52,7 @@ use pin_project_lite::pin_project;
 use reqwest_middleware::{Middleware, Next};
 use tower::Service;
 
+use crate::cache::AnsweredElsewhere;
 use crate::layer::{Auth, VoltAuthLayer};
 use crate::replay::{DefaultReplay, ReplayPolicy};
 
@@ -217,7 +218,9 @@ impl<P> From<VoltAuthLayer<P>> for VoltAuthMiddleware {
 /// A request body is sent once: whatever the client's redirect policy, a 307
 /// or 308 answer comes back as it is instead of being followed with the same
 /// body, so the `/oauth` form (client secret, password) never goes where a
-/// redirect points.
+/// redirect points. An answer that comes from another origin after a redirect
+/// the client followed (which removed the token on the way) is marked so that
+/// [`VoltAuth`](crate::VoltAuth) does not take its 401 for the token's.
 #[derive(Clone, Debug, Default)]
 pub struct ReqwestTransport {
     client: Client,
@@ -253,6 +256,7 @@ impl Service<http::Request<Body>> for ReqwestTransport {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let state = match Request::try_from(request.map(sent_once)) {
             Ok(request) => State::Sending {
+                sent_to: request.url().clone(),
                 future: self.client.call(request),
             },
             Err(error) => State::Failed { error: Some(error) },
@@ -283,7 +287,7 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State {
-        Sending { #[pin] future: Pending },
+        Sending { #[pin] future: Pending, sent_to: Url },
         Failed { error: Option<::reqwest::Error> },
     }
 }
@@ -293,7 +297,16 @@ impl Future for ResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Sending { future } => future.poll(cx).map_ok(http::Response::from),
+            StateProj::Sending { future, sent_to } => future.poll(cx).map_ok(|response| {
+                // reqwest followed a redirect to another origin and removed
+                // the token on the way (see `VoltAuthMiddleware`).
+                let elsewhere = !same_origin(sent_to, response.url());
+                let mut response = http::Response::from(response);
+                if elsewhere {
+                    response.extensions_mut().insert(AnsweredElsewhere);
+                }
+                response
+            }),
             StateProj::Failed { error } => match error.take() {
                 Some(error) => Poll::Ready(Err(error)),
                 // Polled again after it completed: it never completes again.

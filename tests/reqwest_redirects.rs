@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use reqwest::StatusCode;
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use tower::{Service, ServiceBuilder, ServiceExt};
 use volt_auth::VoltAuthLayer;
 use volt_auth::mock::MockVolt;
 use volt_auth::reqwest::ReqwestTransport;
@@ -128,6 +129,46 @@ async fn a_401_from_a_redirect_target_that_got_no_token_does_not_invalidate_it()
     // Token T was never rejected: no forced refresh, no replay.
     assert_eq!(volt.oauth_calls(), 1);
     assert_eq!(auth.stats().replays, 0);
+}
+
+/// The same through a tower stack: `VoltAuth` over `ReqwestTransport`, whose
+/// client follows the redirect. The 401 of the target that got no token
+/// neither forces a refresh nor is replayed; the token keeps serving.
+#[tokio::test]
+async fn a_401_from_a_redirect_target_is_not_the_tokens_through_a_tower_stack() {
+    let volt = MockVolt::start().await.unwrap();
+    let redirector = Redirector::start("302 Found", volt.url());
+    let transport = ReqwestTransport::new(reqwest::Client::new());
+    let auth = VoltAuthLayer::builder(volt.credentials())
+        .base_url(&volt.url())
+        .allow_origin(&redirector.url)
+        .build(transport.clone())
+        .unwrap();
+    let mut api = ServiceBuilder::new().layer(auth.clone()).service(transport);
+    let get = |url: String| {
+        http::Request::get(format!("{url}/banks"))
+            .body(reqwest::Body::from(""))
+            .unwrap()
+    };
+
+    let redirected = api.ready().await.unwrap().call(get(redirector.url.clone()));
+    assert_eq!(redirected.await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let token = volt.issued_access_tokens()[0].clone();
+    assert_eq!(
+        redirector.authorizations(),
+        vec![Some(format!("Bearer {token}"))]
+    );
+    assert_eq!(volt.api_authorizations(), vec![None]);
+    assert_eq!((volt.oauth_calls(), auth.stats().replays), (1, 0));
+
+    // Straight to Volt, the token still serves.
+    let direct = api.ready().await.unwrap().call(get(volt.url()));
+    assert_eq!(direct.await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        volt.api_authorizations()[1],
+        Some(format!("Bearer {token}"))
+    );
+    assert_eq!(volt.oauth_calls(), 1);
 }
 
 /// `ReqwestTransport` over a default `reqwest::Client` (as in the README and

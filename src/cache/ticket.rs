@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use http::StatusCode;
+use http::{Response, StatusCode};
 
 use super::{Shared, TokenCache};
 
@@ -61,17 +61,46 @@ impl Shared {
     }
 }
 
+/// A response extension set by a transport that followed a redirect to
+/// another origin, dropping the token on the way: the answer says nothing
+/// about the token.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AnsweredElsewhere;
+
 impl Ticket {
     /// Reports the response to the request this ticket went with. A 401 that
     /// may be `replayable` returns the cache to renew the token through
     /// ([`TokenCache::renew`]); any other 401 invalidates the token, and any
     /// other status confirms a token a 401 forced.
+    #[cfg(any(feature = "reqwest", test))]
     #[inline]
     pub(crate) fn settle(self, status: StatusCode, replayable: bool) -> Option<TokenCache> {
-        if status != StatusCode::UNAUTHORIZED && !self.unconfirmed {
+        if !self.concerns(status) {
             return None;
         }
         self.settle_rare(status, replayable)
+    }
+
+    /// [`Ticket::settle`] with `response`, unless it is marked
+    /// [`AnsweredElsewhere`].
+    #[inline]
+    pub(crate) fn settle_response<B>(
+        self,
+        response: &Response<B>,
+        replayable: bool,
+    ) -> Option<TokenCache> {
+        if !self.concerns(response.status())
+            || response.extensions().get::<AnsweredElsewhere>().is_some()
+        {
+            return None;
+        }
+        self.settle_rare(response.status(), replayable)
+    }
+
+    /// Whether a response of `status` tells anything about the token.
+    #[inline(always)]
+    fn concerns(&self, status: StatusCode) -> bool {
+        status == StatusCode::UNAUTHORIZED || self.unconfirmed
     }
 
     #[cold]
