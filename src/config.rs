@@ -495,7 +495,7 @@ fn env_lookup(name: &str) -> Option<String> {
 #[non_exhaustive]
 pub enum ConfigError {
     /// A required environment variable is unset, empty or not unicode.
-    #[error("environment variable {0} is not set")]
+    #[error("environment variable {0} is unset, blank or not unicode")]
     MissingVariable(&'static str),
     /// An environment variable has a value that is not one of the allowed ones
     /// (redacted as [`ConfigError::InvalidUrl`]'s URL is, in case it is a URL).
@@ -862,6 +862,29 @@ mod tests {
         assert_eq!(
             Endpoint::from_lookup(&lookup(&[])).unwrap_err(),
             ConfigError::MissingVariable("VOLT_ENVIRONMENT")
+        );
+    }
+
+    #[test]
+    fn a_blank_variable_is_not_reported_as_unset() {
+        // `VOLT_PASSWORD=` in an env file, or an empty mounted secret: the
+        // variable is set, and the message must not send the user looking
+        // for a missing one.
+        let vars: Vec<_> = FULL
+            .iter()
+            .map(|&(k, v)| {
+                if k == "VOLT_PASSWORD" {
+                    (k, " \n")
+                } else {
+                    (k, v)
+                }
+            })
+            .collect();
+        let err = Credentials::from_lookup(&lookup(&vars)).unwrap_err();
+        assert_eq!(err, ConfigError::MissingVariable("VOLT_PASSWORD"));
+        assert_eq!(
+            err.to_string(),
+            "environment variable VOLT_PASSWORD is unset, blank or not unicode"
         );
     }
 
