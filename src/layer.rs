@@ -117,7 +117,10 @@ impl VoltAuthLayer {
     /// [`Credentials::from_env`] and [`Endpoint::from_env`].
     ///
     /// # Errors
-    /// A [`ConfigError`] naming the variable that is missing or invalid.
+    /// [`ConfigError::MissingVariable`] or [`ConfigError::InvalidVariable`]
+    /// naming the variable that is missing or invalid; for a `VOLT_BASE_URL`
+    /// that cannot be used, the errors of [`Endpoint::custom`], which name the
+    /// URL (redacted) rather than the variable.
     pub fn from_env() -> Result<Builder, ConfigError> {
         Ok(Self::builder(Credentials::from_env()?).endpoint(Endpoint::from_env()?))
     }
