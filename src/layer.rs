@@ -134,8 +134,9 @@ impl<P> VoltAuthLayer<P> {
     ///
     /// # Errors
     /// The [`Error`] of the last `/oauth` attempt, when there is no valid token
-    /// (during a backoff, at once); [`Error::NoRuntime`] outside a Tokio
-    /// runtime.
+    /// (during a backoff, at once); [`Error::Interrupted`] when the refresh
+    /// panicked (a panicking transport), also for its backoff;
+    /// [`Error::NoRuntime`] outside a Tokio runtime.
     ///
     /// # Panics
     /// When it must wait for a refresh on a Tokio runtime built without its
@@ -378,8 +379,8 @@ impl<P> Builder<P> {
     /// # Errors
     /// A [`ConfigError`] for an invalid base URL or origin, or settings out of
     /// range (a zero token timeout or one over 5 minutes, a zero backoff, a
-    /// backoff maximum over a day, a margin larger than the refresh-ahead
-    /// window).
+    /// backoff minimum over its maximum, a backoff maximum over a day, a
+    /// margin larger than the refresh-ahead window).
     pub fn build<T, ReqBody, ResBody>(self, transport: T) -> Result<VoltAuthLayer<P>, ConfigError>
     where
         T: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,
