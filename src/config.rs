@@ -188,7 +188,7 @@ impl Endpoint {
     ///
     /// # Errors
     /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
-    /// with a host and without user info or a query (and with a numeric port, if any), and
+    /// with a host and without user info or a query (and with a port from 0 to 65535, if any), and
     /// [`ConfigError::InsecureUrl`] for `http` to a host that is not loopback
     /// (see [`Endpoint::custom_insecure`]).
     pub fn custom(url: &str) -> Result<Self, ConfigError> {
@@ -205,7 +205,7 @@ impl Endpoint {
     ///
     /// # Errors
     /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
-    /// with a host and without user info or a query (and with a numeric port, if any).
+    /// with a host and without user info or a query (and with a port from 0 to 65535, if any).
     pub fn custom_insecure(url: &str) -> Result<Self, ConfigError> {
         let invalid = |reason: &'static str| ConfigError::InvalidUrl {
             url: redact_url(url),
@@ -227,7 +227,7 @@ impl Endpoint {
         // `http` accepts any text after the colon; a password holding a `/`
         // would otherwise pass for one.
         if authority.as_str() != authority.host() && authority.port_u16().is_none() {
-            return Err(invalid("the port is not a number"));
+            return Err(invalid("the port is not a number from 0 to 65535"));
         }
         if uri.query().is_some() {
             return Err(invalid("a query is not allowed in the URL"));
@@ -495,7 +495,7 @@ fn env_lookup(name: &str) -> Option<String> {
 #[non_exhaustive]
 pub enum ConfigError {
     /// A required environment variable is unset, empty or not unicode.
-    #[error("environment variable {0} is not set")]
+    #[error("environment variable {0} is unset, blank or not unicode")]
     MissingVariable(&'static str),
     /// An environment variable has a value that is not one of the allowed ones
     /// (redacted as [`ConfigError::InvalidUrl`]'s URL is, in case it is a URL).
@@ -862,6 +862,43 @@ mod tests {
         assert_eq!(
             Endpoint::from_lookup(&lookup(&[])).unwrap_err(),
             ConfigError::MissingVariable("VOLT_ENVIRONMENT")
+        );
+    }
+
+    #[test]
+    fn a_port_out_of_range_is_not_called_a_non_number() {
+        for url in ["https://x.example:99999", "https://x.example:https"] {
+            assert_eq!(
+                Endpoint::custom(url),
+                Err(ConfigError::InvalidUrl {
+                    url: url.to_owned(),
+                    reason: "the port is not a number from 0 to 65535",
+                }),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_blank_variable_is_not_reported_as_unset() {
+        // `VOLT_PASSWORD=` in an env file, or an empty mounted secret: the
+        // variable is set, and the message must not send the user looking
+        // for a missing one.
+        let vars: Vec<_> = FULL
+            .iter()
+            .map(|&(k, v)| {
+                if k == "VOLT_PASSWORD" {
+                    (k, " \n")
+                } else {
+                    (k, v)
+                }
+            })
+            .collect();
+        let err = Credentials::from_lookup(&lookup(&vars)).unwrap_err();
+        assert_eq!(err, ConfigError::MissingVariable("VOLT_PASSWORD"));
+        assert_eq!(
+            err.to_string(),
+            "environment variable VOLT_PASSWORD is unset, blank or not unicode"
         );
     }
 

@@ -117,7 +117,10 @@ impl VoltAuthLayer {
     /// [`Credentials::from_env`] and [`Endpoint::from_env`].
     ///
     /// # Errors
-    /// A [`ConfigError`] naming the variable that is missing or invalid.
+    /// [`ConfigError::MissingVariable`] or [`ConfigError::InvalidVariable`]
+    /// naming the variable that is missing or invalid; for a `VOLT_BASE_URL`
+    /// that cannot be used, the errors of [`Endpoint::custom`], which name the
+    /// URL (redacted) rather than the variable.
     pub fn from_env() -> Result<Builder, ConfigError> {
         Ok(Self::builder(Credentials::from_env()?).endpoint(Endpoint::from_env()?))
     }
@@ -131,8 +134,9 @@ impl<P> VoltAuthLayer<P> {
     ///
     /// # Errors
     /// The [`Error`] of the last `/oauth` attempt, when there is no valid token
-    /// (during a backoff, at once); [`Error::NoRuntime`] outside a Tokio
-    /// runtime.
+    /// (during a backoff, at once); [`Error::Interrupted`] when the refresh
+    /// panicked (a panicking transport), also for its backoff;
+    /// [`Error::NoRuntime`] outside a Tokio runtime.
     ///
     /// # Panics
     /// When it must wait for a refresh on a Tokio runtime built without its
@@ -201,8 +205,8 @@ impl<S, P: Clone> Layer<S> for VoltAuthLayer<P> {
 /// |---|---|---|
 /// | endpoint | Gateway API, sandbox | [`environment`](Self::environment), [`api`](Self::api), [`base_url`](Self::base_url), [`endpoint`](Self::endpoint) |
 /// | origins that get the token | the endpoint's, and relative URIs | [`allow_origin`](Self::allow_origin) |
-/// | background refresh | 5 minutes before expiry, up to 20 % earlier at random | [`refresh_ahead`](Self::refresh_ahead) |
-/// | token counts as expired | 30 seconds before expiry | [`expiry_margin`](Self::expiry_margin) |
+/// | background refresh | 5 minutes before expiry, up to 20 % earlier at random; at most a third of the token's lifetime | [`refresh_ahead`](Self::refresh_ahead) |
+/// | token counts as expired | 30 seconds before expiry; at most a tenth of the token's lifetime | [`expiry_margin`](Self::expiry_margin) |
 /// | `/oauth` timeout | 5 seconds per attempt | [`token_timeout`](Self::token_timeout) |
 /// | backoff after a failure | 1 second doubling to 1 minute, jittered down to half | [`backoff`](Self::backoff) |
 /// | replay after a 401 | [`DefaultReplay`]: `Full`, `Empty`, `String` (and the bodies it lists) up to 1 MiB | [`replay`](Self::replay) |
@@ -310,7 +314,11 @@ impl<P> Builder<P> {
 
     /// How long before expiry a request starts a background refresh while the
     /// token is still used (default 5 minutes, moved earlier by up to 20 % at
-    /// random). Shrinks to a third of a short token lifetime.
+    /// random). Whatever the lifetime, the window is at most a third of it (20
+    /// minutes of Volt's one-hour token), so that a short-lived token is not
+    /// refreshed per request. It must be at least the
+    /// [`expiry_margin`](Self::expiry_margin) (30 seconds unless set):
+    /// [`build`](Self::build) refuses a shorter one.
     pub fn refresh_ahead(mut self, window: Duration) -> Self {
         self.settings.refresh_ahead = window;
         self
@@ -318,7 +326,8 @@ impl<P> Builder<P> {
 
     /// How long before expiry a token counts as expired, so that clock skew
     /// and slow requests never present an expired token (default 30 seconds).
-    /// Shrinks to a tenth of a short token lifetime.
+    /// Whatever the lifetime, the margin is at most a tenth of it (6 minutes
+    /// of Volt's one-hour token).
     pub fn expiry_margin(mut self, margin: Duration) -> Self {
         self.settings.expiry_margin = margin;
         self
@@ -370,8 +379,8 @@ impl<P> Builder<P> {
     /// # Errors
     /// A [`ConfigError`] for an invalid base URL or origin, or settings out of
     /// range (a zero token timeout or one over 5 minutes, a zero backoff, a
-    /// backoff maximum over a day, a margin larger than the refresh-ahead
-    /// window).
+    /// backoff minimum over its maximum, a backoff maximum over a day, a
+    /// margin larger than the refresh-ahead window).
     pub fn build<T, ReqBody, ResBody>(self, transport: T) -> Result<VoltAuthLayer<P>, ConfigError>
     where
         T: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,

@@ -39,6 +39,14 @@ pub trait ReplayPolicy<B>: Clone {
 /// [`Full`], [`Empty`], `String`, and `reqwest::Body` made from bytes (feature
 /// `reqwest`) — up to a size (1 MiB unless changed), and the boxed bodies when
 /// they are known to be empty. Never hyper's `Incoming`.
+///
+/// Those are the body types it is a [`ReplayPolicy`] for: with any other
+/// (a `StreamBody`, a `Limited`, your own), a [`VoltAuth`](crate::VoltAuth)
+/// with the default policy is not a `tower::Service`, and the compiler says
+/// so in words that do not name the policy ("`VoltAuth<…>: Service<_>` is
+/// not satisfied", or "expected a `Fn(&YourBody)` closure, found
+/// `DefaultReplay`"). Build the layer with
+/// [`.replay(NoReplay)`](crate::Builder::replay) or a closure for that body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DefaultReplay {
     max_size: u64,

@@ -396,6 +396,51 @@ async fn short_lifetimes_scale_the_windows_down() {
     assert_eq!(mock.api_authorizations().last(), Some(&bearer(&issued[1])));
 }
 
+#[tokio::test(start_paused = true)]
+async fn windows_are_capped_by_the_lifetime_of_an_hour_long_token_too() {
+    // Volt's one-hour token, windows set beyond a third and a tenth of it:
+    // they are cut to 20 minutes (+ up to 20 % jitter) and 6 minutes.
+    let windows = |mock: &MockVolt| {
+        builder(mock)
+            .refresh_ahead(secs(30 * 60))
+            .expiry_margin(secs(10 * 60))
+            .build(mock.service())
+            .expect("layer")
+    };
+
+    // Refresh-ahead: 35 minutes in is inside a 30-minute window, but not
+    // inside the capped one (it opens between 36 and 40 minutes).
+    let mock = MockVolt::builder().in_process();
+    let mut api = windows(&mock).layer(mock.service());
+    let t0 = Instant::now();
+    banks_ok(&mut api, &mock).await;
+    sleep_until(t0 + secs(35 * 60)).await;
+    banks_ok(&mut api, &mock).await;
+    sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
+    assert_eq!(mock.oauth_calls(), 1);
+    sleep_until(t0 + secs(40 * 60 + 1)).await;
+    banks_ok(&mut api, &mock).await;
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(mock.oauth_calls(), 2);
+
+    // Expiry margin: 51 minutes in is inside a 10-minute margin, but not
+    // inside the capped one (54 minutes): the request goes out with the
+    // first token and starts a background refresh.
+    let mock = MockVolt::builder().in_process();
+    let mut api = windows(&mock).layer(mock.service());
+    let t0 = Instant::now();
+    banks_ok(&mut api, &mock).await;
+    sleep_until(t0 + secs(51 * 60)).await;
+    banks_ok(&mut api, &mock).await;
+    sleep(Duration::from_millis(1)).await;
+    let issued = mock.issued_access_tokens();
+    assert_eq!(issued.len(), 2);
+    assert_eq!(
+        mock.api_authorizations(),
+        [bearer(&issued[0]), bearer(&issued[0])]
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Grants: rotation and password fallback
 // ---------------------------------------------------------------------------------------------
