@@ -374,14 +374,58 @@ fn a_refresh_given_up_before_it_ran_sends_nothing_when_its_runtime_runs_again() 
         sleep(Duration::from_millis(1)).await; // the timer runs
         gets_a_token(&auth).await;
     });
-    assert_eq!(
-        (
-            mock.oauth_calls(),
-            mock.refresh_grants(),
-            mock.password_grants()
-        ),
-        (2, 1, 1)
-    );
+    assert_eq!(grants(&mock), (2, 1, 1));
+    assert_eq!(auth.stats().refresh.rejected, 0);
+}
+
+/// A runtime of its own whose refresh of `auth`'s token (2 hours on) is at
+/// /oauth presenting the refresh token when it is left undriven.
+fn presenting_the_refresh_token(mock: &MockVolt, auth: &volt_auth::VoltAuthLayer) -> Runtime {
+    let rt = runtime(true);
+    let hold = mock.hold_oauth();
+    rt.block_on(async {
+        advance(2 * HOUR).await;
+        tokio::select! {
+            () = hold.wait_for(1) => {}
+            token = auth.access_token() => panic!("{token:?}"),
+        }
+    });
+    assert_eq!((mock.oauth_calls(), mock.refresh_grants()), (2, 1));
+    rt
+}
+
+/// `/oauth` calls: all, refresh grants, password grants.
+fn grants(mock: &MockVolt) -> (usize, usize, usize) {
+    (
+        mock.oauth_calls(),
+        mock.refresh_grants(),
+        mock.password_grants(),
+    )
+}
+
+/// On `server`, the refresh after one that may have presented the refresh
+/// token cannot know whether Volt rotated it: it authenticates with the
+/// password instead, at once and without a backoff.
+fn replaced_with_the_password(server: &Runtime, mock: &MockVolt, auth: &volt_auth::VoltAuthLayer) {
+    server.block_on(async {
+        advance(2 * HOUR).await;
+        gets_a_token(auth).await;
+    });
+    assert_eq!(grants(mock), (3, 1, 2));
+}
+
+/// The token the password grant gave refreshes with its own refresh token.
+fn refreshes_with_its_own_refresh_token(
+    server: &Runtime,
+    mock: &MockVolt,
+    auth: &volt_auth::VoltAuthLayer,
+) {
+    server.block_on(async {
+        advance(2 * HOUR).await;
+        sleep(Duration::from_millis(1)).await; // the timer runs
+        gets_a_token(auth).await;
+    });
+    assert_eq!(grants(mock), (4, 2, 2));
     assert_eq!(auth.stats().refresh.rejected, 0);
 }
 
@@ -391,33 +435,9 @@ fn the_refresh_after_a_stranded_one_does_not_present_the_refresh_token_it_holds(
     let auth = token_from_a_runtime_now_gone(&mock);
     // A sync worker's runtime presents the refresh token at /oauth, and is
     // then left undriven.
-    let idle = runtime(true);
-    let hold = mock.hold_oauth();
-    idle.block_on(async {
-        advance(2 * HOUR).await;
-        tokio::select! {
-            () = hold.wait_for(1) => {}
-            token = auth.access_token() => panic!("{token:?}"),
-        }
-    });
-    drop(hold);
-    assert_eq!((mock.oauth_calls(), mock.refresh_grants()), (2, 1));
-
-    // The refresh that replaces it cannot know whether Volt has rotated that
-    // refresh token: it authenticates with the password instead.
+    let idle = presenting_the_refresh_token(&mock, &auth);
     let server = runtime(true);
-    server.block_on(async {
-        advance(2 * HOUR).await;
-        gets_a_token(&auth).await;
-    });
-    assert_eq!(
-        (
-            mock.oauth_calls(),
-            mock.refresh_grants(),
-            mock.password_grants()
-        ),
-        (3, 1, 2)
-    );
+    replaced_with_the_password(&server, &mock, &auth);
 
     // The stranded refresh ends when its runtime runs again, and sends nothing more.
     idle.block_on(async {
@@ -432,21 +452,7 @@ fn the_refresh_after_a_stranded_one_does_not_present_the_refresh_token_it_holds(
     });
     drop(idle);
     assert_eq!(mock.oauth_calls(), 3);
-    // The token in use refreshes with its own refresh token.
-    server.block_on(async {
-        advance(2 * HOUR).await;
-        sleep(Duration::from_millis(1)).await; // the timer runs
-        gets_a_token(&auth).await;
-    });
-    assert_eq!(
-        (
-            mock.oauth_calls(),
-            mock.refresh_grants(),
-            mock.password_grants()
-        ),
-        (4, 2, 2)
-    );
-    assert_eq!(auth.stats().refresh.rejected, 0);
+    refreshes_with_its_own_refresh_token(&server, &mock, &auth);
 }
 
 #[test]
@@ -455,49 +461,9 @@ fn the_refresh_after_one_dropped_at_oauth_with_its_runtime_does_not_present_its_
     let auth = token_from_a_runtime_now_gone(&mock);
     // A job's runtime presents the refresh token at /oauth and is dropped
     // before the answer: Volt may have rotated that refresh token already.
-    let job = runtime(true);
-    let hold = mock.hold_oauth();
-    job.block_on(async {
-        advance(2 * HOUR).await;
-        tokio::select! {
-            () = hold.wait_for(1) => {}
-            token = auth.access_token() => panic!("{token:?}"),
-        }
-    });
-    drop(job);
-    drop(hold);
-    assert_eq!((mock.oauth_calls(), mock.refresh_grants()), (2, 1));
-
-    // The next refresh cannot know whether it was rotated: it authenticates
-    // with the password instead, at once and without a backoff.
+    drop(presenting_the_refresh_token(&mock, &auth));
     let server = runtime(true);
-    server.block_on(async {
-        advance(2 * HOUR).await;
-        gets_a_token(&auth).await;
-    });
-    assert_eq!(
-        (
-            mock.oauth_calls(),
-            mock.refresh_grants(),
-            mock.password_grants()
-        ),
-        (3, 1, 2)
-    );
-    let stats = auth.stats();
-    assert_eq!((stats.failures, stats.refresh.rejected), (0, 0));
-
-    // The token it got refreshes with its own refresh token.
-    server.block_on(async {
-        advance(2 * HOUR).await;
-        sleep(Duration::from_millis(1)).await; // the timer runs
-        gets_a_token(&auth).await;
-    });
-    assert_eq!(
-        (
-            mock.oauth_calls(),
-            mock.refresh_grants(),
-            mock.password_grants()
-        ),
-        (4, 2, 2)
-    );
+    replaced_with_the_password(&server, &mock, &auth);
+    assert_eq!(auth.stats().failures, 0);
+    refreshes_with_its_own_refresh_token(&server, &mock, &auth);
 }
