@@ -38,9 +38,7 @@ use crate::oauth::{Grant, Token, TokenSource};
 
 mod ticket;
 
-#[cfg(feature = "reqwest")]
-pub(crate) use ticket::AnsweredElsewhere;
-pub(crate) use ticket::Ticket;
+pub(crate) use ticket::{AnsweredElsewhere, Ticket};
 
 const FRESH: u8 = 0;
 const STALE: u8 = 1;

@@ -75,7 +75,8 @@ pub enum Error {
     /// A 2xx answer could not be understood: not JSON, truncated, too large,
     /// missing the token, or an unsupported token type. (An error status is a
     /// [`Rejected`](Self::Rejected) or [`Failed`](Self::Failed) whatever its
-    /// body.)
+    /// body.) Also any answer from another origin than the token endpoint's,
+    /// reached by a redirect the transport followed on its own.
     #[error("unusable answer to the {grant} grant (HTTP {status}): {reason}")]
     InvalidResponse {
         /// The grant that was attempted.

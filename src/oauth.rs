@@ -24,6 +24,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
 use zeroize::Zeroizing;
 
+use crate::cache::AnsweredElsewhere;
 use crate::config::{Api, Credentials, secret};
 
 mod bearer;
@@ -578,6 +579,15 @@ impl OAuthClient {
             }
             Ok(Ok(response)) => response,
         };
+        if response.extensions().get::<AnsweredElsewhere>().is_some() {
+            // The transport followed a redirect to another origin (as a GET,
+            // without the form): whatever answered is not the token endpoint.
+            return Err(Error::InvalidResponse {
+                grant: kind,
+                status: response.status(),
+                reason: "the answer came from another origin, after a redirect",
+            });
+        }
         let refresh = match grant {
             Grant::Refresh(token) => token.expose_secret(),
             Grant::Password => "",

@@ -220,7 +220,9 @@ impl<P> From<VoltAuthLayer<P>> for VoltAuthMiddleware {
 /// body, so the `/oauth` form (client secret, password) never goes where a
 /// redirect points. An answer that comes from another origin after a redirect
 /// the client followed (which removed the token on the way) is marked so that
-/// [`VoltAuth`](crate::VoltAuth) does not take its 401 for the token's.
+/// [`VoltAuth`](crate::VoltAuth) does not take its 401 for the token's, nor
+/// the layer a token from it for Volt's
+/// ([`Error::InvalidResponse`](crate::Error::InvalidResponse)).
 #[derive(Clone, Debug, Default)]
 pub struct ReqwestTransport {
     client: Client,

@@ -21,10 +21,20 @@ struct Redirector {
 
 impl Redirector {
     fn start(status: &'static str, location: String) -> Redirector {
+        Self::answering(move |path| {
+            let head = format!("HTTP/1.1 {status}\r\nLocation: {location}{path}\r\n");
+            (head, String::new())
+        })
+    }
+
+    /// A server that answers a request for `path` with `answer(path)`: the
+    /// status line and headers, and the body.
+    fn answering(answer: impl Fn(&str) -> (String, String) + Send + Sync + 'static) -> Redirector {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let heads = Arc::new(Mutex::new(Vec::new()));
         let seen = heads.clone();
+        let answer = Arc::new(answer);
         // Blocking threads: the server needs no runtime of the test's.
         std::thread::spawn(move || {
             loop {
@@ -32,7 +42,7 @@ impl Redirector {
                     return;
                 };
                 let seen = seen.clone();
-                let location = location.clone();
+                let answer = answer.clone();
                 std::thread::spawn(move || {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -66,8 +76,10 @@ impl Redirector {
                     }
                     let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
                     seen.lock().unwrap().push(head);
+                    let (head, body) = answer(&path);
                     let response = format!(
-                        "HTTP/1.1 {status}\r\nLocation: {location}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
                     );
                     let _ = socket.write_all(response.as_bytes());
                     let _ = socket.shutdown(std::net::Shutdown::Both);
@@ -169,6 +181,44 @@ async fn a_401_from_a_redirect_target_is_not_the_tokens_through_a_tower_stack() 
         Some(format!("Bearer {token}"))
     );
     assert_eq!(volt.oauth_calls(), 1);
+}
+
+/// `/oauth` answers 302 to another origin, which reqwest follows with a GET
+/// (without the form) and where a token is handed out. It is not Volt's
+/// answer to the grant: no token from it is cached or sent to the API.
+#[tokio::test]
+async fn a_token_from_another_origin_after_a_redirect_is_not_taken() {
+    let volt = MockVolt::start().await.unwrap();
+    let foreign = Redirector::answering(|_| {
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n".to_owned();
+        let body = r#"{"access_token":"foreign","token_type":"Bearer","expires_in":3600}"#;
+        (head, body.to_owned())
+    });
+    let redirector = Redirector::start("302 Found", foreign.url.clone());
+    let auth = VoltAuthLayer::builder(volt.credentials())
+        .base_url(&redirector.url)
+        .build(ReqwestTransport::new(reqwest::Client::new()))
+        .unwrap();
+
+    let error = auth.access_token().await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            volt_auth::Error::InvalidResponse {
+                status: StatusCode::OK,
+                reason: "the answer came from another origin, after a redirect",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(!error.is_rejected());
+    let heads = foreign.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1);
+    assert!(heads[0].starts_with("GET /oauth "), "{}", heads[0]);
+    assert_eq!(redirector.heads.lock().unwrap().len(), 1);
+    let stats = auth.stats();
+    assert_eq!((stats.password.failed, stats.failures), (1, 1));
 }
 
 /// `ReqwestTransport` over a default `reqwest::Client` (as in the README and

@@ -62,8 +62,8 @@ impl Shared {
 }
 
 /// A response extension set by a transport that followed a redirect to
-/// another origin, dropping the token on the way: the answer says nothing
-/// about the token.
+/// another origin on its own (dropping the token and any body on the way):
+/// the answer says nothing about the token, and is not the token endpoint's.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct AnsweredElsewhere;
 
