@@ -17,8 +17,8 @@ use secrecy::{ExposeSecret, SecretString};
 use std::collections::HashMap;
 
 use serde::de::IgnoredAny;
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
@@ -260,36 +260,38 @@ fn parse_failure(grant: GrantType, status: StatusCode, body: &[u8], secrets: &[&
 fn failure_response(status: StatusCode, body: &[u8], secrets: &[&str]) -> (ErrorResponse, bool) {
     // Read member by member, so that one of an unexpected type (a
     // framework's `"exception": "Class\\Name"`, a null `errorList`) costs
-    // only itself. A member given twice counts as its last, as for a token.
-    let failure = match serde_json::from_slice(body) {
-        Ok(Value::Object(failure)) => failure,
-        _ => Map::new(),
-    };
-    let exception = failure.get("exception").and_then(Value::as_object);
+    // only itself. Members stay raw JSON text until read, so that a number
+    // beyond `f64` (which a `Value` refuses) costs only its member too, as in
+    // a token. A member given twice counts as its last, as for a token.
+    let failure = members(body).unwrap_or_default();
+    let exception = failure
+        .get("exception")
+        .and_then(|raw| members(raw.get().as_bytes()))
+        .unwrap_or_default();
     // The first present and not null of `names`, then of the exception's
     // `key` (the shapes' spellings of one member); `None` if it is not text.
     let first = |names: [&str; 2], key: &str| {
         names
             .iter()
             .filter_map(|name| failure.get(*name))
-            .chain(exception.and_then(|exception| exception.get(key)))
-            .find(|value| !value.is_null())
-            .and_then(text)
+            .chain(exception.get(key))
+            .find(|raw| raw.get() != "null")
+            .and_then(|raw| raw_text(raw))
     };
     let code = first(["error", "code"], "code");
     let mut message = first(["error_description", "message"], "message");
     let details: Vec<String> = exception
-        .and_then(|exception| exception.get("errorList"))
-        .and_then(Value::as_array)
+        .get("errorList")
+        .and_then(|raw| serde_json::from_str::<Vec<Box<RawValue>>>(raw.get()).ok())
         .into_iter()
         .flatten()
         .filter_map(|field| {
-            let Some(field) = field.as_object() else {
+            let Some(field) = members(field.get().as_bytes()) else {
                 // A list of messages rather than of fields.
-                return text(field);
+                return raw_text(&field);
             };
-            let property = field.get("property").and_then(text);
-            let detail = field.get("message").and_then(text)?;
+            let property = field.get("property").and_then(|raw| raw_text(raw));
+            let detail = field.get("message").and_then(|raw| raw_text(raw))?;
             Some(match property {
                 Some(property) => format!("{property}: {detail}"),
                 None => detail,
@@ -325,6 +327,20 @@ fn failure_response(status: StatusCode, body: &[u8], secrets: &[&str]) -> (Error
         )
     });
     (response, code_rejects)
+}
+
+/// The members of a JSON object, as raw JSON text; `None` for anything else.
+fn members(json: &[u8]) -> Option<HashMap<String, Box<RawValue>>> {
+    serde_json::from_slice(json).ok()
+}
+
+/// [`text`] of a raw JSON value; `None` if it cannot be read (a number
+/// beyond `f64`).
+fn raw_text(raw: &RawValue) -> Option<String> {
+    serde_json::from_str::<Value>(raw.get())
+        .ok()
+        .as_ref()
+        .and_then(text)
 }
 
 fn text(value: &Value) -> Option<String> {
@@ -1300,6 +1316,38 @@ mod tests {
             ),
             (false, some("temporarily_unavailable"), None)
         );
+    }
+
+    /// A number beyond `f64` (`1e400`, which a `serde_json::Value` refuses)
+    /// in any member costs at most that member, as in a token and as before
+    /// the body was read into `Value`s: the code and message still count, and
+    /// a refusing code still refuses under a status that does not.
+    #[test]
+    fn a_number_beyond_f64_keeps_the_rest_of_a_failure() {
+        for status in [200, 422] {
+            let status = StatusCode::from_u16(status).unwrap();
+            for (body, message) in [
+                (
+                    r#"{"code":401,"message":"Invalid credentials","trace":1e400}"#,
+                    "Invalid credentials",
+                ),
+                (
+                    r#"{ "error" : null , "code" : 401 , "message" : "Invalid credentials" , "at" : 1e400 }"#,
+                    "Invalid credentials",
+                ),
+                (
+                    r#"{"exception":{"code":400,"message":"Validation exception","line":-1e999,"errorList":[{"property":"password","message":"blank","max":2e308}]}}"#,
+                    "Validation exception (password: blank)",
+                ),
+            ] {
+                let err =
+                    parse(GrantType::RefreshToken, status, body.as_bytes(), SECRETS).unwrap_err();
+                let Error::Rejected { response, .. } = &err else {
+                    panic!("{status} {body}: expected a rejection, got {err:?}");
+                };
+                assert_eq!(response.message.as_deref(), Some(message), "{body}");
+            }
+        }
     }
 
     /// An error answer whose body is over the limit (a proxy's error page) is
