@@ -383,19 +383,22 @@ fn scrub(text: &str, secrets: &[&str]) -> String {
 }
 
 /// `secret` as sent and as a server may echo the request it was sent in:
-/// percent-encoded as a form (`+` or `%20` for a space), as RFC 3986 does
-/// (`~` kept, `*` encoded) and as JavaScript's `encodeURIComponent` does
-/// (`!*'()~` kept); JSON-escaped (`/` also as `\/`), also with every
-/// non-ASCII character as `\uXXXX` (PHP's `json_encode`, Python's
-/// `json.dumps`); and without control characters (which [`scrub`] drops from
-/// the text).
+/// percent-encoded as a form (`+` or `%20` for a space), as PHP's
+/// `urlencode` does (`~` and `*` encoded), as RFC 3986 does (`~` kept, `*`
+/// encoded), as Python's `quote` does (`/` also kept) and as JavaScript's
+/// `encodeURIComponent` does (`!*'()~` kept); JSON-escaped (`/` also as
+/// `\/`), also with every non-ASCII character as `\uXXXX` (PHP's
+/// `json_encode`, Python's `json.dumps`); and without control characters
+/// (which [`scrub`] drops from the text).
 fn spellings(secret: &str) -> Vec<Zeroizing<String>> {
     let mut spellings = vec![
         Zeroizing::new(secret.to_owned()),
         Zeroizing::new(secret.chars().filter(|c| !c.is_control()).collect()),
     ];
-    // The form's set is `serde_urlencoded`'s (WHATWG's), as the grant is sent.
-    for kept in [&b"*-._"[..], b"-._~", b"!'()*-._~"] {
+    // What each set keeps besides letters and digits: the form's
+    // (`serde_urlencoded`, WHATWG's, as the grant is sent), PHP's
+    // `urlencode`, RFC 3986's, Python's `quote`, and `encodeURIComponent`'s.
+    for kept in [&b"*-._"[..], b"-._", b"-._~", b"/-._~", b"!'()*-._~"] {
         let encoded = percent_encoded(secret, kept);
         spellings.push(Zeroizing::new(encoded.replace("%20", "+")));
         spellings.push(encoded);
@@ -980,8 +983,9 @@ mod tests {
     /// A server echoing the request as it decoded it, re-encoded by another
     /// encoder than the one that sent it: JSON with every non-ASCII character
     /// escaped (PHP's `json_encode`, Python's `json.dumps`), percent-encoded
-    /// keeping RFC 3986's `~` (Python's `quote`, Go's `QueryEscape`) or
-    /// JavaScript's `encodeURIComponent` set (`!*'()~`).
+    /// keeping RFC 3986's `~` (Go's `QueryEscape`), also `/` (Python's
+    /// `quote`), only `-._` (PHP's `urlencode`) or JavaScript's
+    /// `encodeURIComponent` set (`!*'()~`).
     #[test]
     fn scrub_blanks_out_ascii_escaped_json_and_other_percent_encodings() {
         let secrets = ["p\u{e4}ss/w\u{f6}rd-\u{1f600}", "Pa55 w0rd~(x)*!"];
@@ -995,6 +999,10 @@ mod tests {
             "password=Pa55%20w0rd~%28x%29%2A%21",
             "password=Pa55+w0rd~%28x%29%2a%21",
             "password=Pa55%20w0rd~(x)*!",
+            // PHP's `urlencode` and `http_build_query`: `~` and `*` encoded.
+            "password=Pa55+w0rd%7E%28x%29%2A%21",
+            // Python's `quote`: `/` kept.
+            "password=p%C3%A4ss/w%C3%B6rd-%F0%9F%98%80",
         ] {
             assert_eq!(scrub(echoed, &secrets), "password=[redacted]", "{echoed}");
         }
