@@ -123,6 +123,19 @@ async fn timed_out(task: tokio::task::JoinHandle<Result<Response<Body>, BoxError
 // Buffer
 // ---------------------------------------------------------------------------
 
+/// One GET through `api` served with the first token, which Volt then
+/// revokes: the next requests through `api` meet a 401.
+async fn served_then_revoked<S>(api: &S, mock: &MockVolt)
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone,
+{
+    assert_eq!(
+        send(&mut api.clone(), get(mock, "/banks")).await.status(),
+        200
+    );
+    mock.revoke_access_tokens();
+}
+
 const STORM: usize = 300;
 
 /// Spawns `STORM` numbered payments through `api` and expects 201 for each.
@@ -150,11 +163,7 @@ async fn a_buffer_in_front_of_auth_rides_a_401_storm_with_one_refresh() {
         .buffer(16)
         .layer(auth.clone())
         .service(mock.service());
-    assert_eq!(
-        send(&mut api.clone(), get(&mock, "/banks")).await.status(),
-        200
-    );
-    mock.revoke_access_tokens();
+    served_then_revoked(&api, &mock).await;
     storm(&mock, api).await;
     assert_storm_recovered(&mock, auth.stats().replays, STORM);
 }
@@ -167,11 +176,7 @@ async fn a_buffer_behind_auth_rides_a_401_storm_with_one_refresh() {
         .layer(auth.clone())
         .buffer(16)
         .service(mock.service());
-    assert_eq!(
-        send(&mut api.clone(), get(&mock, "/banks")).await.status(),
-        200
-    );
-    mock.revoke_access_tokens();
+    served_then_revoked(&api, &mock).await;
     storm(&mock, api).await;
     assert_storm_recovered(&mock, auth.stats().replays, STORM);
 }
@@ -237,11 +242,7 @@ async fn requests_timing_out_while_a_forced_refresh_is_held_leave_one_refresh() 
         .timeout(secs(1))
         .layer(auth.clone())
         .service(mock.service());
-    assert_eq!(
-        send(&mut api.clone(), get(&mock, "/banks")).await.status(),
-        200
-    );
-    mock.revoke_access_tokens();
+    served_then_revoked(&api, &mock).await;
     let hold = mock.hold_oauth();
 
     let started = Instant::now();
@@ -298,11 +299,7 @@ async fn requests_timing_out_mid_replay_leave_the_renewed_token_in_service() {
         .timeout(secs(5))
         .layer(auth.clone())
         .service(inner.clone());
-    assert_eq!(
-        send(&mut api.clone(), get(&mock, "/banks")).await.status(),
-        200
-    );
-    mock.revoke_access_tokens();
+    served_then_revoked(&api, &mock).await;
 
     let payments = (0..N).map(|i| payment(&mock, numbered_body(i)));
     for task in call_all(&mut api.clone(), payments).await {
@@ -518,11 +515,7 @@ async fn a_replay_that_times_out_waiting_for_a_permit_is_not_counted() {
     let api = ServiceBuilder::new()
         .timeout(secs(5))
         .service(limited.clone());
-    assert_eq!(
-        send(&mut api.clone(), get(&mock, "/banks")).await.status(),
-        200
-    );
-    mock.revoke_access_tokens();
+    served_then_revoked(&api, &mock).await;
 
     let hold = mock.hold_oauth();
     let task = tokio::spawn(api.clone().oneshot(payment(&mock, numbered_body(1))));
