@@ -41,6 +41,29 @@ async fn gets_a_token(auth: &volt_auth::VoltAuthLayer) {
     assert!(matches!(token, Ok(Ok(_))), "{token:?}");
 }
 
+/// Runs `rt` until the refresh `auth` starts there is held at /oauth, then
+/// releases the hold: the refresh goes on only when `rt` runs again.
+fn held_at_oauth(rt: &Runtime, mock: &MockVolt, auth: &volt_auth::VoltAuthLayer) {
+    let hold = mock.hold_oauth();
+    rt.block_on(async {
+        tokio::select! {
+            () = hold.wait_for(1) => {}
+            token = auth.access_token() => panic!("{token:?}"),
+        }
+    });
+}
+
+/// Yields until `done()`, within the guard; `what` names what was awaited.
+async fn until(done: impl Fn() -> bool, what: &str) {
+    timeout(GUARD, async {
+        while !done() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect(what);
+}
+
 /// A cache whose first token is stale on `home`, a paused runtime: fetched,
 /// then the clock moved into the refresh-ahead window, where its timer marks
 /// it stale.
@@ -264,13 +287,7 @@ fn a_backoff_whose_runtime_is_gone_still_ends_in_a_background_refresh() {
     gone.block_on(async {
         advance(STALE + Duration::from_millis(1)).await;
         auth.access_token().await.expect("the stale token");
-        timeout(GUARD, async {
-            while auth.stats().failures == 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the refresh failed");
+        until(|| auth.stats().failures > 0, "the refresh failed").await;
     });
     drop(gone);
     assert_eq!(mock.oauth_calls(), 2);
@@ -301,14 +318,7 @@ fn a_refresh_stranded_on_a_runtime_nothing_drives_does_not_hold_up_other_runtime
     // A sync worker's runtime starts the refresh and gives up on it at
     // /oauth; the runtime is kept, but nothing drives it until its next job.
     let idle = runtime(false);
-    let hold = mock.hold_oauth();
-    idle.block_on(async {
-        tokio::select! {
-            () = hold.wait_for(1) => {}
-            token = auth.access_token() => panic!("{token:?}"),
-        }
-    });
-    drop(hold);
+    held_at_oauth(&idle, &mock, &auth);
     assert_eq!(mock.oauth_calls(), 1);
 
     // A server runtime's callers wait for it no longer than two token
@@ -326,13 +336,11 @@ fn a_refresh_stranded_on_a_runtime_nothing_drives_does_not_hold_up_other_runtime
     // The stranded refresh ends when its runtime runs again: its token is
     // not published over the one in use.
     idle.block_on(async {
-        timeout(GUARD, async {
-            while mock.issued_access_tokens().len() < 2 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the stranded refresh ended");
+        until(
+            || mock.issued_access_tokens().len() >= 2,
+            "the stranded refresh ended",
+        )
+        .await;
     });
     drop(idle);
     let issued = mock.issued_access_tokens();
@@ -382,14 +390,8 @@ fn a_refresh_given_up_before_it_ran_sends_nothing_when_its_runtime_runs_again() 
 /// /oauth presenting the refresh token when it is left undriven.
 fn presenting_the_refresh_token(mock: &MockVolt, auth: &volt_auth::VoltAuthLayer) -> Runtime {
     let rt = runtime(true);
-    let hold = mock.hold_oauth();
-    rt.block_on(async {
-        advance(2 * HOUR).await;
-        tokio::select! {
-            () = hold.wait_for(1) => {}
-            token = auth.access_token() => panic!("{token:?}"),
-        }
-    });
+    rt.block_on(advance(2 * HOUR));
+    held_at_oauth(&rt, mock, auth);
     assert_eq!((mock.oauth_calls(), mock.refresh_grants()), (2, 1));
     rt
 }
@@ -441,13 +443,11 @@ fn the_refresh_after_a_stranded_one_does_not_present_the_refresh_token_it_holds(
 
     // The stranded refresh ends when its runtime runs again, and sends nothing more.
     idle.block_on(async {
-        timeout(GUARD, async {
-            while mock.issued_access_tokens().len() < 3 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the stranded refresh ended");
+        until(
+            || mock.issued_access_tokens().len() >= 3,
+            "the stranded refresh ended",
+        )
+        .await;
         sleep(Duration::from_millis(1)).await;
     });
     drop(idle);
