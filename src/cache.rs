@@ -464,12 +464,8 @@ impl Shared {
     /// Ends the running refresh if its task was dropped with its runtime.
     fn reclaim(&self, flight: &mut Flight) {
         if flight.running && self.abandoned.load(Ordering::Acquire) == flight.flight {
-            flight.running = false;
+            flight.give_up();
             flight.forcing = false;
-            // Dropped at /oauth, as in `strand`: Volt may have rotated it.
-            if flight.presenting != 0 {
-                flight.refused_refresh = flight.presenting;
-            }
         }
     }
 
@@ -574,12 +570,7 @@ impl Shared {
         if !flight.is_running(number) {
             return;
         }
-        flight.running = false;
-        // It may be at /oauth with this refresh token, which Volt may rotate
-        // (and revoke the family of, should it see the token twice).
-        if flight.presenting != 0 {
-            flight.refused_refresh = flight.presenting;
-        }
+        flight.give_up();
         drop(flight);
         tracing::warn!(
             "the token refresh has not ended on its runtime (is it driven?); starting another"
@@ -890,6 +881,17 @@ impl Flight {
     /// Whether the refresh numbered `number` is the one callers wait for.
     fn is_running(&self, number: u64) -> bool {
         self.running && self.flight == number
+    }
+
+    /// Ends the running refresh without its outcome (stranded, or dropped
+    /// with its runtime). It may be at /oauth with the refresh token it
+    /// presents, which Volt may rotate (and revoke the family of, should it
+    /// see the token twice): later refreshes of that token use the password.
+    fn give_up(&mut self) {
+        self.running = false;
+        if self.presenting != 0 {
+            self.refused_refresh = self.presenting;
+        }
     }
 
     /// Whether a 401 may force a refresh now. Forced refreshes whose tokens
