@@ -166,12 +166,12 @@ fn parse_success(grant: GrantType, status: StatusCode, body: &[u8]) -> Result<To
     }
     // Values stay raw JSON text, so that a number beyond f64 (a hostile
     // `expires_in`) is capped rather than failing the whole answer.
-    let fields: HashMap<String, Box<RawValue>> = match serde_json::from_slice(body) {
-        Ok(fields) => fields,
-        Err(_) if serde_json::from_slice::<IgnoredAny>(body).is_ok() => {
-            return Err(invalid("the body is not a JSON object"));
-        }
-        Err(_) => return Err(invalid("the body is not JSON")),
+    let Some(fields) = members(body) else {
+        return Err(if serde_json::from_slice::<IgnoredAny>(body).is_ok() {
+            invalid("the body is not a JSON object")
+        } else {
+            invalid("the body is not JSON")
+        });
     };
     let field = |name: &str| {
         fields
