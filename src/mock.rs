@@ -896,13 +896,8 @@ fn scripted(shared: &Shared) -> Option<Response<Full<Bytes>>> {
     let mut state = shared.state();
     if let Some(failure) = state.failure.as_mut() {
         let mut response = json(failure.status, failure.body.clone());
-        for name in failure.headers.keys() {
-            let values = failure.headers.get_all(name).iter().cloned();
-            response.headers_mut().remove(name);
-            for value in values {
-                response.headers_mut().append(name, value);
-            }
-        }
+        // Replaces the defaults' values of the names it has (`Content-Type`).
+        response.headers_mut().extend(failure.headers.clone());
         failure.remaining -= 1;
         if failure.remaining == 0 {
             state.failure = None;
