@@ -117,7 +117,9 @@ struct Shared {
     /// (0: none pending).
     unconfirmed: AtomicU64,
     flight: Mutex<Flight>,
-    done: watch::Sender<Option<Error>>,
+    /// The number of the last refresh to end, and its error: a waiter takes
+    /// only the outcome of the refresh it waits for (or a later one).
+    done: watch::Sender<(u64, Option<Error>)>,
     source: Box<dyn TokenSource>,
     settings: Settings,
     counters: Counters,
@@ -164,7 +166,7 @@ enum Begin {
 
 impl TokenCache {
     pub(crate) fn new(source: impl TokenSource, settings: Settings) -> Self {
-        let (done, _) = watch::channel(None);
+        let (done, _) = watch::channel((0, None));
         let now = Instant::now();
         let cache = Self {
             shared: Arc::new(Shared {
@@ -239,7 +241,8 @@ impl TokenCache {
 
     /// After a 401 to the token of `rejected`, for the request's replay: a
     /// newer token (waiting for the one refresh if needed), or `None` when no
-    /// newer token may be had yet because 401-driven refreshes are throttled.
+    /// newer token may be had yet: 401-driven refreshes are throttled, and no
+    /// refresh is under way.
     /// The replay is counted by [`TokenCache::replayed`] when it is sent.
     pub(crate) async fn renew(&self, rejected: u64) -> Result<Option<Lease>, Error> {
         self.acquire(Some(rejected)).await
@@ -325,15 +328,16 @@ impl TokenCache {
             // A refresh spawned on a runtime that nothing drives (a sync
             // worker's `current_thread` runtime between `block_on` calls)
             // would hold up every waiter on other runtimes.
-            match timeout(self.shared.settings.stranded_after, done.changed()).await {
-                Ok(Ok(())) => {}
+            let ended = done.wait_for(|(number, _)| *number >= flight);
+            let error = match timeout(self.shared.settings.stranded_after, ended).await {
+                Ok(Ok(outcome)) => outcome.1.clone(),
                 Ok(Err(_)) => return Err(Error::Interrupted),
                 Err(_) => {
                     self.shared.strand(flight);
                     continue;
                 }
-            }
-            if let Some(error) = done.borrow_and_update().clone() {
+            };
+            if let Some(error) = error {
                 return Err(error);
             }
         }
@@ -433,6 +437,11 @@ impl Shared {
             if rejected == Some(entry.generation) {
                 if phase != EXPIRED {
                     if !flight.may_force(now, &self.settings) {
+                        // Throttled: this 401 starts nothing, but a refresh
+                        // already running brings a newer token at no cost.
+                        if flight.running {
+                            return Ok(Begin::Wait(flight.flight));
+                        }
                         return Ok(Begin::Keep);
                     }
                     entry.phase.store(EXPIRED, Ordering::Release);
@@ -645,7 +654,7 @@ impl Shared {
                 "token refresh failed; backing off"
             );
         }
-        self.done.send_replace(outcome);
+        self.done.send_replace((number, outcome));
     }
 }
 
@@ -720,7 +729,7 @@ impl Drop for FinishOnDrop {
             // stale token's readers may start it too.
             shared.abandoned.fetch_max(self.flight, Ordering::AcqRel);
             shared.may_kick.store(true, Ordering::Release);
-            shared.done.send_replace(None);
+            shared.done.send_replace((self.flight, None));
         }
     }
 }

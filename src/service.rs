@@ -26,8 +26,8 @@ use crate::replay::{DefaultReplay, ReplayPolicy};
 ///   [`ReplayPolicy`](crate::ReplayPolicy)), one refresh and one replay, and a
 ///   second 401 goes back to the caller. Without a copy, or while refreshes
 ///   forced by 401s are throttled (within the backoff minimum of the last one,
-///   longer while Volt keeps rejecting new tokens), the 401 goes back as it
-///   came.
+///   longer while Volt keeps rejecting new tokens) and none is under way, the
+///   401 goes back as it came.
 ///
 /// Errors are `BoxError`s: the inner service's own, or a
 /// [`volt_auth::Error`](crate::Error) when no token could be had.

@@ -458,6 +458,47 @@ async fn forced_refreshes_are_throttled() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_throttled_401_waits_for_the_refresh_already_under_way() {
+    // Tokens of 1 s: stale from at most 0.67 s, within the 1 s throttle.
+    let script = Script::new(Duration::from_secs(1));
+    let cache = script.cache();
+    let first = cache.token().await.unwrap().ticket.generation;
+    let forced = renewed(&cache, first).await;
+    script.close();
+    sleep(Duration::from_millis(700)).await;
+    // A stale read starts the refresh-ahead, held at /oauth.
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-2"));
+    let (renewal, ()) = tokio::join!(cache.renew(forced), async {
+        sleep(Duration::from_millis(1)).await;
+        assert_eq!(script.count(), 3);
+        script.open();
+    });
+    // The throttled 401 started nothing, and got the running refresh's token.
+    let lease = renewal.unwrap().expect("the refresh-ahead's token");
+    assert_eq!(secret(&lease), "at-3");
+    assert_eq!(script.count(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_takes_only_the_outcome_of_the_refresh_it_waits_for() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    script.close();
+    let (token, ()) = tokio::join!(cache.token(), async {
+        // The waiter waits for refresh 1, held at /oauth, when an earlier
+        // refresh's failure is published late (its `finish` released the
+        // lock, and this waiter began, before it woke anyone).
+        sleep(Duration::from_millis(1)).await;
+        let late = server_error(GrantType::Password);
+        cache.shared.done.send_replace((0, Some(late)));
+        sleep(Duration::from_millis(1)).await;
+        script.open();
+    });
+    assert_eq!(secret(&token.expect("refresh 1's token")), "at-1");
+    assert_eq!(script.count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn short_lifetimes_do_not_refresh_per_request() {
     let script = Script::new(Duration::from_secs(2));
     let cache = script.cache();
