@@ -6,7 +6,9 @@
 //!   (the limit for attaching a header), a hand-written
 //!   `Arc<RwLock<Option<(HeaderValue, Instant)>>>` cache, and `StatusAware`:
 //!   `SetRequestHeader`'s work plus the least that keeping the token to one
-//!   origin and recovering from 401s adds (an origin check, a status check);
+//!   origin and recovering from 401s adds (an origin check, a status check),
+//!   and, in the interleaved rounds only, its parts: each check alone, and
+//!   neither (only forwarding the response future);
 //! - `contention/*`: the first three on one and two threads at once;
 //! - `herd/*`: 10,000 tasks asking a cold cache for a token through a `/oauth`
 //!   transport that takes 1 ms, against one bare round trip through it (the
@@ -190,21 +192,27 @@ where
 /// 401s adds to `SetRequestHeader`: an origin check before attaching the
 /// header, and a look at each response's status, which hands a 401 to code
 /// out of line.
+///
+/// With `ORIGIN` or `STATUS` false, it leaves that check out (the header is
+/// then attached to every request, or no status is looked at), to tell what
+/// each part costs: with both false it only forwards the response future.
 #[derive(Clone)]
-struct StatusAware<S> {
+struct StatusAware<S, const ORIGIN: bool, const STATUS: bool> {
     inner: S,
     origin: Arc<str>,
     header: HeaderValue,
 }
 
-impl<S, B> Service<Request<B>> for StatusAware<S>
+impl<S, B, const ORIGIN: bool, const STATUS: bool> Service<Request<B>>
+    for StatusAware<S, ORIGIN, STATUS>
 where
     S: Service<Request<B>, Response = Response<Body>>,
     S::Error: Into<BoxError>,
+    S::Future: Unpin,
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = StatusAwareFuture<S::Future>;
+    type Future = StatusAwareFuture<S::Future, STATUS>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -212,8 +220,9 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let uri = request.uri();
-        if uri.scheme_str() == Some("http")
-            && uri.authority().map(|authority| authority.as_str()) == Some(&*self.origin)
+        if !ORIGIN
+            || uri.scheme_str() == Some("http")
+                && uri.authority().map(|authority| authority.as_str()) == Some(&*self.origin)
         {
             request
                 .headers_mut()
@@ -225,7 +234,10 @@ where
     }
 }
 
-fn status_aware<S>(inner: S, header: HeaderValue) -> StatusAware<S> {
+fn status_aware<S, const ORIGIN: bool, const STATUS: bool>(
+    inner: S,
+    header: HeaderValue,
+) -> StatusAware<S, ORIGIN, STATUS> {
     StatusAware {
         inner,
         origin: Arc::from(AUTHORITY),
@@ -233,23 +245,23 @@ fn status_aware<S>(inner: S, header: HeaderValue) -> StatusAware<S> {
     }
 }
 
-pin_project! {
-    struct StatusAwareFuture<F> {
-        #[pin]
-        future: F,
-    }
+/// `pin_project_lite` takes no const generics; the inner futures here are
+/// `Unpin`.
+struct StatusAwareFuture<F, const STATUS: bool> {
+    future: F,
 }
 
-impl<F, E> Future for StatusAwareFuture<F>
+impl<F, E, const STATUS: bool> Future for StatusAwareFuture<F, STATUS>
 where
-    F: Future<Output = Result<Response<Body>, E>>,
+    F: Future<Output = Result<Response<Body>, E>> + Unpin,
     E: Into<BoxError>,
 {
     type Output = Result<Response<Body>, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let response = std::task::ready!(self.project().future.poll(cx)).map_err(Into::into)?;
-        if response.status() == StatusCode::UNAUTHORIZED {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response =
+            std::task::ready!(Pin::new(&mut self.future).poll(cx)).map_err(Into::into)?;
+        if STATUS && response.status() == StatusCode::UNAUTHORIZED {
             return on_unauthorized(response);
         }
         Poll::Ready(Ok(response))
@@ -352,7 +364,10 @@ fn hot_path(c: &mut Criterion) {
         &uri,
     );
     send(&mut RwLockAuth::new(expect.clone(), header.clone()), &uri);
-    send(&mut status_aware(expect.clone(), header.clone()), &uri);
+    send(
+        &mut status_aware::<_, true, true>(expect.clone(), header.clone()),
+        &uri,
+    );
     send(&mut layer.layer(expect.clone()), &uri);
     send(&mut no_replay.layer(Expect(no_replay_header)), &uri);
 
@@ -373,7 +388,11 @@ fn hot_path(c: &mut Criterion) {
     let mut rwlock = RwLockAuth::new(Ok200, header.clone());
     group.bench_function("rwlock_cache", |b| b.iter(|| send(&mut rwlock, &uri)));
 
-    let mut status_aware = status_aware(Ok200, header.clone());
+    // Its parts, timed only in the interleaved rounds below.
+    let mut forward_only = status_aware::<_, false, false>(Ok200, header.clone());
+    let mut status_only = status_aware::<_, false, true>(Ok200, header.clone());
+    let mut origin_only = status_aware::<_, true, false>(Ok200, header.clone());
+    let mut status_aware = status_aware::<_, true, true>(Ok200, header.clone());
     group.bench_function("status_aware", |b| b.iter(|| send(&mut status_aware, &uri)));
 
     let mut volt = layer.layer(Ok200);
@@ -390,9 +409,9 @@ fn hot_path(c: &mut Criterion) {
     group.finish();
 
     if measured {
-        // The same five, interleaved: each round times a block of each, so
-        // that all see the same load; the ratios to `SetRequestHeader` are
-        // taken within each round.
+        // The same six and `StatusAware`'s parts, interleaved: each round
+        // times a block of each, so that all see the same load; the ratios to
+        // `SetRequestHeader` are taken within each round.
         let rounds = interleaved(
             HOT_ROUNDS,
             &mut [
@@ -402,6 +421,9 @@ fn hot_path(c: &mut Criterion) {
                 &mut || send_block(&mut volt, &uri),
                 &mut || send_block(&mut volt_no_replay, &uri),
                 &mut || send_block(&mut status_aware, &uri),
+                &mut || send_block(&mut forward_only, &uri),
+                &mut || send_block(&mut status_only, &uri),
+                &mut || send_block(&mut origin_only, &uri),
             ],
         );
         // Variant `i`'s time over variant `base`'s, round by round.
@@ -418,6 +440,9 @@ fn hot_path(c: &mut Criterion) {
                     "volt_auth": over_set_header(3).json(),
                     "volt_auth_no_replay": over_set_header(4).json(),
                     "status_aware": over_set_header(5).json(),
+                    "forward_only": over_set_header(6).json(),
+                    "status_only": over_set_header(7).json(),
+                    "origin_only": over_set_header(8).json(),
                 },
                 "over_status_aware": {
                     "volt_auth": over(3, 5).json(),
