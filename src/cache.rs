@@ -943,7 +943,9 @@ pub struct Stats {
     pub password: GrantStats,
     /// Refresh-token grants sent to `/oauth`, by outcome.
     pub refresh: GrantStats,
-    /// Tokens obtained (the first included).
+    /// Tokens put in service (the first included). A token that arrives
+    /// after its refresh was given up on (stranded on a runtime nothing
+    /// drove) is discarded: it counts among the grants' `succeeded`, not here.
     pub refreshes: u64,
     /// Requests replayed after a 401.
     pub replays: u64,
