@@ -117,8 +117,9 @@ struct Shared {
     /// (0: none pending).
     unconfirmed: AtomicU64,
     flight: Mutex<Flight>,
-    /// The number of the last refresh to end, and its error: a waiter takes
-    /// only the outcome of the refresh it waits for (or a later one).
+    /// The number of the latest refresh to end, and its error: a waiter takes
+    /// only the outcome of the refresh it waits for (or a later one). Never
+    /// goes back to an earlier number (see [`Shared::publish`]).
     done: watch::Sender<(u64, Option<Error>)>,
     source: Box<dyn TokenSource>,
     settings: Settings,
@@ -654,7 +655,24 @@ impl Shared {
                 "token refresh failed; backing off"
             );
         }
-        self.done.send_replace((number, outcome));
+        self.publish(number, outcome);
+    }
+
+    /// Wakes the waiters of the refresh numbered `number` (and of earlier
+    /// ones) with its outcome, unless a later refresh has published already:
+    /// outcomes are published after the lock is released, or by a refresh
+    /// given up on whose task goes with its runtime later, so they may come
+    /// out of order. Going back to an earlier number would hide the later
+    /// outcome from a waiter not yet woken, which would then wait until it
+    /// took its refresh for stranded.
+    fn publish(&self, number: u64, outcome: Option<Error>) {
+        self.done.send_if_modified(|published| {
+            if number <= published.0 {
+                return false;
+            }
+            *published = (number, outcome);
+            true
+        });
     }
 }
 
@@ -729,7 +747,7 @@ impl Drop for FinishOnDrop {
             // stale token's readers may start it too.
             shared.abandoned.fetch_max(self.flight, Ordering::AcqRel);
             shared.may_kick.store(true, Ordering::Release);
-            shared.done.send_replace((self.flight, None));
+            shared.publish(self.flight, None);
         }
     }
 }

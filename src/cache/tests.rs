@@ -498,6 +498,72 @@ async fn a_waiter_takes_only_the_outcome_of_the_refresh_it_waits_for() {
     assert_eq!(script.count(), 1);
 }
 
+/// A refresh given up on (stranded) whose task is dropped with its runtime
+/// after the next refresh has ended must not hide that refresh's outcome from
+/// its waiters: the watch never goes back to an earlier refresh's number.
+#[test]
+fn a_given_up_refresh_dropped_late_does_not_hold_up_the_next_ones_waiters() {
+    let paused = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    };
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    // Refresh 1 is spawned on a runtime that is not driven again.
+    let gone = paused();
+    gone.block_on(async {
+        let mut first = std::pin::pin!(cache.token());
+        std::future::poll_fn(|cx| {
+            assert!(first.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+    });
+    let home = paused();
+    script.close();
+    let mut waiter = Box::pin(cache.token());
+    home.block_on(async {
+        // The waiter gives refresh 1 up after 11 s, and waits for refresh 2,
+        // held at /oauth.
+        tokio::select! {
+            token = &mut waiter => panic!("{token:?}"),
+            () = sleep(Duration::from_secs(12)) => {}
+        }
+        assert_eq!(script.count(), 1);
+        // Refresh 2 ends, and publishes, before the waiter is polled again.
+        script.open();
+        while cache.shared.done.borrow().0 != 2 {
+            tokio::task::yield_now().await;
+        }
+    });
+    // Refresh 1's task goes with its runtime, after refresh 2 ended.
+    drop(gone);
+    home.block_on(async {
+        let token = timeout(Duration::from_secs(1), waiter).await;
+        let token = token.expect("refresh 2's waiter woken");
+        assert_eq!(secret(&token.unwrap()), "at-1");
+    });
+    assert_eq!(script.count(), 1);
+}
+
+/// `finish` publishes after releasing the lock (and logging a failure), so a
+/// refresh's outcome may come after the next refresh's: it is dropped rather
+/// than hide the later one from that refresh's waiters.
+#[tokio::test]
+async fn outcomes_published_out_of_order_keep_the_latest() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.shared.publish(2, None);
+    cache
+        .shared
+        .publish(1, Some(server_error(GrantType::Password)));
+    let published = cache.shared.done.borrow().clone();
+    assert!(matches!(published, (2, None)), "{published:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn short_lifetimes_do_not_refresh_per_request() {
     let script = Script::new(Duration::from_secs(2));
