@@ -430,7 +430,7 @@ impl Shared {
         self.reclaim(&mut flight);
         let entry = self.current.load();
         if let Some(token) = &entry.token {
-            let mut phase = entry.phase.load(Ordering::Acquire);
+            let mut phase = caught_up(&entry, now);
             if phase == UNTIMED {
                 phase = retime(&mut flight, &entry, now);
                 notes.retimed = Some((entry.generation, phase));
@@ -773,6 +773,24 @@ fn time(flight: &mut Flight, entry: &Arc<Entry>) {
     flight.timer = spawn_phase_timer(entry);
     if flight.timer.is_none() {
         entry.phase.store(UNTIMED, Ordering::Release);
+    }
+}
+
+/// The phase of a timed entry, or the clock's at `now` if the timer lags
+/// behind it (its runtime idle, or a paused clock just advanced): the entry
+/// takes it on, as the timer would. A caller that asks the cache reads the
+/// clock anyway, so it never gets a token past its margin, nor one whose
+/// refresh-ahead is due without starting it.
+fn caught_up(entry: &Entry, now: Instant) -> u8 {
+    let due = entry.phase_at(now);
+    // UNTIMED and EXPIRED are above any phase the clock gives: kept.
+    match entry
+        .phase
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |phase| {
+            (phase < due).then_some(due)
+        }) {
+        Ok(_) => due,
+        Err(phase) => phase,
     }
 }
 

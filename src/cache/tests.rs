@@ -1226,3 +1226,62 @@ fn no_event_is_logged_under_the_caches_lock() {
     let locked: Vec<_> = seen.iter().filter(|(_, free)| !free).collect();
     assert!(locked.is_empty(), "logged under the lock: {locked:?}");
 }
+
+/// A token whose phase timer lags behind the clock (a paused clock just
+/// advanced, before the timer's task ran) is neither handed out past its
+/// expiry margin nor left without its refresh-ahead by a caller that asks the
+/// cache, which reads the clock anyway.
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_asks_the_cache_does_not_trust_a_lagging_timer() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    // `advance` yields once, and this task runs again before the timer's.
+    tokio::time::advance(HOUR - Duration::from_secs(200)).await;
+    let stale = cache.token().await.unwrap();
+    assert_eq!(
+        secret(&stale),
+        "at-1",
+        "still served, inside the refresh-ahead window"
+    );
+    tokio::task::yield_now().await;
+    assert_eq!(script.count(), 2, "the refresh-ahead started");
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-2"));
+
+    // Past the new token's margin, before its timer runs: never handed out.
+    tokio::time::advance(HOUR - Duration::from_secs(10)).await;
+    let lease = cache.token().await.unwrap();
+    assert_eq!(secret(&lease), "at-3");
+    assert!(lease.token.expires_at() > Instant::now() + Duration::from_secs(30));
+    assert_eq!(script.count(), 3);
+}
+
+/// The token's timer runs on the runtime that fetched it: a sync worker's
+/// `current_thread` runtime, say, that nothing drives between jobs. A caller
+/// on another runtime that asks the cache past the token's expiry margin
+/// gets a new token, not the one whose timer has not run.
+#[test]
+fn a_token_timed_on_an_idle_runtime_is_not_handed_out_past_its_margin() {
+    let paused = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    };
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    let worker = paused();
+    worker.block_on(async { cache.token().await.unwrap() });
+    let server = paused();
+    server.block_on(async {
+        tokio::time::advance(2 * HOUR).await;
+        sleep(Duration::from_millis(1)).await; // this runtime's timers run
+        let lease = cache.token().await.unwrap();
+        assert_eq!(secret(&lease), "at-2");
+        assert!(lease.token.expires_at() > Instant::now() + Duration::from_secs(30));
+    });
+    assert_eq!(script.count(), 2);
+    drop(worker);
+}
