@@ -581,6 +581,9 @@ impl Shared {
             return;
         }
         flight.give_up();
+        // Its end sets nothing now: a stale token's readers may start the
+        // next refresh, as after a refresh dropped with its runtime.
+        self.may_kick.store(true, Ordering::Release);
         drop(flight);
         tracing::warn!(
             "the token refresh has not ended on its runtime (is it driven?); starting another"

@@ -1285,3 +1285,46 @@ fn a_token_timed_on_an_idle_runtime_is_not_handed_out_past_its_margin() {
     assert_eq!(script.count(), 2);
     drop(worker);
 }
+
+/// A refresh-ahead given up as stranded (on a runtime nothing drives) by a
+/// throttled 401's renewal that then keeps the token: the stale token's
+/// readers start the next refresh-ahead, as after one dropped with its
+/// runtime, rather than none until the token expires.
+#[tokio::test(start_paused = true)]
+async fn a_stranded_refresh_ahead_given_up_by_a_throttled_401_is_started_again() {
+    let secs = Duration::from_secs;
+    // Tokens of 60 s: stale from 36–40 s, expired from 54 s. One forced
+    // refresh throttles the next for 60 s.
+    let script = Script::new(secs(60));
+    let cache = TokenCache::new(
+        script.clone(),
+        Settings {
+            backoff_min: secs(60),
+            backoff_max: secs(60),
+            ..settings()
+        },
+    );
+    let first = cache.token().await.unwrap().ticket.generation;
+    let forced = renewed(&cache, first).await;
+    assert_eq!(script.count(), 2);
+
+    // Stale: a read starts the refresh-ahead, which hangs at /oauth.
+    sleep(secs(41)).await;
+    script.close();
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-2"));
+    tokio::task::yield_now().await;
+    assert_eq!(script.count(), 3);
+    // A throttled 401 waits for it, gives it up after 11 s, and keeps the
+    // token (still served until 54 s).
+    let waited = Instant::now();
+    assert!(cache.renew(forced).await.unwrap().is_none());
+    assert_eq!(waited.elapsed(), secs(11));
+
+    // The next stale read starts another refresh-ahead.
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-2"));
+    tokio::task::yield_now().await;
+    assert_eq!(script.count(), 4, "a refresh-ahead after the stranded one");
+    script.open();
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-4"));
+}
