@@ -214,6 +214,18 @@ impl TokenCache {
         self.read(local.0.load(), headers)
     }
 
+    /// For a replay about to be sent with the token of `generation`: a newer
+    /// token the cache holds (the one the renewal gave was replaced while the
+    /// replay waited for the inner service), put in `headers`, with its
+    /// ticket; `None` when there is no newer token that may be used.
+    pub(crate) fn newer(&self, generation: u64, headers: &mut HeaderMap) -> Option<Ticket> {
+        let entry = self.shared.current.load();
+        if entry.generation <= generation {
+            return None;
+        }
+        self.read(&entry, headers)
+    }
+
     /// A per-service view of the current token.
     pub(crate) fn local(&self) -> LocalToken {
         LocalToken(arc_swap::Cache::new(self.shared.current.clone()))

@@ -262,13 +262,15 @@ where
     };
     let Wait {
         mut service,
-        request,
+        mut request,
         replaying,
         ..
     } = *wait;
     if replaying {
-        if let Some(ticket) = this.ticket.as_ref() {
-            ticket.replayed();
+        // With the newest token: getting ready may have taken a while (a
+        // queue for a permit), and the token renewed before may be gone.
+        if let Some(ticket) = this.ticket.as_mut() {
+            ticket.replaying(request.headers_mut());
         }
     }
     this.call.set(Some(service.call(request)));

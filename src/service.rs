@@ -24,10 +24,11 @@ use crate::replay::{DefaultReplay, ReplayPolicy};
 ///   waits for the one refresh (or gets its error at once during a backoff);
 /// - after a 401: if the body could be copied before sending (see
 ///   [`ReplayPolicy`](crate::ReplayPolicy)), one refresh and one replay, and a
-///   second 401 goes back to the caller. Without a copy, or while refreshes
-///   forced by 401s are throttled (within the backoff minimum of the last one,
-///   longer while Volt keeps rejecting new tokens) and none is under way, the
-///   401 goes back as it came.
+///   second 401 goes back to the caller. Without a copy, when that refresh
+///   fails (its error goes to the requests that then wait for a token), or
+///   while refreshes forced by 401s are throttled (within the backoff minimum
+///   of the last one, longer while Volt keeps rejecting new tokens) and none
+///   is under way, the 401 goes back as it came.
 ///
 /// Errors are `BoxError`s: the inner service's own, or a
 /// [`volt_auth::Error`](crate::Error) when no token could be had.

@@ -434,6 +434,63 @@ async fn a_limit_outside_auth_bounds_whole_calls_with_their_replay() {
     assert_eq!(auth.stats().replays, 1);
 }
 
+/// A replay that queues for a permit goes with the token the cache holds
+/// once it has one, not with the one its renewal gave it: that token may have
+/// been rejected (and replaced) meanwhile, and the replay is the only one.
+#[tokio::test(start_paused = true)]
+async fn a_replay_queued_for_a_permit_goes_with_the_newest_token() {
+    let volt = volt();
+    let auth = auth(&volt);
+    let api = ServiceBuilder::new()
+        .layer(auth.clone())
+        .concurrency_limit(1)
+        .service(Probe::new(&volt));
+    let mut warm = api.clone();
+    assert_eq!(send(&mut warm, get(&volt)).await.unwrap(), StatusCode::OK);
+    volt.revoke_access_tokens();
+
+    // `a` is answered 401 and renews the token (the second one)...
+    let mut a = api.clone();
+    a.ready().await.unwrap();
+    let mut a = std::pin::pin!(a.call(pay(&volt, "a")));
+    let poll = std::future::poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await;
+    assert!(poll.is_pending());
+    // ...while another caller holds the only permit.
+    let mut holder = api.clone();
+    holder.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let poll = std::future::poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await;
+    assert!(poll.is_pending(), "the replay waits for the permit");
+    assert_eq!(volt.issued_access_tokens().len(), 2);
+
+    // Past the throttle, Volt rejects the second token too; a request
+    // without the limit renews it (the third token) and succeeds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    volt.revoke_access_tokens();
+    let mut unlimited = tower::Layer::layer(&auth, Probe::new(&volt));
+    assert_eq!(
+        send(&mut unlimited, get(&volt)).await.unwrap(),
+        StatusCode::OK
+    );
+    let issued = volt.issued_access_tokens();
+    assert_eq!(issued.len(), 3);
+
+    // The permit comes: `a` is replayed with the third token.
+    drop(holder);
+    let response = a.await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(
+        volt.api_authorizations().last(),
+        Some(&Some(format!("Bearer {}", issued[2])))
+    );
+    assert_eq!(
+        volt.payment_bodies(),
+        vec![Bytes::from("a"), Bytes::from("a")]
+    );
+    assert_eq!(auth.stats().replays, 2);
+    assert_eq!(volt.oauth_calls(), 3);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_limited_service_must_not_be_the_oauth_transport() {
     // VoltAuth reserves the inner service (and its permit) before it waits

@@ -673,7 +673,9 @@ async fn an_accepted_forced_token_ends_the_throttles_escalation() {
     assert_eq!(secret(&renewed), "at-4");
     // A renewal alone replays nothing: the replay is counted when it is sent.
     assert_eq!(cache.stats().replays, 0);
-    renewed.ticket.replayed();
+    let mut ticket = renewed.ticket;
+    ticket.replaying(&mut http::HeaderMap::new());
+    assert_eq!(ticket, renewed.ticket, "the renewed token is the newest");
     assert_eq!(cache.stats().replays, 1);
 }
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use http::{Response, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
 
 use super::{Shared, TokenCache};
 
@@ -120,13 +120,21 @@ impl Ticket {
         None
     }
 
-    /// Counts the replay this ticket's token goes out with, if the cache is
-    /// still there ([`TokenCache::replayed`]).
+    /// Just before a replay renewed with this ticket's token is sent with
+    /// `headers`: if the cache now holds a newer token (the renewed one was
+    /// replaced while the replay waited for the inner service, say rejected
+    /// by another request), the replay goes with that one, and this ticket
+    /// becomes its. Counts the replay ([`TokenCache::replayed`]), if the
+    /// cache is still there.
     #[cold]
-    pub(crate) fn replayed(&self) {
-        if let Some(cache) = self.cache() {
-            cache.replayed(self.generation);
+    pub(crate) fn replaying(&mut self, headers: &mut HeaderMap) {
+        let Some(cache) = self.cache() else {
+            return;
+        };
+        if let Some(newer) = cache.newer(self.generation, headers) {
+            *self = newer;
         }
+        cache.replayed(self.generation);
     }
 
     #[cfg(test)]
