@@ -388,12 +388,18 @@ fn scrub(text: &str, secrets: &[&str]) -> String {
 /// encoded), as Python's `quote` does (`/` also kept) and as JavaScript's
 /// `encodeURIComponent` does (`!*'()~` kept); JSON-escaped (`/` also as
 /// `\/`), also with every non-ASCII character as `\uXXXX` (PHP's
-/// `json_encode`, Python's `json.dumps`); and without control characters
-/// (which [`scrub`] drops from the text).
+/// `json_encode`, Python's `json.dumps`); without control characters
+/// (which [`scrub`] drops from the text); and without the whitespace around
+/// it (which a server's text loses at its ends before it is scrubbed, see
+/// [`text`]).
 fn spellings(secret: &str) -> Vec<Zeroizing<String>> {
+    let stripped: Zeroizing<String> =
+        Zeroizing::new(secret.chars().filter(|c| !c.is_control()).collect());
     let mut spellings = vec![
         Zeroizing::new(secret.to_owned()),
-        Zeroizing::new(secret.chars().filter(|c| !c.is_control()).collect()),
+        Zeroizing::new(secret.trim().to_owned()),
+        Zeroizing::new(stripped.trim().to_owned()),
+        stripped,
     ];
     // What each set keeps besides letters and digits: the form's
     // (`serde_urlencoded`, WHATWG's, as the grant is sent), PHP's
