@@ -388,7 +388,9 @@ fn scrub(text: &str, secrets: &[&str]) -> String {
 /// encoded), as Python's `quote` does (`/` also kept) and as JavaScript's
 /// `encodeURIComponent` does (`!*'()~` kept); JSON-escaped (`/` also as
 /// `\/`), also with every non-ASCII character as `\uXXXX` (PHP's
-/// `json_encode`, Python's `json.dumps`); without control characters
+/// `json_encode`, Python's `json.dumps`), or with the characters HTML gives
+/// a meaning to as `\uXXXX` too (Go's `encoding/json`, .NET's
+/// `System.Text.Json`); without control characters
 /// (which [`scrub`] drops from the text); and without the whitespace around
 /// it (which a server's text loses at its ends before it is scrubbed, see
 /// [`text`]).
@@ -421,7 +423,50 @@ fn spellings(secret: &str) -> Vec<Zeroizing<String>> {
         spellings.push(Zeroizing::new(json.replace('/', "\\/")));
         spellings.push(json);
     }
+    // Go's `<`, `>`, `&`, U+2028 and U+2029; .NET's `"`, `&`, `'`, `+`, `<`,
+    // `>`, `` ` `` and every non-ASCII character.
+    spellings.push(json_escaped(secret, |c| {
+        matches!(c, '<' | '>' | '&' | '\u{2028}' | '\u{2029}')
+    }));
+    spellings.push(json_escaped(secret, |c| {
+        !c.is_ascii() || matches!(c, '"' | '&' | '\'' | '+' | '<' | '>' | '`')
+    }));
     spellings
+}
+
+/// `text` as a JSON string's content, every character `escaped` picks as
+/// `\uXXXX`, the others as `serde_json` writes them.
+fn json_escaped(text: &str, escaped: fn(char) -> bool) -> Zeroizing<String> {
+    // A character of 1, 2, 3 or 4 bytes becomes at most 6, 6, 6 or 12.
+    let mut json = Zeroizing::new(String::with_capacity(text.len() * 6));
+    for c in text.chars() {
+        match c {
+            c if escaped(c) => push_unicode_escape(&mut json, c),
+            '"' => json.push_str("\\\""),
+            '\\' => json.push_str("\\\\"),
+            '\n' => json.push_str("\\n"),
+            '\r' => json.push_str("\\r"),
+            '\t' => json.push_str("\\t"),
+            '\u{8}' => json.push_str("\\b"),
+            '\u{c}' => json.push_str("\\f"),
+            c if c < ' ' => push_unicode_escape(&mut json, c),
+            c => json.push(c),
+        }
+    }
+    json
+}
+
+/// `c` as `\uXXXX` (UTF-16, so a character beyond the BMP as a surrogate
+/// pair).
+fn push_unicode_escape(escaped: &mut String, c: char) {
+    let mut units = [0u16; 2];
+    for &mut unit in c.encode_utf16(&mut units) {
+        escaped.push_str("\\u");
+        for shift in [12, 8, 4, 0] {
+            let digit = u32::from((unit >> shift) & 0xf);
+            escaped.push(char::from_digit(digit, 16).unwrap_or('0'));
+        }
+    }
 }
 
 /// `text` with every byte but ASCII letters, digits and `kept` as `%XX`.
@@ -449,15 +494,8 @@ fn ascii_escaped(json: &str) -> Zeroizing<String> {
     for c in json.chars() {
         if c.is_ascii() {
             escaped.push(c);
-            continue;
-        }
-        let mut units = [0u16; 2];
-        for &mut unit in c.encode_utf16(&mut units) {
-            escaped.push_str("\\u");
-            for shift in [12, 8, 4, 0] {
-                let digit = u32::from((unit >> shift) & 0xf);
-                escaped.push(char::from_digit(digit, 16).unwrap_or('0'));
-            }
+        } else {
+            push_unicode_escape(&mut escaped, c);
         }
     }
     escaped

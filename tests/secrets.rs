@@ -263,6 +263,79 @@ async fn a_secret_echoed_at_an_end_of_the_message_is_scrubbed() {
     assert!(shown.contains("is not the password of user"), "{shown}");
 }
 
+/// Secrets holding the characters that HTML-safe JSON encoders escape.
+const HTML_SECRET: &str = "cs+<Zm9v>&'q`";
+const HTML_PASSWORD: &str = "Pa55&w0rd<\"é\">+";
+
+/// A JSON object of the request's fields, as an encoder that writes every
+/// character `escaped` picks as `\uXXXX` (hex in `case`) would.
+fn html_safe_json(body: &[u8], escaped: fn(char) -> bool, upper_hex: bool) -> String {
+    let members: Vec<String> = fields(body)
+        .iter()
+        .map(|(name, value)| {
+            let mut text = String::new();
+            for c in value.chars() {
+                if escaped(c) {
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        text.push_str(&if upper_hex {
+                            format!("\\u{unit:04X}")
+                        } else {
+                            format!("\\u{unit:04x}")
+                        });
+                    }
+                } else if c == '"' || c == '\\' {
+                    text.push('\\');
+                    text.push(c);
+                } else {
+                    text.push(c);
+                }
+            }
+            format!("\"{name}\":\"{text}\"")
+        })
+        .collect();
+    format!("{{{}}}", members.join(","))
+}
+
+/// Go's `encoding/json` escapes `<`, `>` and `&` (and U+2028, U+2029) as
+/// `\u003c`, `\u003e`, `\u0026`: a server in Go that puts the request it
+/// could not take into its message writes a secret so.
+#[tokio::test]
+async fn json_echoed_html_safe_as_go_writes_it_is_scrubbed() {
+    let escaped = |c: char| matches!(c, '<' | '>' | '&' | '\u{2028}' | '\u{2029}');
+    let credentials = Credentials::new("cid", HTML_SECRET, "user", HTML_PASSWORD);
+    let shown = rejection(credentials, Api::Global, move |body| {
+        format!("cannot decode {}", html_safe_json(body, escaped, false))
+    })
+    .await;
+    for secret in [
+        "cs+\\u003cZm9v\\u003e\\u0026'q`",
+        "Pa55\\u0026w0rd\\u003c\\\"é\\\"\\u003e+",
+    ] {
+        assert!(!shown.contains(secret), "shows {secret:?}:\n{shown}");
+    }
+    assert!(shown.contains("cannot decode"), "{shown}");
+}
+
+/// .NET's `System.Text.Json` escapes `"`, `&`, `'`, `+`, `<`, `>`, `` ` ``
+/// and every non-ASCII character as `\uXXXX` with upper-case hex.
+#[tokio::test]
+async fn json_echoed_html_safe_as_dotnet_writes_it_is_scrubbed() {
+    let escaped = |c: char| !c.is_ascii() || "\"&'+<>`".contains(c);
+    let credentials = Credentials::new("cid", HTML_SECRET, "user", HTML_PASSWORD);
+    let shown = rejection(credentials, Api::Gateway, move |body| {
+        format!("cannot decode {}", html_safe_json(body, escaped, true))
+    })
+    .await;
+    for secret in [
+        "cs\\u002B\\u003CZm9v\\u003E\\u0026\\u0027q\\u0060",
+        "Pa55\\u0026w0rd\\u003C\\u0022\\u00E9\\u0022\\u003E\\u002B",
+    ] {
+        assert!(!shown.contains(secret), "shows {secret:?}:\n{shown}");
+    }
+    assert!(shown.contains("cannot decode"), "{shown}");
+}
+
 /// The reqwest middleware and `ReqwestTransport` over TCP: every
 /// `Authorization` the middleware attaches (first token, cached token,
 /// replay after a 401) is sensitive, `Debug` of the requests hides it, and
