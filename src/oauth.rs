@@ -353,8 +353,9 @@ fn text(value: &Value) -> Option<String> {
 
 /// Shortens a server's text, drops control characters and blanks out secrets,
 /// in every spelling a server may echo them in (see [`spellings`]), ignoring
-/// ASCII case. A secret too short to be told from ordinary text (a spelling
-/// under [`MIN_SCRUBBED`] bytes) blanks out the whole text instead.
+/// case (see [`redact`]). A secret too short to be told from ordinary text
+/// (a spelling under [`MIN_SCRUBBED`] bytes) blanks out the whole text
+/// instead.
 fn scrub(text: &str, secrets: &[&str]) -> String {
     let mut spellings: Vec<Zeroizing<String>> = secrets
         .iter()
@@ -367,14 +368,11 @@ fn scrub(text: &str, secrets: &[&str]) -> String {
     {
         return "[redacted]".to_owned();
     }
-    let mut clean: String = text.chars().filter(|c| !c.is_control()).collect();
-    // Longest first, so that a secret holding another is blanked out whole;
-    // a spelling that several encodings leave alike is searched for once.
-    spellings.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    let clean: String = text.chars().filter(|c| !c.is_control()).collect();
+    // A spelling that several encodings leave alike is searched for once.
+    spellings.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     spellings.dedup();
-    for spelling in &spellings {
-        clean = redact(&clean, spelling);
-    }
+    let mut clean = redact(&clean, &spellings);
     if clean.chars().count() > MAX_MESSAGE_CHARS {
         clean = clean.chars().take(MAX_MESSAGE_CHARS).collect();
         clean.push('…');
@@ -501,22 +499,58 @@ fn ascii_escaped(json: &str) -> Zeroizing<String> {
     escaped
 }
 
-/// `text` with every occurrence of `secret`, in any ASCII case, replaced by
-/// `[redacted]`. ASCII case folding keeps byte offsets, so the matches found
-/// in the folded text are the ones of `text`.
-fn redact(text: &str, secret: &str) -> String {
-    let folded = Zeroizing::new(text.to_ascii_lowercase());
-    let secret = Zeroizing::new(secret.to_ascii_lowercase());
+/// `text` with every occurrence of any of `secrets`, in any case, replaced
+/// by `[redacted]`; occurrences that overlap (a secret holding another) are
+/// blanked out as one. Characters are compared by the lower case of their
+/// upper case, so that `ä` matches `Ä` and `ß` matches `SS`. That may change
+/// lengths: each match in the folded text is mapped back to the characters
+/// of `text` it comes from, whole.
+fn redact(text: &str, secrets: &[Zeroizing<String>]) -> String {
+    // Folding makes at most three bytes of one (`ΐ`, two bytes, folds to six).
+    let mut folded = Zeroizing::new(String::with_capacity(text.len() * 3));
+    // For each byte of `folded`, where in `text` its character begins.
+    let mut origin = Vec::with_capacity(text.len());
+    for (at, c) in text.char_indices() {
+        folded.extend(fold(c));
+        origin.resize(folded.len(), at);
+    }
+    // The spans of `text` to blank out.
+    let mut spans = Vec::new();
+    for secret in secrets {
+        let mut wanted = Zeroizing::new(String::with_capacity(secret.len() * 3));
+        wanted.extend(secret.chars().flat_map(fold));
+        if wanted.is_empty() {
+            continue;
+        }
+        let mut from = 0;
+        while let Some(found) = folded[from..].find(wanted.as_str()) {
+            let start = from + found;
+            from = start + wanted.len();
+            let last = origin[from - 1];
+            let end = last + text[last..].chars().next().map_or(0, char::len_utf8);
+            spans.push((origin[start], end));
+        }
+    }
+    spans.sort_unstable();
     let mut redacted = String::with_capacity(text.len());
     let mut kept = 0;
-    while let Some(found) = folded[kept..].find(secret.as_str()) {
-        let start = kept + found;
+    for (start, end) in spans {
+        if start < kept {
+            // Overlaps the span blanked out last: extends it.
+            kept = kept.max(end);
+            continue;
+        }
         redacted.push_str(&text[kept..start]);
         redacted.push_str("[redacted]");
-        kept = start + secret.len();
+        kept = end;
     }
     redacted.push_str(&text[kept..]);
     redacted
+}
+
+/// `c` as [`redact`] compares it: the lower case of its upper case.
+fn fold(c: char) -> impl Iterator<Item = char> {
+    c.to_uppercase().flat_map(char::to_lowercase)
 }
 
 /// The wait a `Retry-After` header asks for (RFC 9110, section 10.2.3):
@@ -1050,6 +1084,27 @@ mod tests {
         ] {
             assert_eq!(scrub(echoed, &secrets), "password=[redacted]", "{echoed}");
         }
+    }
+
+    /// Any letter's case: a server that upper- or lower-cases what it
+    /// echoes changes `ä` and `ß` too. A match is blanked out in whole
+    /// characters, and secrets that overlap as one.
+    #[test]
+    fn scrub_ignores_the_case_of_every_letter() {
+        let secrets = ["Stra\u{df}e-\u{fc}n\u{ef}", "abcd-efgh", "efgh-ijkl"];
+        for echoed in [
+            "x STRASSE-\u{dc}N\u{cf} y",
+            "x strasse-\u{fc}n\u{ef} y",
+            "x Stra\u{df}e-\u{fc}N\u{ef} y",
+            "x abcd-EFGH-ijkl y",
+        ] {
+            assert_eq!(scrub(echoed, &secrets), "x [redacted] y", "{echoed}");
+        }
+        // A match that begins inside a character's folding takes it whole.
+        assert_eq!(
+            scrub("\u{e9} \u{df}-1234 \u{fc}", &["s-1234"]),
+            "\u{e9} [redacted] \u{fc}"
+        );
     }
 
     #[test]

@@ -336,6 +336,33 @@ async fn json_echoed_html_safe_as_dotnet_writes_it_is_scrubbed() {
     assert!(shown.contains("cannot decode"), "{shown}");
 }
 
+/// A server that changes the case of the request it echoes changes that of
+/// non-ASCII letters too: `ä` becomes `Ä`, `ß` becomes `SS`. Secrets were
+/// matched ignoring ASCII case only.
+#[tokio::test]
+async fn non_ascii_secrets_echoed_in_another_case_are_scrubbed() {
+    const SECRET: &str = "Clé-Secrète-Ünï-4";
+    const PASSWORD: &str = "Pässwörd-Straße-7";
+    type Change = fn(&str) -> String;
+    let changes: [(Change, &str); 2] = [(str::to_uppercase, "upper"), (str::to_lowercase, "lower")];
+    for (change, how) in changes {
+        let credentials = Credentials::new("cid", SECRET, "user", PASSWORD);
+        let shown = rejection(credentials, Api::Global, move |body| {
+            format!("bad request: {}", change(&String::from_utf8_lossy(body)))
+        })
+        .await;
+        for secret in [SECRET, PASSWORD] {
+            for spelling in [secret.to_uppercase(), secret.to_lowercase()] {
+                assert!(
+                    !shown.contains(&spelling),
+                    "{how}: shows {secret:?} as {spelling:?}:\n{shown}"
+                );
+            }
+        }
+        assert!(shown.to_lowercase().contains("bad request"), "{shown}");
+    }
+}
+
 /// The reqwest middleware and `ReqwestTransport` over TCP: every
 /// `Authorization` the middleware attaches (first token, cached token,
 /// replay after a 401) is sensitive, `Debug` of the requests hides it, and
