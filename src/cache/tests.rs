@@ -503,17 +503,10 @@ async fn a_waiter_takes_only_the_outcome_of_the_refresh_it_waits_for() {
 /// its waiters: the watch never goes back to an earlier refresh's number.
 #[test]
 fn a_given_up_refresh_dropped_late_does_not_hold_up_the_next_ones_waiters() {
-    let paused = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap()
-    };
     let script = Script::new(HOUR);
     let cache = script.cache();
     // Refresh 1 is spawned on a runtime that is not driven again.
-    let gone = paused();
+    let gone = paused_runtime();
     gone.block_on(async {
         let mut first = std::pin::pin!(cache.token());
         std::future::poll_fn(|cx| {
@@ -522,7 +515,7 @@ fn a_given_up_refresh_dropped_late_does_not_hold_up_the_next_ones_waiters() {
         })
         .await;
     });
-    let home = paused();
+    let home = paused_runtime();
     script.close();
     let mut waiter = Box::pin(cache.token());
     home.block_on(async {
@@ -607,6 +600,16 @@ fn without_a_runtime_the_cache_reports_it() {
         Shared::begin(&cache.shared, None),
         Err(Error::NoRuntime)
     ));
+}
+
+/// A `current_thread` runtime with a paused clock, for tests that run the
+/// cache on several runtimes, or leave one undriven.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
 }
 
 /// The generation of the token renewed after a 401 to `rejected`'s.
@@ -1177,13 +1180,6 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LockProbe {
 #[test]
 fn no_event_is_logged_under_the_caches_lock() {
     use tracing_subscriber::layer::SubscriberExt;
-    let paused = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap()
-    };
     let script = Script::new(HOUR);
     let cache = script.cache();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -1196,7 +1192,7 @@ fn no_event_is_logged_under_the_caches_lock() {
     // callsites' interest as "never" while this one was being set.
     let interest = tracing::callsite::rebuild_interest_cache;
 
-    paused().block_on(async {
+    paused_runtime().block_on(async {
         let first = cache.token().await.unwrap().ticket.generation;
         // A background refresh that fails: its backoff is logged.
         sleep(HOUR - Duration::from_secs(200)).await;
@@ -1212,7 +1208,7 @@ fn no_event_is_logged_under_the_caches_lock() {
     });
     // On another runtime, the token (its timer gone) is timed again.
     interest();
-    paused().block_on(async { cache.token().await.unwrap() });
+    paused_runtime().block_on(async { cache.token().await.unwrap() });
 
     let seen = seen.lock().unwrap().clone();
     for expected in [
@@ -1265,18 +1261,11 @@ async fn a_caller_that_asks_the_cache_does_not_trust_a_lagging_timer() {
 /// gets a new token, not the one whose timer has not run.
 #[test]
 fn a_token_timed_on_an_idle_runtime_is_not_handed_out_past_its_margin() {
-    let paused = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap()
-    };
     let script = Script::new(HOUR);
     let cache = script.cache();
-    let worker = paused();
+    let worker = paused_runtime();
     worker.block_on(async { cache.token().await.unwrap() });
-    let server = paused();
+    let server = paused_runtime();
     server.block_on(async {
         tokio::time::advance(2 * HOUR).await;
         sleep(Duration::from_millis(1)).await; // this runtime's timers run
