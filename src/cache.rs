@@ -341,15 +341,19 @@ impl TokenCache {
             // A refresh spawned on a runtime that nothing drives (a sync
             // worker's `current_thread` runtime between `block_on` calls)
             // would hold up every waiter on other runtimes.
-            let ended = done.wait_for(|(number, _)| *number >= flight);
-            let error = match timeout(self.shared.settings.stranded_after, ended).await {
-                Ok(Ok(outcome)) => outcome.1.clone(),
+            match timeout(self.shared.settings.stranded_after, done.changed()).await {
+                Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(Error::Interrupted),
                 Err(_) => {
                     self.shared.strand(flight);
                     continue;
                 }
-            };
+            }
+            // An earlier refresh's outcome, published late: not this one's.
+            let (number, error) = done.borrow_and_update().clone();
+            if number < flight {
+                continue;
+            }
             if let Some(error) = error {
                 return Err(error);
             }
