@@ -6,7 +6,8 @@
 //! ```
 //!
 //! With every variable set, it authenticates and calls `GET /banks`. When one
-//! is missing or invalid it names it, lists them all and exits with status 2.
+//! is missing or invalid it says which (an unusable `VOLT_BASE_URL` by its
+//! URL), lists them all and exits with status 2.
 
 use std::process::ExitCode;
 

@@ -10,6 +10,10 @@
 //! - **expired** (inside the expiry margin, or rejected with a 401): requests
 //!   wait for the refresh.
 //!
+//! Callers that ask the cache rather than read the token on the hot path
+//! (`access_token()`, a 401's renewal, a request that found no token) read the
+//! clock, and a timer that lags behind it is caught up (see [`caught_up`]).
+//!
 //! Refreshes are spawned, so a caller that gives up does not cancel the refresh
 //! others wait for. A refresh presents the refresh token, and falls back to the
 //! password grant when Volt rejects it. A failed refresh is retried after an
@@ -383,7 +387,8 @@ impl Shared {
 
     /// Starts a background refresh unless one runs or a backoff is not over.
     /// Whoever clears `may_kick` calls this; it is set again when a token
-    /// arrives or a backoff ends.
+    /// arrives, a backoff ends, or a refresh is given up (stranded, or
+    /// dropped with its runtime).
     fn start_if_due(self: &Arc<Self>, flight: &mut Flight, now: Instant) {
         self.reclaim(flight);
         if flight.running {
@@ -427,8 +432,9 @@ impl Shared {
     }
 
     /// Decides, under the lock, whether a caller has a token, must wait for a
-    /// refresh (starting it if none runs), or gets the last error. What it
-    /// did is logged once the lock is released.
+    /// refresh (starting it if none runs), or gets the last error; a 401 the
+    /// throttle holds back waits for a refresh already running, or keeps the
+    /// token when none runs. What it did is logged once the lock is released.
     fn begin(self: &Arc<Self>, rejected: Option<u64>) -> Result<Begin, Error> {
         let mut notes = Notes::default();
         let begun = self.begin_locked(rejected, &mut notes);
@@ -886,8 +892,9 @@ fn spawn_phase_timer(entry: &Arc<Entry>) -> Option<AbortHandle> {
 
 impl Settings {
     /// When a token turns stale and when it counts as expired. Both windows
-    /// shrink with short lifetimes (the margin to a tenth, refresh-ahead to a
-    /// third), so a short-lived token is never refreshed per request.
+    /// are capped for every lifetime (the margin at a tenth, refresh-ahead at
+    /// a third before its jitter), so a short-lived token is never refreshed
+    /// per request.
     fn phases(&self, token: &Token) -> (Instant, Instant) {
         let lifetime = token.lifetime();
         let margin = self.expiry_margin.min(lifetime / 10);

@@ -205,7 +205,7 @@ impl<S, P: Clone> Layer<S> for VoltAuthLayer<P> {
 /// |---|---|---|
 /// | endpoint | Gateway API, sandbox | [`environment`](Self::environment), [`api`](Self::api), [`base_url`](Self::base_url), [`endpoint`](Self::endpoint) |
 /// | origins that get the token | the endpoint's, and relative URIs | [`allow_origin`](Self::allow_origin) |
-/// | background refresh | 5 minutes before expiry, up to 20 % earlier at random; at most a third of the token's lifetime | [`refresh_ahead`](Self::refresh_ahead) |
+/// | background refresh | 5 minutes before expiry, up to 20 % earlier at random; at most a third of the token's lifetime before that jitter | [`refresh_ahead`](Self::refresh_ahead) |
 /// | token counts as expired | 30 seconds before expiry; at most a tenth of the token's lifetime | [`expiry_margin`](Self::expiry_margin) |
 /// | `/oauth` timeout | 5 seconds per attempt | [`token_timeout`](Self::token_timeout) |
 /// | backoff after a failure | 1 second doubling to 1 minute, jittered down to half | [`backoff`](Self::backoff) |
@@ -314,9 +314,9 @@ impl<P> Builder<P> {
 
     /// How long before expiry a request starts a background refresh while the
     /// token is still used (default 5 minutes, moved earlier by up to 20 % at
-    /// random). Whatever the lifetime, the window is at most a third of it (20
-    /// minutes of Volt's one-hour token), so that a short-lived token is not
-    /// refreshed per request. It must be at least the
+    /// random). Whatever the lifetime, the window is at most a third of it
+    /// before that jitter (20 to 24 minutes of Volt's one-hour token), so that
+    /// a short-lived token is not refreshed per request. It must be at least the
     /// [`expiry_margin`](Self::expiry_margin) (30 seconds unless set):
     /// [`build`](Self::build) refuses a shorter one.
     pub fn refresh_ahead(mut self, window: Duration) -> Self {
