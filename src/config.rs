@@ -188,7 +188,8 @@ impl Endpoint {
     ///
     /// # Errors
     /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
-    /// with a host and without user info or a query (and with a port from 0 to 65535, if any), and
+    /// with a host and without user info or a query (and with a port from 0 to 65535, if any,
+    /// written in digits without a sign or leading zeros), and
     /// [`ConfigError::InsecureUrl`] for `http` to a host that is not loopback
     /// (see [`Endpoint::custom_insecure`]).
     pub fn custom(url: &str) -> Result<Self, ConfigError> {
@@ -205,7 +206,8 @@ impl Endpoint {
     ///
     /// # Errors
     /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
-    /// with a host and without user info or a query (and with a port from 0 to 65535, if any).
+    /// with a host and without user info or a query (and with a port from 0 to 65535, if any,
+    /// written in digits without a sign or leading zeros).
     pub fn custom_insecure(url: &str) -> Result<Self, ConfigError> {
         let invalid = |reason: &'static str| ConfigError::InvalidUrl {
             url: redact_url(url),
@@ -228,6 +230,17 @@ impl Endpoint {
         // would otherwise pass for one.
         if authority.as_str() != authority.host() && authority.port_u16().is_none() {
             return Err(invalid("the port is not a number from 0 to 65535"));
+        }
+        // `http` reads `+443` and `0443` as 443, but requests to the base URL
+        // spelled so would not match its origin, and would get no token.
+        if let Some(port) = authority.as_str()[authority.host().len()..].strip_prefix(':') {
+            if !port.bytes().all(|byte| byte.is_ascii_digit())
+                || (port.len() > 1 && port.starts_with('0'))
+            {
+                return Err(invalid(
+                    "the port must be written in digits, without a sign or leading zeros",
+                ));
+            }
         }
         if uri.query().is_some() {
             return Err(invalid("a query is not allowed in the URL"));
@@ -874,6 +887,43 @@ mod tests {
                     url: url.to_owned(),
                     reason: "the port is not a number from 0 to 65535",
                 }),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_port_with_a_sign_or_leading_zeros_is_refused() {
+        // `http` reads such a port as its number, but the origin check compares
+        // the authority as written: requests to the base URL, spelled as
+        // given, went out without the token (and their 401s were not recovered).
+        for url in [
+            "https://x.example:+443",
+            "https://x.example:0443",
+            "http://127.0.0.1:+8080",
+            "http://127.0.0.1:08080/volt",
+            "http://[::1]:00",
+        ] {
+            assert_eq!(
+                Endpoint::custom(url),
+                Err(ConfigError::InvalidUrl {
+                    url: url.to_owned(),
+                    reason: "the port must be written in digits, without a sign or leading zeros",
+                }),
+                "{url}"
+            );
+        }
+        for url in [
+            "https://x.example:0",
+            "http://127.0.0.1:8080",
+            "http://[::1]:80",
+        ] {
+            let endpoint = Endpoint::custom(url).unwrap();
+            assert!(
+                endpoint
+                    .origin()
+                    .unwrap()
+                    .matches(&format!("{url}/banks").parse().unwrap()),
                 "{url}"
             );
         }
