@@ -233,7 +233,8 @@ impl Endpoint {
         }
         // `http` reads `+443` and `0443` as 443, but requests to the base URL
         // spelled so would not match its origin, and would get no token.
-        if let Some(port) = authority.as_str()[authority.host().len()..].strip_prefix(':') {
+        let after_host = authority.as_str().get(authority.host().len()..);
+        if let Some(port) = after_host.and_then(|rest| rest.strip_prefix(':')) {
             if !port.bytes().all(|byte| byte.is_ascii_digit())
                 || (port.len() > 1 && port.starts_with('0'))
             {
