@@ -409,15 +409,12 @@ fn spellings(secret: &str) -> Vec<Zeroizing<String>> {
         spellings.push(Zeroizing::new(encoded.replace("%20", "+")));
         spellings.push(encoded);
     }
-    if let Ok(json) = serde_json::to_string(secret).map(Zeroizing::new) {
-        // Without the quotes around it (a secret may end in an escaped one).
-        let inner = json
-            .get(1..json.len().saturating_sub(1))
-            .unwrap_or_default();
-        let json = Zeroizing::new(inner.to_owned());
-        let ascii = ascii_escaped(&json);
-        spellings.push(Zeroizing::new(ascii.replace('/', "\\/")));
-        spellings.push(ascii);
+    // As `serde_json` writes it, and with every non-ASCII character as
+    // `\uXXXX` (PHP's `json_encode`, Python's `json.dumps`); each also with
+    // `/` as `\/`.
+    let escapes: [fn(char) -> bool; 2] = [|_| false, |c| !c.is_ascii()];
+    for escaped in escapes {
+        let json = json_escaped(secret, escaped);
         spellings.push(Zeroizing::new(json.replace('/', "\\/")));
         spellings.push(json);
     }
@@ -482,21 +479,6 @@ fn percent_encoded(text: &str, kept: &[u8]) -> Zeroizing<String> {
         }
     }
     encoded
-}
-
-/// JSON text with every non-ASCII character as `\uXXXX` (UTF-16, so a
-/// character beyond the BMP as a surrogate pair).
-fn ascii_escaped(json: &str) -> Zeroizing<String> {
-    // A character of 2, 3 or 4 bytes becomes 6, 6 or 12: at most thrice.
-    let mut escaped = Zeroizing::new(String::with_capacity(json.len() * 3));
-    for c in json.chars() {
-        if c.is_ascii() {
-            escaped.push(c);
-        } else {
-            push_unicode_escape(&mut escaped, c);
-        }
-    }
-    escaped
 }
 
 /// `text` with every occurrence of any of `secrets`, in any case, replaced
@@ -1084,6 +1066,18 @@ mod tests {
         ] {
             assert_eq!(scrub(echoed, &secrets), "password=[redacted]", "{echoed}");
         }
+    }
+
+    /// With nothing picked, [`json_escaped`] writes what `serde_json` writes
+    /// inside the quotes: control characters, quotes, backslashes and all.
+    #[test]
+    fn json_escaped_writes_what_serde_json_writes() {
+        let text: String = (0..0x80u8)
+            .map(char::from)
+            .chain(['\u{e9}', '\u{2028}', '\u{1f600}'])
+            .collect();
+        let json = serde_json::to_string(&text).unwrap();
+        assert_eq!(*json_escaped(&text, |_| false), json[1..json.len() - 1]);
     }
 
     /// Any letter's case: a server that upper- or lower-cases what it
