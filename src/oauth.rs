@@ -384,23 +384,28 @@ fn scrub(text: &str, secrets: &[&str]) -> String {
 /// percent-encoded as a form (`+` or `%20` for a space), as PHP's
 /// `urlencode` does (`~` and `*` encoded), as RFC 3986 does (`~` kept, `*`
 /// encoded), as Python's `quote` does (`/` also kept) and as JavaScript's
-/// `encodeURIComponent` does (`!*'()~` kept); JSON-escaped (`/` also as
-/// `\/`), also with every non-ASCII character as `\uXXXX` (PHP's
-/// `json_encode`, Python's `json.dumps`), or with the characters HTML gives
-/// a meaning to as `\uXXXX` too (Go's `encoding/json`, .NET's
-/// `System.Text.Json`); without control characters
+/// `encodeURIComponent` does (`!*'()~` kept), and the form body as sent
+/// percent-encoded again (`&` as `%2526`); JSON-escaped (`/` also as `\/`),
+/// also with every non-ASCII character as `\uXXXX` (PHP's `json_encode`,
+/// Python's `json.dumps`), or with the characters HTML gives a meaning to as
+/// `\uXXXX` too (Go's `encoding/json`, .NET's `System.Text.Json`);
+/// HTML-escaped as the common escapers write it (see [`HTML_ESCAPES`]), as
+/// sent or as the JSON body holds it; without control characters
 /// (which [`scrub`] drops from the text); and without the whitespace around
 /// it (which a server's text loses at its ends before it is scrubbed, see
 /// [`text`]).
 fn spellings(secret: &str) -> Vec<Zeroizing<String>> {
     let stripped: Zeroizing<String> =
         Zeroizing::new(secret.chars().filter(|c| !c.is_control()).collect());
+    let trimmed = Zeroizing::new(stripped.trim().to_owned());
     let mut spellings = vec![
         Zeroizing::new(secret.to_owned()),
         Zeroizing::new(secret.trim().to_owned()),
-        Zeroizing::new(stripped.trim().to_owned()),
+        trimmed.clone(),
         stripped,
     ];
+    // As the grant's form body holds it.
+    let form = Zeroizing::new(percent_encoded(secret, b"*-._").replace("%20", "+"));
     // What each set keeps besides letters and digits: the form's
     // (`serde_urlencoded`, WHATWG's, as the grant is sent), PHP's
     // `urlencode`, RFC 3986's, Python's `quote`, and `encodeURIComponent`'s.
@@ -408,6 +413,9 @@ fn spellings(secret: &str) -> Vec<Zeroizing<String>> {
         let encoded = percent_encoded(secret, kept);
         spellings.push(Zeroizing::new(encoded.replace("%20", "+")));
         spellings.push(encoded);
+        // The form body as sent, encoded again: a server putting the raw
+        // request into a URL or a percent-encoded log field.
+        spellings.push(percent_encoded(&form, kept));
     }
     // As `serde_json` writes it, and with every non-ASCII character as
     // `\uXXXX` (PHP's `json_encode`, Python's `json.dumps`); each also with
@@ -426,6 +434,16 @@ fn spellings(secret: &str) -> Vec<Zeroizing<String>> {
     spellings.push(json_escaped(secret, |c| {
         !c.is_ascii() || matches!(c, '"' | '&' | '\'' | '+' | '<' | '>' | '`')
     }));
+    // HTML-escaped, as sent and as the grant's JSON body holds it: an HTML
+    // error page echoing a field, or the whole body. Only when escaping
+    // changes the secret.
+    if secret.contains(['&', '<', '>', '"', '\'', '+']) {
+        let json = json_escaped(secret, |_| false);
+        for table in HTML_ESCAPES {
+            spellings.push(html_escaped(&trimmed, table));
+            spellings.push(html_escaped(&json, table));
+        }
+    }
     spellings
 }
 
@@ -449,6 +467,46 @@ fn json_escaped(text: &str, escaped: fn(char) -> bool) -> Zeroizing<String> {
         }
     }
     json
+}
+
+/// How common HTML escapers write `"`, `'` and `+`, besides `&`, `<` and `>`
+/// as `&amp;`, `&lt;` and `&gt;`; a character not listed is kept.
+const HTML_ESCAPES: [&[(char, &str)]; 8] = [
+    // Python's `html.escape`, React.
+    &[('"', "&quot;"), ('\'', "&#x27;")],
+    // Rails' ERB, lodash's `escape`, .NET's `WebUtility.HtmlEncode`, Spring.
+    &[('"', "&quot;"), ('\'', "&#39;")],
+    // PHP's `htmlspecialchars` (`ENT_QUOTES`, its default since 8.1).
+    &[('"', "&quot;"), ('\'', "&#039;")],
+    // PHP's `htmlspecialchars` with `ENT_QUOTES | ENT_HTML5`, XML escapers.
+    &[('"', "&quot;"), ('\'', "&apos;")],
+    // Go's `html.EscapeString`, Jinja's MarkupSafe, OWASP's Java encoder.
+    &[('"', "&#34;"), ('\'', "&#39;")],
+    // Go's `html/template`.
+    &[('"', "&#34;"), ('\'', "&#39;"), ('+', "&#43;")],
+    // Apache Commons' `escapeHtml4`, PHP's `htmlspecialchars` before 8.1.
+    &[('"', "&quot;")],
+    // Python's `html.escape(quote=False)` and `saxutils.escape`.
+    &[],
+];
+
+/// `text` with `&`, `<` and `>` as `&amp;`, `&lt;` and `&gt;`, and every
+/// character `table` lists as its entity.
+fn html_escaped(text: &str, table: &[(char, &str)]) -> Zeroizing<String> {
+    // No entity is longer than 6 bytes.
+    let mut html = Zeroizing::new(String::with_capacity(text.len() * 6));
+    for c in text.chars() {
+        match c {
+            '&' => html.push_str("&amp;"),
+            '<' => html.push_str("&lt;"),
+            '>' => html.push_str("&gt;"),
+            c => match table.iter().find(|(escaped, _)| *escaped == c) {
+                Some((_, entity)) => html.push_str(entity),
+                None => html.push(c),
+            },
+        }
+    }
+    html
 }
 
 /// `c` as `\uXXXX` (UTF-16, so a character beyond the BMP as a surrogate
@@ -1065,6 +1123,70 @@ mod tests {
             "password=p%C3%A4ss/w%C3%B6rd-%F0%9F%98%80",
         ] {
             assert_eq!(scrub(echoed, &secrets), "password=[redacted]", "{echoed}");
+        }
+    }
+
+    /// An HTML page (or text meant for one) echoing a secret as the common
+    /// escapers write it: `&`, `<` and `>` as named entities, `"` as
+    /// `&quot;` or `&#34;` or kept, `'` as `&#x27;`, `&#39;`, `&#039;`,
+    /// `&apos;` or kept, and, by Go's `html/template`, `+` as `&#43;`.
+    #[test]
+    fn scrub_blanks_out_html_escaped_secrets() {
+        let secrets = ["p&ss<w>\"rd'", "Zm9v+YmFy/Q=='"];
+        for echoed in [
+            // Python's `html.escape`, React.
+            "p&amp;ss&lt;w&gt;&quot;rd&#x27;",
+            // Go's `html.EscapeString`, Jinja's MarkupSafe.
+            "p&amp;ss&lt;w&gt;&#34;rd&#39;",
+            // Rails' ERB, lodash, .NET's `WebUtility.HtmlEncode`.
+            "p&amp;ss&lt;w&gt;&quot;rd&#39;",
+            // PHP's `htmlspecialchars`, ENT_QUOTES and with ENT_HTML5.
+            "p&amp;ss&lt;w&gt;&quot;rd&#039;",
+            "p&amp;ss&lt;w&gt;&quot;rd&apos;",
+            // Apache Commons' `escapeHtml4`: `'` kept.
+            "p&amp;ss&lt;w&gt;&quot;rd'",
+            // Python's `html.escape(quote=False)`: both quotes kept.
+            "p&amp;ss&lt;w&gt;\"rd'",
+            // Go's `html/template`.
+            "Zm9v&#43;YmFy/Q==&#39;",
+            // Any case.
+            "P&AMP;SS&LT;W&GT;&QUOT;RD&#X27;",
+        ] {
+            let text = format!("<p>Wrong password {echoed} for alice.</p>");
+            assert_eq!(
+                scrub(&text, &secrets),
+                "<p>Wrong password [redacted] for alice.</p>",
+                "{echoed}"
+            );
+        }
+    }
+
+    /// An HTML page echoing the JSON body the grant was sent in: the secret
+    /// JSON-escaped, then HTML-escaped.
+    #[test]
+    fn scrub_blanks_out_the_json_body_html_escaped() {
+        let secrets = ["the-client-secret", "p&ss<w>\"rd'"];
+        let echoed =
+            "<pre>{&quot;password&quot;:&quot;p&amp;ss&lt;w&gt;\\&quot;rd&#39;&quot;}</pre>";
+        assert_eq!(
+            scrub(echoed, &secrets),
+            "<pre>{&quot;password&quot;:&quot;[redacted]&quot;}</pre>"
+        );
+    }
+
+    /// The form body as sent, percent-encoded again (`&` as `%2526`), as a
+    /// server that puts the raw request into a URL or a percent-encoded log
+    /// field writes it, keeping `*` or not.
+    #[test]
+    fn scrub_blanks_out_the_form_body_percent_encoded_again() {
+        let secrets = ["the-client-secret", "p&ss+w rd*/"];
+        for echoed in ["p%2526ss%252Bw%2Brd*%252F", "p%2526ss%252Bw%2Brd%2A%252F"] {
+            let text = format!("see /error?body=password%3D{echoed}%26username%3Dalice");
+            assert_eq!(
+                scrub(&text, &secrets),
+                "see /error?body=password%3D[redacted]%26username%3Dalice",
+                "{echoed}"
+            );
         }
     }
 

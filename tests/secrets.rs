@@ -1,6 +1,7 @@
 //! Secrets a hostile or careless `/oauth` echoes back, in the spellings it
-//! may echo them in: form-encoded, percent-encoded, JSON-escaped, in another
-//! case. None may reach an error's `Display`/`Debug` or the log.
+//! may echo them in: form-encoded, percent-encoded, JSON-escaped,
+//! HTML-escaped, in another case. None may reach an error's `Display`/`Debug`
+//! or the log.
 
 use std::sync::{Arc, Mutex};
 
@@ -334,6 +335,54 @@ async fn json_echoed_html_safe_as_dotnet_writes_it_is_scrubbed() {
         assert!(!shown.contains(secret), "shows {secret:?}:\n{shown}");
     }
     assert!(shown.contains("cannot decode"), "{shown}");
+}
+
+/// `text` HTML-escaped: `&`, `<` and `>` as named entities, and each
+/// character of `table` as its entity.
+fn html_escaped(text: &str, table: &[(char, &str)]) -> String {
+    text.chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_owned(),
+            '<' => "&lt;".to_owned(),
+            '>' => "&gt;".to_owned(),
+            c => table
+                .iter()
+                .find(|(escaped, _)| *escaped == c)
+                .map_or_else(|| c.to_string(), |(_, entity)| (*entity).to_owned()),
+        })
+        .collect()
+}
+
+/// An HTML error page echoing the fields it could not take, as Python's
+/// `html.escape` (`&quot;`, `&#x27;`) and Go's `html/template` (`&#34;`,
+/// `&#39;`, `&#43;`) write them.
+#[tokio::test]
+async fn fields_echoed_html_escaped_are_scrubbed() {
+    const PYTHON: &[(char, &str)] = &[('"', "&quot;"), ('\'', "&#x27;")];
+    const GO: &[(char, &str)] = &[('"', "&#34;"), ('\'', "&#39;"), ('+', "&#43;")];
+    let credentials = Credentials::new("cid", HTML_SECRET, "user", HTML_PASSWORD);
+    let shown = rejection(credentials, Api::Gateway, |body| {
+        let fields: Vec<String> = fields(body)
+            .iter()
+            .filter(|(name, _)| name == "client_secret" || name == "password")
+            .map(|(name, value)| {
+                format!(
+                    "<dt>{name}</dt><dd>{}</dd><dd>{}</dd>",
+                    html_escaped(value, PYTHON),
+                    html_escaped(value, GO)
+                )
+            })
+            .collect();
+        format!("<p>Bad request</p><dl>{}</dl>", fields.concat())
+    })
+    .await;
+    for secret in [HTML_SECRET, HTML_PASSWORD] {
+        for table in [PYTHON, GO] {
+            let spelling = html_escaped(secret, table);
+            assert!(!shown.contains(&spelling), "shows {spelling:?}:\n{shown}");
+        }
+    }
+    assert!(shown.contains("<p>Bad request</p>"), "{shown}");
 }
 
 /// A server that changes the case of the request it echoes changes that of
