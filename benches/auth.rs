@@ -259,25 +259,20 @@ where
     type Output = Result<Response<Body>, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // The status is looked at where the answer lies: the answer is not
-        // moved out to be looked at, then moved again to be returned.
-        let output = std::task::ready!(Pin::new(&mut self.future).poll(cx)).map_err(Into::into);
-        if let Ok(response) = &output {
-            if STATUS && response.status() == StatusCode::UNAUTHORIZED {
-                return on_unauthorized(output);
-            }
+        let response =
+            std::task::ready!(Pin::new(&mut self.future).poll(cx)).map_err(Into::into)?;
+        if STATUS && response.status() == StatusCode::UNAUTHORIZED {
+            return on_unauthorized(response);
         }
-        Poll::Ready(output)
+        Poll::Ready(Ok(response))
     }
 }
 
 /// Where a layer would start its recovery; never reached here.
 #[cold]
 #[inline(never)]
-fn on_unauthorized(
-    output: Result<Response<Body>, BoxError>,
-) -> Poll<Result<Response<Body>, BoxError>> {
-    Poll::Ready(black_box(output))
+fn on_unauthorized(response: Response<Body>) -> Poll<Result<Response<Body>, BoxError>> {
+    Poll::Ready(Ok(black_box(response)))
 }
 
 /// One request, built the same way for every variant: drive the service

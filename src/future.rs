@@ -40,29 +40,10 @@ pin_project! {
         // What the call carried; `None` for requests to other origins.
         ticket: Option<Ticket>,
         // A copy to replay after a 401, and an unused service to send it with.
-        replay: Spare<Replay<S, B>>,
+        replay: Option<Box<Replay<S, B>>>,
         // A token being awaited and the call to make with it.
-        wait: Spare<Wait<S, B, S::Response>>,
+        wait: Option<Box<Wait<S, B, S::Response>>>,
     }
-}
-
-/// An optional box that is checked in line when dropped, and dropped out of
-/// line: a future that never had one (the hot path) is dropped without a
-/// call.
-struct Spare<T>(Option<Box<T>>);
-
-impl<T> Drop for Spare<T> {
-    #[inline]
-    fn drop(&mut self) {
-        if let Some(boxed) = self.0.take() {
-            drop_boxed(boxed);
-        }
-    }
-}
-
-#[inline(never)]
-fn drop_boxed<T>(boxed: Box<T>) {
-    drop(boxed);
 }
 
 /// A request kept to be sent again after a 401, and an unused clone of the
@@ -123,19 +104,25 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    /// A call made in `call`: with the `ticket` of its token, or none for
-    /// a request to another origin.
-    #[inline]
+    pub(crate) fn passthrough(future: S::Future) -> Self {
+        Self {
+            call: Some(future),
+            ticket: None,
+            replay: None,
+            wait: None,
+        }
+    }
+
     pub(crate) fn sent(
         future: S::Future,
-        ticket: Option<Ticket>,
+        ticket: Ticket,
         replay: Option<Box<Replay<S, B>>>,
     ) -> Self {
         Self {
             call: Some(future),
-            ticket,
-            replay: Spare(replay),
-            wait: Spare(None),
+            ticket: Some(ticket),
+            replay,
+            wait: None,
         }
     }
 
@@ -148,15 +135,15 @@ where
         Self {
             call: None,
             ticket: None,
-            replay: Spare(replay),
-            wait: Spare(Some(Box::new(Wait {
+            replay,
+            wait: Some(Box::new(Wait {
                 token: Some(Box::pin(async move { cache.token().await.map(Some) })),
                 service: ready_service,
                 ready: true,
                 request,
                 held: None,
                 replaying: false,
-            }))),
+            })),
         }
     }
 }
@@ -171,77 +158,31 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let Some(call) = this.call.as_mut().as_pin_mut() else {
-            return poll_slow(this, cx);
-        };
-        let output = ready!(call.poll(cx)).map_err(Into::into);
-        // Finished: polled again, the future neither polls the inner future
-        // past its completion nor sends anything.
-        this.call.set(None);
-        // The hot path: an answer that says nothing about the token is
-        // returned as it lies.
-        if let (Ok(response), Some(ticket)) = (&output, *this.ticket) {
-            if ticket.concerns(response.status()) {
-                return match settle(&mut this, output) {
-                    Some(output) => Poll::Ready(output),
-                    None => poll_slow(this, cx),
+        loop {
+            if let Some(call) = this.call.as_mut().as_pin_mut() {
+                let result = ready!(call.poll(cx));
+                // Finished: polled again, the future neither polls the inner
+                // future past its completion nor sends anything.
+                this.call.set(None);
+                let response = result.map_err(Into::into)?;
+                // A 401 without a copy to replay (or after the one replay)
+                // is settled here: the next request gets a new token.
+                let Some(ticket) = this.ticket.take() else {
+                    return Poll::Ready(Ok(response));
                 };
+                let Some(cache) = ticket.settle_response(&response, this.replay.is_some()) else {
+                    return Poll::Ready(Ok(response));
+                };
+                if let Err(response) = replay(&mut this, cache, ticket, response) {
+                    return Poll::Ready(Ok(response));
+                }
             }
-        }
-        Poll::Ready(output)
-    }
-}
-
-/// Settles the answer of a call with its ticket: the output to return, or
-/// `None` when a replay after a 401 was set up instead (a 401 without a copy
-/// to replay, or after the one replay, is settled so that the next request
-/// gets a new token).
-#[cold]
-#[inline(never)]
-fn settle<S, B, ResBody>(
-    this: &mut Proj<'_, S, B>,
-    output: Result<Response<ResBody>, BoxError>,
-) -> Option<Result<Response<ResBody>, BoxError>>
-where
-    S: Service<Request<B>, Response = Response<ResBody>>,
-{
-    let Ok(response) = output else {
-        return Some(output);
-    };
-    let Some(ticket) = this.ticket.take() else {
-        return Some(Ok(response));
-    };
-    let Some(cache) = ticket.settle_response(&response, this.replay.0.is_some()) else {
-        return Some(Ok(response));
-    };
-    replay(this, cache, ticket, response).err().map(Ok)
-}
-
-/// Waiting for a token, the call made after it, and a future polled after it
-/// completed.
-#[cold]
-#[inline(never)]
-fn poll_slow<S, B, ResBody>(
-    mut this: Proj<'_, S, B>,
-    cx: &mut Context<'_>,
-) -> Poll<Result<Response<ResBody>, BoxError>>
-where
-    S: Service<Request<B>, Response = Response<ResBody>>,
-    S::Error: Into<BoxError>,
-{
-    loop {
-        if let Some(call) = this.call.as_mut().as_pin_mut() {
-            let output = ready!(call.poll(cx)).map_err(Into::into);
-            this.call.set(None);
-            if let Some(output) = settle(&mut this, output) {
+            if let Err(output) = ready!(wait(&mut this, cx)) {
+                // Nothing is left to send: polled again, the future sends
+                // nothing more.
+                *this.wait = None;
                 return Poll::Ready(output);
             }
-        }
-        if let Err(output) = ready!(wait(&mut this, cx)) {
-            // Nothing is left to send: polled again, the future sends
-            // nothing more.
-            this.wait.0 = None;
-            return Poll::Ready(output);
         }
     }
 }
@@ -258,11 +199,11 @@ fn replay<S, B, ResBody>(
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
 {
-    let Some((request, service)) = this.replay.0.take().map(|replay| replay.unpack()) else {
+    let Some((request, service)) = this.replay.take().map(|replay| replay.unpack()) else {
         return Err(response);
     };
     let generation = ticket.generation;
-    this.wait.0 = Some(Box::new(Wait {
+    *this.wait = Some(Box::new(Wait {
         token: Some(Box::pin(async move { cache.renew(generation).await })),
         service,
         ready: false,
@@ -284,7 +225,7 @@ where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
 {
-    let Some(wait) = this.wait.0.as_mut() else {
+    let Some(wait) = this.wait.as_mut() else {
         return Poll::Ready(Err(Err(interrupted())));
     };
     if let Some(token) = wait.token.as_mut() {
@@ -316,7 +257,7 @@ where
         }
         wait.ready = true;
     }
-    let Some(wait) = this.wait.0.take() else {
+    let Some(wait) = this.wait.take() else {
         return Poll::Ready(Err(Err(interrupted())));
     };
     let Wait {

@@ -103,49 +103,31 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    #[inline]
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        // Small enough to inline into the caller, so that the request is not
-        // copied on the way; what only a wait for a token needs is out of line.
-        let (ticket, replay) = if self.auth.allows(request.uri()) {
-            // The copy to replay after a 401 is taken before sending, with an
-            // unused clone of the service to send it with.
-            let replay = self
-                .replay
-                .clone_body(request.body())
-                .map(|body| Replay::of(&request, body, self.inner.clone()));
-            match self
-                .auth
-                .cache
-                .attach_local(&mut self.token, request.headers_mut())
-            {
-                Some(ticket) => (Some(ticket), replay),
-                None => return self.authorize(request, replay),
+        if !self.auth.allows(request.uri()) {
+            return ResponseFuture::passthrough(self.inner.call(request));
+        }
+        // The copy to replay after a 401 is taken before sending, with an
+        // unused clone of the service to send it with.
+        let replay = self
+            .replay
+            .clone_body(request.body())
+            .map(|body| Replay::of(&request, body, self.inner.clone()));
+        match self
+            .auth
+            .cache
+            .attach_local(&mut self.token, request.headers_mut())
+        {
+            Some(ticket) => ResponseFuture::sent(self.inner.call(request), ticket, replay),
+            None => {
+                // The instance that was polled ready waits for the token in
+                // the future; a clone takes its place (tower's advice for
+                // services that are moved out of `call`).
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::authorize(self.auth.cache.clone(), ready, request, replay)
             }
-        } else {
-            (None, None)
-        };
-        ResponseFuture::sent(self.inner.call(request), ticket, replay)
-    }
-}
-
-impl<S, P> VoltAuth<S, P> {
-    /// A request that must wait for a token: the instance that was polled
-    /// ready waits for it in the future; a clone takes its place (tower's
-    /// advice for services that are moved out of `call`).
-    #[cold]
-    #[inline(never)]
-    fn authorize<B>(
-        &mut self,
-        request: Request<B>,
-        replay: Option<Box<Replay<S, B>>>,
-    ) -> ResponseFuture<S, B>
-    where
-        S: Service<Request<B>> + Clone,
-    {
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::authorize(self.auth.cache.clone(), ready, request, replay)
+        }
     }
 }
 

@@ -99,7 +99,7 @@ impl Ticket {
 
     /// Whether a response of `status` tells anything about the token.
     #[inline(always)]
-    pub(crate) fn concerns(&self, status: StatusCode) -> bool {
+    fn concerns(&self, status: StatusCode) -> bool {
         status == StatusCode::UNAUTHORIZED || self.unconfirmed
     }
 
