@@ -99,6 +99,7 @@ impl VoltAuthLayer {
     pub fn builder(credentials: Credentials) -> Builder {
         Builder {
             credentials,
+            api: Api::default(),
             endpoint: Ok(Endpoint::default()),
             origins: Vec::new(),
             settings: Settings {
@@ -242,6 +243,9 @@ impl<S, P: Clone> Layer<S> for VoltAuthLayer<P> {
 #[must_use]
 pub struct Builder<P = DefaultReplay> {
     credentials: Credentials,
+    /// The API chosen, kept apart from the endpoint so that an invalid base
+    /// URL, which `environment` may replace, does not lose it.
+    api: Api,
     endpoint: Result<Endpoint, ConfigError>,
     origins: Vec<Result<Origin, ConfigError>>,
     settings: Settings,
@@ -253,12 +257,7 @@ impl<P> Builder<P> {
     /// One of Volt's documented environments, keeping the chosen [`Api`]. It
     /// replaces any base URL or endpoint set before.
     pub fn environment(mut self, environment: Environment) -> Self {
-        let api = self
-            .endpoint
-            .as_ref()
-            .map(Endpoint::api)
-            .unwrap_or_default();
-        self.endpoint = Ok(Endpoint::new(api, environment));
+        self.endpoint = Ok(Endpoint::new(self.api, environment));
         self
     }
 
@@ -279,6 +278,7 @@ impl<P> Builder<P> {
     /// # Ok::<(), volt_auth::ConfigError>(())
     /// ```
     pub fn api(mut self, api: Api) -> Self {
+        self.api = api;
         self.endpoint = self.endpoint.map(|endpoint| endpoint.with_api(api));
         self
     }
@@ -286,17 +286,13 @@ impl<P> Builder<P> {
     /// A custom base URL (the mock server, a proxy), keeping the chosen
     /// [`Api`]; checked as [`Endpoint::custom`] does when the layer is built.
     pub fn base_url(mut self, url: &str) -> Self {
-        let api = self
-            .endpoint
-            .as_ref()
-            .map(Endpoint::api)
-            .unwrap_or_default();
-        self.endpoint = Endpoint::custom(url).map(|endpoint| endpoint.with_api(api));
+        self.endpoint = Endpoint::custom(url).map(|endpoint| endpoint.with_api(self.api));
         self
     }
 
     /// The endpoint, for example one made with [`Endpoint::custom_insecure`].
     pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
+        self.api = endpoint.api();
         self.endpoint = Ok(endpoint);
         self
     }
@@ -364,6 +360,7 @@ impl<P> Builder<P> {
     pub fn replay<Q>(self, policy: Q) -> Builder<Q> {
         Builder {
             credentials: self.credentials,
+            api: self.api,
             endpoint: self.endpoint,
             origins: self.origins,
             settings: self.settings,
@@ -569,6 +566,18 @@ mod tests {
             let layer = build(b).unwrap();
             assert_eq!(layer.endpoint().token_uri(), "https://proxy.example/oauth");
             assert_eq!(layer.endpoint().api(), Api::Global);
+        }
+        // An invalid base URL that `environment` then replaces does not take
+        // the chosen API with it.
+        let expected = Endpoint::new(Api::Global, Environment::Production)
+            .token_uri()
+            .to_string();
+        for b in [
+            builder().base_url("not a url").api(Api::Global),
+            builder().api(Api::Global).base_url("not a url"),
+        ] {
+            let replaced = b.environment(Environment::Production);
+            assert_eq!(endpoint(replaced), Ok(expected.clone()));
         }
     }
 
