@@ -456,7 +456,9 @@ impl Origin {
 fn is_loopback(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
-        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || bare
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// `url` fit for an error message, whatever it holds: anything that could be
@@ -617,9 +619,15 @@ mod tests {
             "http://localhost:1234",
             "http://127.0.0.1",
             "http://[::1]:80/x",
+            // IPv4's loopback, written as an IPv4-mapped IPv6 address.
+            "http://[::ffff:127.0.0.1]:8080",
         ] {
             assert!(Endpoint::custom(url).is_ok(), "{url}");
         }
+        assert_eq!(
+            Endpoint::custom("http://[::ffff:10.0.0.8]"),
+            Err(ConfigError::InsecureUrl("[::ffff:10.0.0.8]".into()))
+        );
         assert_eq!(
             Endpoint::custom("http://api.volt.io"),
             Err(ConfigError::InsecureUrl("api.volt.io".into()))
