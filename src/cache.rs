@@ -1030,7 +1030,7 @@ pub struct Stats {
 pub struct GrantStats {
     /// Answered with a token.
     pub succeeded: u64,
-    /// Refused by Volt (an [`Error::Rejected`](crate::Error::Rejected)).
+    /// Refused by Volt (an [`Error::Rejected`]).
     pub rejected: u64,
     /// Failed otherwise: 5xx, timeout, transport error, unreadable answer.
     pub failed: u64,

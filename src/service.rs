@@ -23,7 +23,7 @@ use crate::replay::{DefaultReplay, ReplayPolicy};
 /// - otherwise, with the cached token; when there is no valid one, the request
 ///   waits for the one refresh (or gets its error at once during a backoff);
 /// - after a 401: if the body could be copied before sending (see
-///   [`ReplayPolicy`](crate::ReplayPolicy)), one refresh and one replay, and a
+///   [`ReplayPolicy`]), one refresh and one replay, and a
 ///   second 401 goes back to the caller. Without a copy, when that refresh
 ///   fails (its error goes to the requests that then wait for a token), or
 ///   while refreshes forced by 401s are throttled (within the backoff minimum
