@@ -156,6 +156,9 @@ struct Flight {
     /// runtime, the next one must not present it too, while Volt may be
     /// rotating it.
     presenting: u64,
+    /// The credentials were replaced while the running refresh ran: when it
+    /// ends, a password grant with the new ones starts.
+    rotated: bool,
     timer: Option<AbortHandle>,
     /// The task that rearms `may_kick` when the backoff ends; aborted with
     /// the cache, so that it does not sleep on for up to `backoff_max`.
@@ -286,6 +289,27 @@ impl TokenCache {
         if ticket.cache == self.shared.id {
             self.invalidate(ticket.generation);
         }
+    }
+
+    /// The credentials were replaced: the token held keeps serving, its
+    /// refresh token (of the old credentials' session) is not presented, and
+    /// one password grant with the new credentials starts in the background,
+    /// whatever backoff the old ones earned. If a refresh is running, it
+    /// starts when that one ends instead: never two at once.
+    pub(crate) fn credentials_replaced(&self) {
+        let shared = &self.shared;
+        let mut flight = shared.lock();
+        shared.reclaim(&mut flight);
+        flight.refused_refresh = shared.current.load().generation;
+        if flight.running {
+            flight.rotated = true;
+            return;
+        }
+        flight.failures = 0;
+        flight.retry_at = None;
+        flight.last_error = None;
+        // Outside a runtime, the next request that needs a token starts it.
+        let _ = shared.start(&mut flight);
     }
 
     /// A response other than 401 to a request that carried `generation`: a
@@ -622,7 +646,7 @@ impl Shared {
                 return;
             }
             flight.running = false;
-            match result {
+            let ended = match result {
                 Ok(token) => {
                     flight.failures = 0;
                     flight.retry_at = None;
@@ -669,7 +693,13 @@ impl Shared {
                     self.rearm(&mut flight, now + delay);
                     (Some(error), Some((flight.failures, delay)))
                 }
+            };
+            if std::mem::take(&mut flight.rotated) {
+                // This refresh may have used the replaced credentials.
+                flight.refused_refresh = self.current.load().generation;
+                let _ = self.start(&mut flight);
             }
+            ended
         };
         // Logged without the lock: a subscriber may read the stats.
         if let (Some(error), Some((failures, delay))) = (&outcome, backoff) {
@@ -960,6 +990,8 @@ impl Flight {
     /// see the token twice): later refreshes of that token use the password.
     fn give_up(&mut self) {
         self.running = false;
+        // The next refresh, whoever starts it, uses the new credentials.
+        self.rotated = false;
         if self.presenting != 0 {
             self.refused_refresh = self.presenting;
         }

@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body::Body;
@@ -69,6 +70,8 @@ pub struct VoltAuthLayer<P = DefaultReplay> {
 /// may go.
 pub(crate) struct Auth {
     pub(crate) cache: TokenCache,
+    /// What the cache's `/oauth` client sends (see [`VoltAuthLayer::set_credentials`]).
+    credentials: Arc<ArcSwap<Credentials>>,
     origins: Vec<Origin>,
     endpoint: Endpoint,
 }
@@ -160,6 +163,55 @@ impl<P> VoltAuthLayer<P> {
     /// A token from another layer's cache is ignored.
     pub fn reject(&self, token: &AccessToken) {
         self.auth.cache.reject(&token.ticket);
+    }
+
+    /// Replaces the credentials (a rotated password or client secret) of
+    /// this layer and of every clone, service and middleware sharing its
+    /// token cache, without rebuilding the stack.
+    ///
+    /// - The token held keeps being attached: no request waits.
+    /// - The next grant of any kind sends the new credentials, and the next
+    ///   refresh is a password grant, never the refresh token held (it
+    ///   belongs to the session of the old credentials).
+    /// - That refresh starts now, in the background (on the current Tokio
+    ///   runtime; outside one, at the next request that needs a token), and
+    ///   a backoff earned by failures of the old credentials is ended, so
+    ///   that wrong new credentials show in [`stats`](Self::stats) and the
+    ///   log at once, while the token held serves on.
+    /// - If a refresh is already running (with the old credentials), no
+    ///   second one starts alongside: its token, if it brings one, is used,
+    ///   and as it ends the password grant with the new credentials starts
+    ///   (requests waiting for it get its outcome, or that grant's if it is in
+    ///   by the time they wake).
+    ///
+    /// The old credentials are dropped, their secret and password wiped,
+    /// once no `/oauth` call in flight still uses them. Each call costs at
+    /// most one `/oauth` refresh of its own.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower::BoxError> {
+    /// use volt_auth::mock::{self, MockVolt};
+    /// use volt_auth::{Credentials, VoltAuthLayer};
+    ///
+    /// let volt = MockVolt::builder().in_process();
+    /// let old = Credentials::new(mock::CLIENT_ID, mock::CLIENT_SECRET, mock::USERNAME, "old");
+    /// let auth = VoltAuthLayer::builder(old)
+    ///     .base_url(&volt.url())
+    ///     .build(volt.service())?;
+    /// let refused = auth.access_token().await.unwrap_err();
+    /// assert!(refused.is_rejected()); // and backing off
+    ///
+    /// auth.set_credentials(volt.credentials()); // the password Volt accepts now
+    /// auth.access_token().await?; // at once, without waiting out the backoff
+    /// let sent = volt.oauth_requests();
+    /// assert_eq!(sent[1].field("password"), Some(mock::PASSWORD));
+    /// # Ok(()) }
+    /// ```
+    pub fn set_credentials(&self, credentials: Credentials) {
+        self.auth.credentials.store(Arc::new(credentials));
+        tracing::info!("credentials replaced; the next grant authenticates with them");
+        self.auth.cache.credentials_replaced();
     }
 
     /// Counters: `/oauth` attempts by grant and outcome, refreshes, 401
@@ -431,6 +483,7 @@ impl<P> Builder<P> {
         );
         Ok(VoltAuthLayer {
             auth: Arc::new(Auth {
+                credentials: client.credentials(),
                 cache: TokenCache::new(client, settings),
                 origins,
                 endpoint,

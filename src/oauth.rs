@@ -6,8 +6,10 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_TYPE, DATE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
@@ -418,7 +420,9 @@ pub(crate) struct OAuthClient {
     transport: Transport,
     token_uri: Uri,
     api: Api,
-    credentials: Credentials,
+    /// Read once per grant; replaced by
+    /// [`VoltAuthLayer::set_credentials`](crate::VoltAuthLayer::set_credentials).
+    credentials: Arc<ArcSwap<Credentials>>,
     timeout: Duration,
 }
 
@@ -434,15 +438,23 @@ impl OAuthClient {
             transport,
             token_uri,
             api,
-            credentials,
+            credentials: Arc::new(ArcSwap::from_pointee(credentials)),
             timeout,
         }
+    }
+
+    /// The credentials grants are sent with: storing others here makes the
+    /// next grant send those.
+    pub(crate) fn credentials(&self) -> Arc<ArcSwap<Credentials>> {
+        self.credentials.clone()
     }
 
     /// Sends `grant` once and parses the answer.
     pub(crate) async fn fetch(&self, grant: &Grant) -> Result<Token, Error> {
         let kind = grant.kind();
-        let request = self.request(grant);
+        // One set of credentials per grant, the same to send and to scrub.
+        let credentials = self.credentials.load_full();
+        let request = self.request(grant, &credentials);
         let sent = tokio::time::timeout(self.timeout, self.transport.clone().oneshot(request));
         let response = match sent.await {
             Err(_) => {
@@ -482,11 +494,7 @@ impl OAuthClient {
             Grant::Refresh(token) => token.expose_secret(),
             Grant::Password => "",
         };
-        let secrets = [
-            self.credentials.client_secret(),
-            self.credentials.password(),
-            refresh,
-        ];
+        let secrets = [credentials.client_secret(), credentials.password(), refresh];
         let status = response.status();
         match parse(kind, status, response.body(), &secrets) {
             Err(Error::Failed {
@@ -507,8 +515,7 @@ impl OAuthClient {
         }
     }
 
-    fn request(&self, grant: &Grant) -> Request<Bytes> {
-        let credentials = &self.credentials;
+    fn request(&self, grant: &Grant, credentials: &Credentials) -> Request<Bytes> {
         let mut fields = vec![("grant_type", grant.kind().as_str())];
         match grant {
             Grant::Password => fields.extend([

@@ -1319,3 +1319,108 @@ async fn a_stranded_refresh_ahead_given_up_by_a_throttled_401_is_started_again()
     sleep(Duration::from_millis(1)).await;
     assert_eq!(header(&cache).as_deref(), Some("Bearer at-4"));
 }
+
+// Replaced credentials (`VoltAuthLayer::set_credentials`).
+
+#[tokio::test(start_paused = true)]
+async fn replaced_credentials_start_one_password_grant_while_the_token_serves() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    script.close();
+    cache.credentials_replaced();
+    // Held at /oauth: requests go on with the current token, at once.
+    let now = Instant::now();
+    for _ in 0..100 {
+        assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+        assert_eq!(secret(&cache.token().await.unwrap()), "at-1");
+    }
+    assert_eq!(Instant::now(), now, "nothing waited");
+    tokio::task::yield_now().await;
+    assert_eq!(script.count(), 2, "exactly one refresh");
+    script.open();
+    sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-2"));
+    // A password grant, although rt-1 was at hand; then refreshes as usual.
+    assert_eq!(
+        script.calls(),
+        [(GrantType::Password, None), (GrantType::Password, None)]
+    );
+    sleep(HOUR - Duration::from_secs(250)).await;
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-2"));
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(
+        script.calls()[2..],
+        [(GrantType::RefreshToken, Some("rt-2".into()))]
+    );
+    assert_eq!(script.count(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replaced_credentials_end_the_backoff_the_old_ones_earned() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    script.fail_next(rejected(GrantType::Password, "invalid_grant"));
+    assert!(cache.token().await.unwrap_err().is_rejected());
+    assert!(cache.stats().retry_in.is_some());
+    // During the backoff: the error at once, no call.
+    assert!(cache.token().await.unwrap_err().is_rejected());
+    assert_eq!(script.count(), 1);
+
+    let now = Instant::now();
+    cache.credentials_replaced();
+    assert_eq!(secret(&cache.token().await.unwrap()), "at-2");
+    assert_eq!(Instant::now(), now, "the backoff was not waited out");
+    let stats = cache.stats();
+    assert_eq!((stats.failures, stats.retry_in), (0, None));
+    assert!(stats.last_error.is_none());
+    assert_eq!(
+        script.calls(),
+        [(GrantType::Password, None), (GrantType::Password, None)]
+    );
+    // Each replacement costs one refresh at most: with new credentials
+    // refused too, the backoff holds again.
+    script.fail_next(rejected(GrantType::Password, "invalid_grant"));
+    cache.credentials_replaced();
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(script.count(), 3);
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-2"));
+    for _ in 0..10 {
+        assert_eq!(secret(&cache.token().await.unwrap()), "at-2");
+    }
+    assert_eq!(script.count(), 3);
+    assert!(cache.stats().retry_in.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn replaced_credentials_during_a_refresh_wait_for_it_then_start_one() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    // Into the refresh-ahead window: the refresh grant is held at /oauth.
+    sleep(HOUR - Duration::from_secs(250)).await;
+    script.close();
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+    tokio::task::yield_now().await;
+    assert_eq!(script.count(), 2);
+    cache.credentials_replaced();
+    cache.credentials_replaced();
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(script.count(), 2, "never two refreshes at once");
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+    script.open();
+    sleep(Duration::from_millis(1)).await;
+    // The running refresh's token is used; one password grant follows,
+    // although rt-2 is at hand, and nothing more.
+    assert_eq!(
+        script.calls(),
+        [
+            (GrantType::Password, None),
+            (GrantType::RefreshToken, Some("rt-1".into())),
+            (GrantType::Password, None),
+        ]
+    );
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-3"));
+    sleep(Duration::from_secs(60)).await;
+    assert_eq!(script.count(), 3);
+}
