@@ -305,9 +305,9 @@ impl TokenCache {
             flight.rotated = true;
             return;
         }
-        flight.failures = 0;
+        // The backoff ends for this grant; its escalation stays, so that
+        // ordinary failures after it keep backing off as long as before.
         flight.retry_at = None;
-        flight.last_error = None;
         // Outside a runtime, the next request that needs a token starts it.
         let _ = shared.start(&mut flight);
     }

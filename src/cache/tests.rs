@@ -1424,3 +1424,35 @@ async fn replaced_credentials_during_a_refresh_wait_for_it_then_start_one() {
     sleep(Duration::from_secs(60)).await;
     assert_eq!(script.count(), 3);
 }
+
+/// Replacing the credentials ends the backoff for the one password grant it
+/// starts, not the escalation ordinary failures earned: during an outage
+/// (503s), the failures after it keep backing off as long as before, so that
+/// a rotation costs one `/oauth` call, not a new climb from `backoff_min`.
+#[tokio::test(start_paused = true)]
+async fn replaced_credentials_during_an_outage_cost_one_call() {
+    let secs = Duration::from_secs;
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    for _ in 0..100 {
+        script.fail_next(server_error(GrantType::Password));
+    }
+    // Seven failures in a row: the backoff is at its cap (30 to 60 s).
+    for n in 1..=7 {
+        assert!(cache.token().await.is_err());
+        assert_eq!(script.count(), n);
+        if n < 7 {
+            sleep(secs(61)).await;
+        }
+    }
+    cache.credentials_replaced();
+    sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
+    assert_eq!(script.count(), 8, "the password grant, at once");
+    // It fails too: still the capped backoff, not one from 1 s.
+    for _ in 0..290 {
+        assert!(cache.token().await.is_err());
+        sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(script.count(), 8, "no call within 29 s of the last failure");
+    assert_eq!(cache.stats().failures, 8);
+}
