@@ -695,8 +695,10 @@ impl Shared {
                 }
             };
             if std::mem::take(&mut flight.rotated) {
-                // This refresh may have used the replaced credentials.
+                // This refresh may have used the replaced credentials; the
+                // backoff it earned does not hold back the new ones.
                 flight.refused_refresh = self.current.load().generation;
+                flight.retry_at = None;
                 let _ = self.start(&mut flight);
             }
             ended

@@ -1456,3 +1456,50 @@ async fn replaced_credentials_during_an_outage_cost_one_call() {
     assert_eq!(script.count(), 8, "no call within 29 s of the last failure");
     assert_eq!(cache.stats().failures, 8);
 }
+
+/// The refresh running when the credentials were replaced fails with a long
+/// backoff, and the password grant that follows it is given up (stranded).
+/// The old credentials' backoff must not hold back the next grant with the
+/// new ones: as when no refresh ran, the next caller starts it at once.
+#[tokio::test(start_paused = true)]
+async fn replaced_credentials_during_a_refresh_end_the_old_backoff_too() {
+    struct Hang(Mutex<usize>);
+    impl TokenSource for Arc<Hang> {
+        fn fetch<'a>(
+            &'a self,
+            _: &'a Grant,
+        ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>> {
+            Box::pin(async move {
+                let n = {
+                    let mut calls = self.0.lock().unwrap();
+                    *calls += 1;
+                    *calls
+                };
+                if n == 1 {
+                    return Err(throttled(Duration::from_secs(60)));
+                }
+                std::future::pending().await
+            })
+        }
+    }
+    let source = Arc::new(Hang(Mutex::new(0)));
+    let calls = || *source.0.lock().unwrap();
+    let cache = TokenCache::new(source.clone(), settings());
+    // Refresh 1 is started, then the credentials are replaced while it runs.
+    let mut first = Box::pin(cache.token());
+    std::future::poll_fn(|cx| {
+        assert!(first.as_mut().poll(cx).is_pending());
+        Poll::Ready(())
+    })
+    .await;
+    cache.credentials_replaced();
+    // It fails, asking for 60 s; the password grant follows at once.
+    assert!(first.await.is_err());
+    sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
+    assert_eq!(calls(), 2);
+    assert_eq!(cache.stats().retry_in, None, "no backoff holds it back");
+    // It hangs: a waiter gives it up after 11 s and starts the next one.
+    let waited = timeout(Duration::from_secs(12), cache.token()).await;
+    assert!(waited.is_err(), "waiting for the next grant: {waited:?}");
+    assert_eq!(calls(), 3);
+}
