@@ -300,16 +300,14 @@ impl TokenCache {
         let shared = &self.shared;
         let mut flight = shared.lock();
         shared.reclaim(&mut flight);
-        flight.refused_refresh = shared.current.load().generation;
         if flight.running {
+            // Refused now, so that the running refresh, or the next one if
+            // it is given up, does not present it either.
+            flight.refused_refresh = shared.current.load().generation;
             flight.rotated = true;
             return;
         }
-        // The backoff ends for this grant; its escalation stays, so that
-        // ordinary failures after it keep backing off as long as before.
-        flight.retry_at = None;
-        // Outside a runtime, the next request that needs a token starts it.
-        let _ = shared.start(&mut flight);
+        shared.start_with_new_credentials(&mut flight);
     }
 
     /// A response other than 401 to a request that carried `generation`: a
@@ -453,6 +451,18 @@ impl Shared {
             drop(rearm);
         });
         flight.rearm = Some(task.abort_handle());
+    }
+
+    /// After the credentials were replaced, with no refresh running: the
+    /// token held is refused its refresh token (of the old credentials'
+    /// session), and a password grant with the new credentials starts. The
+    /// backoff the old ones earned ends for it; its escalation stays, so that
+    /// ordinary failures after it keep backing off as long as before.
+    fn start_with_new_credentials(self: &Arc<Self>, flight: &mut Flight) {
+        flight.refused_refresh = self.current.load().generation;
+        flight.retry_at = None;
+        // Outside a runtime, the next request that needs a token starts it.
+        let _ = self.start(flight);
     }
 
     /// Decides, under the lock, whether a caller has a token, must wait for a
@@ -695,11 +705,8 @@ impl Shared {
                 }
             };
             if std::mem::take(&mut flight.rotated) {
-                // This refresh may have used the replaced credentials; the
-                // backoff it earned does not hold back the new ones.
-                flight.refused_refresh = self.current.load().generation;
-                flight.retry_at = None;
-                let _ = self.start(&mut flight);
+                // This refresh may have used the replaced credentials.
+                self.start_with_new_credentials(&mut flight);
             }
             ended
         };
