@@ -126,7 +126,10 @@ impl<P> Builder<P> {
     /// [`ConfigError::InvalidSetting`] if rustls refuses its default TLS
     /// configuration (not expected).
     pub fn build_default(self) -> Result<VoltAuthLayer<P>, ConfigError> {
-        let client = https_client().map_err(|_| {
+        let client = https_client().map_err(|error| {
+            // The error type has no room for the cause; the log keeps it.
+            let cause = std::error::Error::source(&error).map(ToString::to_string);
+            tracing::error!(%error, cause, "no HTTPS client for /oauth");
             ConfigError::InvalidSetting("rustls refused its default TLS configuration")
         })?;
         self.build(client)

@@ -218,13 +218,17 @@ impl Endpoint {
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return Err(invalid("the scheme must be http or https"));
         }
-        let authority = uri
+        let mut authority = uri
             .authority()
             .filter(|authority| !authority.host().is_empty())
             .cloned()
             .ok_or_else(|| invalid("no host"))?;
         if authority.as_str().contains('@') {
             return Err(invalid("user info is not allowed in the URL"));
+        }
+        // An empty port is the scheme's default (RFC 3986, section 6.2.3).
+        if authority.as_str().strip_suffix(':') == Some(authority.host()) {
+            authority = authority.host().parse().map_err(|_| invalid("not a URL"))?;
         }
         // `http` accepts any text after the colon; a password holding a `/`
         // would otherwise pass for one.
@@ -428,13 +432,16 @@ impl Origin {
                 || self.matches_folded(authority))
     }
 
+    /// [`Origin::matches`] for other spellings: another case, or an empty
+    /// port (the scheme's default).
     #[cold]
     fn matches_folded(&self, authority: &str) -> bool {
+        let default_port = authority.strip_suffix(':').unwrap_or(authority);
         authority.eq_ignore_ascii_case(&self.with_port)
             || self
                 .without_port
                 .as_deref()
-                .is_some_and(|host| authority.eq_ignore_ascii_case(host))
+                .is_some_and(|host| default_port.eq_ignore_ascii_case(host))
     }
 
     /// Whether `scheme://host[:port]` is this origin; `port` is `None` for the
@@ -819,6 +826,28 @@ mod tests {
         assert!(origin.matches(&"http://127.0.0.1:8080/banks".parse().unwrap()));
         assert!(!origin.matches(&"http://127.0.0.1/banks".parse().unwrap()));
         assert!(!origin.matches(&"http://127.0.0.1:80/banks".parse().unwrap()));
+        assert!(!origin.matches(&"http://127.0.0.1:/banks".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_empty_port_is_the_default_port() {
+        for (url, base) in [
+            ("https://x.example:", "https://x.example/"),
+            ("https://X.example:/volt", "https://X.example/volt/"),
+            ("http://127.0.0.1:", "http://127.0.0.1/"),
+            ("http://[::1]:/", "http://[::1]/"),
+        ] {
+            let endpoint = Endpoint::custom(url).unwrap();
+            assert_eq!(endpoint.base_uri(), base, "{url}");
+            assert_eq!(Endpoint::custom(base).unwrap(), endpoint, "{url}");
+        }
+        // Requests spelled so go to the default port too.
+        let origin = Endpoint::custom("https://api.volt.io")
+            .unwrap()
+            .origin()
+            .unwrap();
+        assert!(origin.matches(&"https://api.volt.io:/banks".parse().unwrap()));
+        assert!(origin.matches(&"https://API.volt.io:/banks".parse().unwrap()));
     }
 
     #[test]
