@@ -372,6 +372,37 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_base_url_not_written_as_reqwest_writes_it_still_gets_the_token() {
+        // reqwest's `Url` rewrites an IPv6 literal in its canonical form
+        // (`[::ffff:127.0.0.1]` as `[::ffff:7f00:1]`, `[fd00:0:0:0::10]` as
+        // `[fd00::10]`); requests to the base URL, spelled exactly as it was
+        // configured, must still get the token, as through `VoltAuth`.
+        for base in [
+            "http://[::ffff:127.0.0.1]:8080",
+            "https://[fd00:0:0:0::10]:8443",
+            "https://[FD00::0010]",
+        ] {
+            let transport = tower::service_fn(|_: http::Request<Bytes>| async {
+                Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+            });
+            let layer =
+                VoltAuthLayer::builder(Credentials::new("id", "secret", "user", "password"))
+                    .base_url(base)
+                    .build(transport)
+                    .unwrap();
+            let banks = format!("{base}/banks");
+            assert!(layer.auth.allows(&banks.parse().unwrap()), "tower: {base}");
+            assert!(
+                allows(&layer.auth, &Url::parse(&banks).unwrap()),
+                "reqwest: {base}"
+            );
+            // Another address is still another origin.
+            let other = Url::parse("https://[fd00::11]:8443/banks").unwrap();
+            assert!(!allows(&layer.auth, &other), "{base}");
+        }
+    }
+
+    #[test]
     fn default_replay_copies_reqwest_bodies_known_to_be_bytes() {
         let policy = DefaultReplay::new().max_size(4);
         let copy = policy.clone_body(&Body::from("four")).unwrap();
