@@ -589,11 +589,15 @@ impl Shared {
                     Err(error) if error.is_rejected() => {
                         {
                             let mut flight = self.lock();
-                            // Not presented again should the password grant fail.
-                            flight.refused_refresh = previous.generation;
+                            // Given up on, it changes nothing: giving it up
+                            // refused this refresh token already, and a
+                            // later refusal (a newer token's, or replaced
+                            // credentials') must not be undone.
                             if !flight.is_running(number) {
                                 return Err(error);
                             }
+                            // Not presented again should the password grant fail.
+                            flight.refused_refresh = previous.generation;
                             flight.presenting = 0;
                         }
                         tracing::info!("the refresh token was rejected; authenticating again");

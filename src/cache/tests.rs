@@ -1503,3 +1503,67 @@ async fn replaced_credentials_during_a_refresh_end_the_old_backoff_too() {
     assert!(waited.is_err(), "waiting for the next grant: {waited:?}");
     assert_eq!(calls(), 3);
 }
+
+/// A refresh given up on (stranded on a runtime nothing drives) whose refresh
+/// grant is refused when its runtime runs again must not undo a later
+/// refusal: here the credentials were replaced meanwhile (the token in use
+/// belongs to the old credentials' session) and the password grant that
+/// followed failed. The next refresh must still be a password grant, never
+/// the refresh token of the old session.
+#[test]
+fn a_stranded_refresh_refused_late_does_not_undo_a_newer_refusal() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    // A sync worker's runtime: the first token, then a 401 forces a
+    // refresh there that presents rt-1 and is held at /oauth; the runtime
+    // is then left undriven.
+    let idle = paused_runtime();
+    idle.block_on(async {
+        assert_eq!(secret(&cache.token().await.unwrap()), "at-1");
+        script.close();
+        cache.invalidate(1);
+        while script.count() < 2 {
+            tokio::task::yield_now().await;
+        }
+    });
+    assert_eq!(
+        script.calls()[1],
+        (GrantType::RefreshToken, Some("rt-1".into()))
+    );
+
+    // The server runtime gives it up after 11 s and authenticates again.
+    let server = paused_runtime();
+    script.open();
+    server.block_on(async {
+        assert_eq!(secret(&cache.token().await.unwrap()), "at-3");
+    });
+    assert_eq!(script.calls()[2], (GrantType::Password, None));
+
+    // The credentials are replaced; the password grant with the new ones
+    // fails (an outage), so the token at hand (of the old session) serves on.
+    script.fail_next(server_error(GrantType::Password));
+    server.block_on(async {
+        cache.credentials_replaced();
+        sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
+    });
+    assert_eq!(script.calls()[3], (GrantType::Password, None));
+
+    // The worker's runtime runs again: the stranded refresh is refused.
+    script.fail_next(rejected(GrantType::RefreshToken, "invalid_grant"));
+    idle.block_on(async {
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+    });
+    assert_eq!(script.count(), 4, "the stranded refresh sends nothing more");
+
+    // The next refresh (the refresh-ahead of at-3) authenticates with the
+    // new credentials, not with rt-3 of the old session.
+    server.block_on(async {
+        sleep(HOUR - Duration::from_secs(250)).await;
+        assert_eq!(header(&cache).as_deref(), Some("Bearer at-3"));
+        sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
+    });
+    assert_eq!(script.count(), 5);
+    assert_eq!(script.calls()[4], (GrantType::Password, None));
+}
