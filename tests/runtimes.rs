@@ -298,9 +298,12 @@ fn a_backoff_whose_runtime_is_gone_still_ends_in_a_background_refresh() {
         banks_ok(&mut api, &mock).await;
         sleep(Duration::from_millis(1)).await;
         assert_eq!(mock.oauth_calls(), 2);
-        // After it (at most backoff_min plus real time elapsed): the next
-        // request starts the background refresh.
-        advance(Duration::from_secs(2)).await;
+        // After it, the next request starts the background refresh. Each
+        // paused clock starts at the real instant its runtime was built, so
+        // the backoff `gone` timed ends on this clock after whatever real time
+        // passed between the two: what is left of it is the cache's to say.
+        let left = auth.stats().retry_in.expect("still in the backoff");
+        advance(left).await;
         sleep(Duration::from_millis(1)).await; // the backoff's end is marked
         banks_ok(&mut api, &mock).await;
         sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)

@@ -162,7 +162,10 @@ async fn run(api: Api, how: Echo) {
     assert!(message.contains("[redacted]"), "{message}");
     let what = format!("{api:?}/{how:?}");
     assert_hidden(&format!("{err} | {err:?}"), &format!("{what}: the error"));
-    assert_hidden(&log_text(), &format!("{what}: the log"));
+    let log = log_text();
+    // The log did see this rejection, with the server's message.
+    assert!(log.contains(&format!("error={err}")), "{what}:\n{log}");
+    assert_hidden(&log, &format!("{what}: the log"));
 }
 
 #[tokio::test]
@@ -226,11 +229,10 @@ where
         .unwrap();
     let err = auth.access_token().await.unwrap_err();
     assert!(err.is_rejected(), "{err:?}");
-    format!(
-        "{err} | {err:?} | {err:#?} | {:?} | {}",
-        auth.stats(),
-        log_text()
-    )
+    let log = log_text();
+    // The log did see this rejection, with the server's message.
+    assert!(log.contains(&format!("error={err}")), "{log}");
+    format!("{err} | {err:?} | {err:#?} | {:?} | {log}", auth.stats())
 }
 
 /// `Credentials::new` keeps the whitespace around a secret, but a server's

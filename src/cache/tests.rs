@@ -383,8 +383,12 @@ async fn a_failed_background_refresh_keeps_the_valid_token_in_service() {
         assert_eq!(secret(&cache.token().await.unwrap()), "at-1");
     }
     assert_eq!(script.count(), 2);
-    // After the backoff, the next request starts one more refresh.
-    sleep(Duration::from_secs(1)).await;
+    // After the backoff, the next stale read starts one more refresh. That
+    // read does not look at the clock: a timer marks the backoff's end, on
+    // the millisecond tick at or after it, which is the 1 s tick itself
+    // when the backoff is jittered above 999 ms. One millisecond more: that
+    // timer's task has run (paused clock), whatever the jitter.
+    sleep(Duration::from_millis(1001)).await;
     script.close();
     let mut done = cache.shared.done.subscribe();
     assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));

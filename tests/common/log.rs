@@ -52,6 +52,10 @@ pub fn capture() -> &'static Capture {
             .with_writer(capture.clone())
             .finish();
         tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+        // A callsite first hit on another test's thread while the subscriber
+        // was being installed may have cached "never" (no subscriber yet):
+        // every callsite is asked again, now that the global one answers.
+        tracing::callsite::rebuild_interest_cache();
         capture
     })
 }
