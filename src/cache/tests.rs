@@ -69,6 +69,11 @@ impl Script {
     fn count(&self) -> usize {
         self.calls.lock().unwrap().len()
     }
+
+    /// Scripted failures no call has taken yet.
+    fn failures_left(&self) -> usize {
+        self.failures.lock().unwrap().len()
+    }
 }
 
 impl TokenSource for Arc<Script> {
@@ -1555,10 +1560,18 @@ fn a_stranded_refresh_refused_late_does_not_undo_a_newer_refusal() {
     // The worker's runtime runs again: the stranded refresh is refused.
     script.fail_next(rejected(GrantType::RefreshToken, "invalid_grant"));
     idle.block_on(async {
-        for _ in 0..16 {
+        for _ in 0..1000 {
+            if script.failures_left() == 0 {
+                break;
+            }
             tokio::task::yield_now().await;
         }
     });
+    assert_eq!(
+        script.failures_left(),
+        0,
+        "the stranded refresh is answered"
+    );
     assert_eq!(script.count(), 4, "the stranded refresh sends nothing more");
 
     // The next refresh (the refresh-ahead of at-3) authenticates with the
