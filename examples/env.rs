@@ -34,7 +34,7 @@ async fn main() -> ExitCode {
     let builder = match configure() {
         Ok(builder) => builder,
         Err(ConfigError::MissingVariable(name)) => {
-            eprintln!("{name} is not set (or is empty).\n\n{HELP}");
+            eprintln!("{name} is unset, blank or not unicode.\n\n{HELP}");
             return ExitCode::from(2);
         }
         Err(error) => {

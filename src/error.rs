@@ -13,7 +13,8 @@ use http::StatusCode;
 pub enum GrantType {
     /// `grant_type=password`: the API user's credentials.
     Password,
-    /// `grant_type=refresh_token`: the refresh token of the last answer.
+    /// `grant_type=refresh_token`: the latest refresh token Volt issued (kept
+    /// from an earlier answer while later ones carry none).
     RefreshToken,
 }
 

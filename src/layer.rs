@@ -342,7 +342,10 @@ impl<P> Builder<P> {
         self
     }
 
-    /// The endpoint, for example one made with [`Endpoint::custom_insecure`].
+    /// The endpoint, for example one made with [`Endpoint::custom_insecure`],
+    /// with the [`Api`] it speaks: it replaces one chosen with
+    /// [`api`](Self::api) before (call `api` after it, or
+    /// [`Endpoint::with_api`], to speak another).
     pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
         self.api = endpoint.api();
         self.endpoint = Ok(endpoint);
@@ -632,6 +635,33 @@ mod tests {
             let replaced = b.environment(Environment::Production);
             assert_eq!(endpoint(replaced), Ok(expected.clone()));
         }
+    }
+
+    #[test]
+    fn an_endpoint_brings_its_api() {
+        let custom = || Endpoint::custom_insecure("http://proxy.internal").unwrap();
+        let api = |b: Builder| build(b).unwrap().endpoint().api();
+        // `custom_insecure` speaks the Gateway API: an earlier `api` is replaced.
+        assert_eq!(
+            api(builder().api(Api::Global).endpoint(custom())),
+            Api::Gateway
+        );
+        assert_eq!(
+            api(builder().endpoint(custom()).api(Api::Global)),
+            Api::Global
+        );
+        let global = custom().with_api(Api::Global);
+        assert_eq!(api(builder().endpoint(global)), Api::Global);
+        // The endpoint's API is kept by a later `environment`.
+        let preset = Endpoint::new(Api::Global, Environment::Sandbox);
+        let moved = builder()
+            .endpoint(preset)
+            .environment(Environment::Production);
+        let layer = build(moved).unwrap();
+        assert_eq!(
+            layer.endpoint().token_uri(),
+            "https://gateway.volt.io/oauth"
+        );
     }
 
     #[test]

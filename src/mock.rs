@@ -239,7 +239,7 @@ impl MockBuilder {
 
     /// Starts the mock on a free port of `127.0.0.1`. The server runs on the current Tokio
     /// runtime: when that runtime shuts down, its port closes (connections are refused) until
-    /// [`MockVolt::restart`] listens again on another.
+    /// [`MockVolt::restart`] listens on it again, on the runtime that calls it.
     ///
     /// # Errors
     /// The I/O error of binding the port.

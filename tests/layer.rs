@@ -488,6 +488,55 @@ async fn refreshes_present_the_latest_rotated_refresh_token() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_refresh_answer_without_a_refresh_token_keeps_the_one_presented() {
+    // A token endpoint that rotates nothing: only the password grant's answer
+    // carries a refresh token. Records the refresh token each grant presents.
+    let presented = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let transport = {
+        let presented = presented.clone();
+        tower::service_fn(move |request: Request<Body>| {
+            let presented = presented.clone();
+            async move {
+                let body = request.into_body().collect().await?.to_bytes();
+                let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&body)?;
+                let field = |name: &str| {
+                    form.iter()
+                        .find(|(key, _)| key == name)
+                        .map(|(_, value)| value.clone())
+                };
+                let mut presented = presented.lock().unwrap();
+                presented.push(field("refresh_token"));
+                let n = presented.len();
+                let answer = match field("grant_type").as_deref() {
+                    Some("password") => format!(
+                        r#"{{"access_token":"at-{n}","expires_in":60,"refresh_token":"rt-{n}"}}"#
+                    ),
+                    _ => format!(r#"{{"access_token":"at-{n}","expires_in":60}}"#),
+                };
+                Ok::<_, BoxError>(Response::new(Body::from(answer)))
+            }
+        })
+    };
+    let auth = VoltAuthLayer::builder(MockVolt::builder().in_process().credentials())
+        .base_url("http://127.0.0.1:9")
+        .build(transport)
+        .expect("layer");
+    for n in 1..=4 {
+        let token = auth.access_token().await.expect("token");
+        assert_eq!(token.expose_secret(), format!("at-{n}"));
+        // Past the margin (6 s of a 60 s token).
+        sleep(secs(55)).await;
+    }
+    let rt1 = Some("rt-1".to_owned());
+    assert_eq!(
+        *presented.lock().unwrap(),
+        [None, rt1.clone(), rt1.clone(), rt1]
+    );
+    let stats = auth.stats();
+    assert_eq!((stats.password.succeeded, stats.refresh.succeeded), (1, 3));
+}
+
+#[tokio::test(start_paused = true)]
 async fn revoked_refresh_token_falls_back_to_exactly_one_password_grant() {
     let mock = MockVolt::builder().in_process();
     let auth = layer(&mock);

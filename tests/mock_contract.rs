@@ -225,3 +225,45 @@ async fn every_documented_api_call_answers_401_for_a_missing_expired_or_revoked_
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(volt.api_calls(), calls);
 }
+
+#[tokio::test]
+async fn oauth_requests_debug_redacts_the_secret_password_and_refresh_token() {
+    let volt = MockVolt::builder().in_process();
+    let request = Request::post("/oauth")
+        .header(CONTENT_TYPE, FORM)
+        .body(Full::from(password_form()))
+        .expect("request");
+    let (status, _, body) = send(&volt, request).await;
+    assert_eq!(status, StatusCode::OK);
+    let body: Value = serde_json::from_slice(&body).expect("json");
+    let refresh = body["refresh_token"].as_str().expect("refresh_token");
+    // The refresh grant as JSON (the Global API's shape).
+    let refresh_grant = serde_json::json!({
+        "grant_type": "refresh_token",
+        "refresh_token": refresh,
+        "client_id": mock::CLIENT_ID,
+        "client_secret": mock::CLIENT_SECRET,
+    });
+    let request = Request::post("/oauth")
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::from(refresh_grant.to_string()))
+        .expect("request");
+    assert_eq!(send(&volt, request).await.0, StatusCode::OK);
+
+    let requests = volt.oauth_requests();
+    assert_eq!(requests.len(), 2);
+    // The values are kept as sent...
+    assert_eq!(requests[0].field("password"), Some(mock::PASSWORD));
+    assert_eq!(requests[1].field("refresh_token"), Some(refresh));
+    // ...and `Debug` shows none of them: each carried two, the client
+    // secret and the password or refresh token.
+    for request in &requests {
+        let debug = format!("{request:?}");
+        for secret in [mock::CLIENT_SECRET, mock::PASSWORD, refresh] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        assert_eq!(debug.matches("\"[redacted]\"").count(), 2, "{debug}");
+        assert!(debug.contains(mock::CLIENT_ID), "{debug}");
+    }
+    assert!(format!("{:?}", requests[0]).contains(mock::USERNAME));
+}
