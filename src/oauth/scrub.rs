@@ -85,11 +85,10 @@ fn spellings(secret: &str) -> Vec<Zeroizing<String>> {
     // As `serde_json` writes it, and with every non-ASCII character as
     // `\uXXXX` (PHP's `json_encode`, Python's `json.dumps`); each also with
     // `/` as `\/`.
-    let escapes: [fn(char) -> bool; 2] = [|_| false, |c| !c.is_ascii()];
-    for escaped in escapes {
-        let json = json_escaped(secret, escaped);
-        spellings.push(Zeroizing::new(json.replace('/', "\\/")));
-        spellings.push(json);
+    let json = json_escaped(secret, |_| false);
+    for escaped in [json.clone(), json_escaped(secret, |c| !c.is_ascii())] {
+        spellings.push(Zeroizing::new(escaped.replace('/', "\\/")));
+        spellings.push(escaped);
     }
     // Go's `<`, `>`, `&`, U+2028 and U+2029; .NET's `"`, `&`, `'`, `+`, `<`,
     // `>`, `` ` `` and every non-ASCII character.
@@ -103,7 +102,6 @@ fn spellings(secret: &str) -> Vec<Zeroizing<String>> {
     // error page echoing a field, or the whole body. Only when escaping
     // changes the secret.
     if secret.contains(['&', '<', '>', '"', '\'', '+']) {
-        let json = json_escaped(secret, |_| false);
         for table in HTML_ESCAPES {
             spellings.push(html_escaped(&trimmed, table));
             spellings.push(html_escaped(&json, table));
