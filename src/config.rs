@@ -378,10 +378,6 @@ pub(crate) struct Origin {
     /// the two spellings of this origin's authority that requests compare to.
     with_port: String,
     without_port: Option<String>,
-    /// The address of an IPv6 literal host, which clients that parse URLs
-    /// (reqwest's `Url`) write in its canonical form, whatever the spelling.
-    #[cfg(feature = "reqwest")]
-    ipv6: Option<std::net::Ipv6Addr>,
 }
 
 impl Origin {
@@ -397,8 +393,6 @@ impl Origin {
         let port = authority.port_u16().unwrap_or(default_port);
         Some(Self {
             https,
-            #[cfg(feature = "reqwest")]
-            ipv6: ipv6_literal(&host),
             with_port: format!("{host}:{port}"),
             without_port: (port == default_port).then(|| host.clone()),
             host,
@@ -465,11 +459,13 @@ impl Origin {
             && (host.eq_ignore_ascii_case(&self.host) || self.same_ipv6(host))
     }
 
-    /// Whether `host` is this origin's IPv6 literal host spelled otherwise.
+    /// Whether `host` is this origin's IPv6 literal host spelled otherwise:
+    /// clients that parse URLs (reqwest's `Url`) write the address in its
+    /// canonical form, whatever the spelling.
     #[cfg(feature = "reqwest")]
     #[cold]
     fn same_ipv6(&self, host: &str) -> bool {
-        self.ipv6.is_some() && ipv6_literal(host) == self.ipv6
+        ipv6_literal(&self.host).is_some_and(|ours| ipv6_literal(host) == Some(ours))
     }
 }
 
