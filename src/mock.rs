@@ -57,7 +57,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::Full;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -494,7 +494,8 @@ impl MockVolt {
     }
 
     /// Listens again on the same port, with the same state, on the current runtime. Does nothing
-    /// if already listening. A server whose runtime has shut down is not listening.
+    /// if already listening, so that of simultaneous calls one listens and the others return
+    /// `Ok` at once. A server whose runtime has shut down is not listening.
     ///
     /// # Errors
     /// [`io::ErrorKind::Unsupported`] on an in-process mock, and the I/O error of binding the
@@ -506,13 +507,15 @@ impl MockVolt {
                 "an in-process mock has no listener",
             ));
         }
-        if lock(&self.server).as_ref().is_some_and(Server::running) {
+        // Checked, bound and stored under one lock (binding does not wait),
+        // so that of simultaneous calls one listens and the others find it
+        // listening, rather than failing to bind the port it took.
+        let mut server = lock(&self.server);
+        if server.as_ref().is_some_and(Server::running) {
             return Ok(());
         }
-        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, self.port)).await?;
-        let server = Server::spawn(listener, Arc::clone(&self.shared));
-        let previous = lock(&self.server).replace(server);
-        if let Some(previous) = previous {
+        let listener = listen(self.port)?;
+        if let Some(previous) = server.replace(Server::spawn(listener, Arc::clone(&self.shared))) {
             previous.shutdown();
         }
         Ok(())
@@ -575,6 +578,16 @@ impl MockVolt {
     pub fn issued_refresh_tokens(&self) -> Vec<String> {
         self.shared.state().issued_refresh.clone()
     }
+}
+
+/// A listener on `127.0.0.1:port`, bound at once: with `SO_REUSEADDR`, as
+/// [`TcpListener::bind`] does, so that the connections of a stopped server
+/// still closing do not keep the port.
+fn listen(port: u16) -> io::Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind((std::net::Ipv4Addr::LOCALHOST, port).into())?;
+    socket.listen(1024)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -166,3 +166,35 @@ fn a_mock_whose_runtime_is_gone_refuses_connections_and_restarts() {
         assert_eq!(volt.api_calls(), 1);
     });
 }
+
+/// `restart()` called from several tasks at once, on a multi-thread runtime:
+/// exactly one listens, the others find it listening and return `Ok`. Each
+/// used to check, then bind, then store, so that two could both find the
+/// server stopped and the second bind failed with `AddrInUse`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simultaneous_restarts_all_succeed() {
+    let volt = std::sync::Arc::new(MockVolt::start().await.unwrap());
+    let (status, body) = oauth(&client(), &volt, &password_grant()).await;
+    assert_eq!(status, StatusCode::OK);
+    let token = body["access_token"].as_str().unwrap().to_owned();
+    for round in 0..2000 {
+        volt.stop();
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+        let restarts: Vec<_> = (0..8)
+            .map(|_| {
+                let volt = volt.clone();
+                let barrier = barrier.clone();
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    volt.restart().await
+                })
+            })
+            .collect();
+        for restart in restarts {
+            let result = restart.await.unwrap();
+            assert!(result.is_ok(), "round {round}: {result:?}");
+        }
+    }
+    assert_eq!(banks(&client(), &volt, &token).await, StatusCode::OK);
+    assert_eq!((volt.oauth_calls(), volt.api_calls()), (1, 1));
+}
