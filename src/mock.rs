@@ -7,6 +7,12 @@
 //! (so in-process use works under `#[tokio::test(start_paused = true)]`), rotates refresh tokens,
 //! records what it receives and can be told to fail, break, delay or hold token requests.
 //!
+//! It is a test tool: it keeps, for as long as it lives, every token it issued (expired or
+//! consumed ones too) and everything it records (each `/oauth` request's fields, each API
+//! request's `Authorization` header, each payment), so its memory grows with every call,
+//! by several hundred bytes per `/oauth` call and about a hundred per API call. For a
+//! long or high-rate run (a soak or load test), start a fresh mock per run.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> std::io::Result<()> {
@@ -338,6 +344,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 // ---------------------------------------------------------------------------------------------
 
 /// A running mock Volt server. Dropping it closes the listener and every connection.
+///
+/// Its memory grows with every call: see the [module docs](crate::mock).
 pub struct MockVolt {
     shared: Arc<Shared>,
     port: u16,
@@ -500,6 +508,9 @@ impl MockVolt {
     /// # Errors
     /// [`io::ErrorKind::Unsupported`] on an in-process mock, and the I/O error of binding the
     /// port (another process may have taken it).
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
     pub async fn restart(&self) -> io::Result<()> {
         if self.in_process {
             return Err(io::Error::new(

@@ -304,6 +304,38 @@ async fn hostile_answers_over_tcp_end_in_a_typed_error_or_a_token() {
             }),
         ),
         (
+            "103 Early Hints, then the answer",
+            vec![
+                write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"),
+                answer("200 OK", "", TOKEN),
+            ],
+            Box::new(|r| assert_eq!(r.as_deref().ok(), Some("at-tcp"), "{r:?}")),
+        ),
+        (
+            "HTTP/1.1, no length, delimited by the close",
+            vec![
+                write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"),
+                write(TOKEN),
+            ],
+            Box::new(|r| assert_eq!(r.as_deref().ok(), Some("at-tcp"), "{r:?}")),
+        ),
+        (
+            "the connection closed in the head",
+            vec![write(b"HTTP/1.1 200 OK\r\nContent-Le")],
+            Box::new(|r| {
+                assert!(
+                    matches!(
+                        r,
+                        Err(Error::Transport {
+                            grant: GrantType::Password,
+                            ..
+                        })
+                    ),
+                    "{r:?}"
+                )
+            }),
+        ),
+        (
             "Content-Length shorter than the body",
             vec![
                 write(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n"),
