@@ -198,3 +198,50 @@ async fn simultaneous_restarts_all_succeed() {
     assert_eq!(banks(&client(), &volt, &token).await, StatusCode::OK);
     assert_eq!((volt.oauth_calls(), volt.api_calls()), (1, 1));
 }
+
+/// Dropping the mock while a request is held in it and another connection is
+/// kept alive ends every task it spawned and closes its port: the held
+/// request's client sees the connection close, and the runtime is back to the
+/// tasks it had before the mock started.
+#[tokio::test]
+async fn dropping_the_mock_ends_its_tasks_and_connections() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    let volt = MockVolt::start().await.unwrap();
+    let address = volt.url()["http://".len()..].to_owned();
+    // A kept-alive connection, idle after one answer.
+    let (status, _) = oauth(&client(), &volt, &password_grant()).await;
+    assert_eq!(status, StatusCode::OK);
+    // A request held inside the server.
+    let hold = volt.hold_oauth();
+    let held = {
+        let client = client();
+        let request = Request::post(format!("{}/oauth", volt.url()))
+            .body(Full::default())
+            .unwrap();
+        tokio::spawn(async move { client.request(request).await.map(|r| r.status()) })
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), hold.wait_for(1))
+        .await
+        .expect("the request is held");
+    drop(volt);
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(60), held)
+        .await
+        .expect("the held request ends")
+        .unwrap();
+    assert!(answer.is_err(), "{answer:?}");
+    assert_eq!(hold.waiting(), 0);
+    let refused = tokio::net::TcpStream::connect(&address).await;
+    assert_eq!(
+        refused.map_err(|error| error.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionRefused)
+    );
+    // Aborted tasks are dropped when the runtime next gets to them.
+    for _ in 0..1000 {
+        if metrics.num_alive_tasks() == before {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(metrics.num_alive_tasks(), before);
+}
