@@ -233,6 +233,9 @@ fn invalid(result: &Result<String, Error>, status: u16, expected: &str) {
     }
 }
 
+/// Checks what a grant ended in.
+type Check = Box<dyn Fn(&Result<String, Error>)>;
+
 fn retry_after(result: &Result<String, Error>) -> Option<Duration> {
     match result {
         Err(Error::Failed { response, .. }) => response.retry_after(),
@@ -247,7 +250,7 @@ async fn hostile_answers_over_tcp_end_in_a_typed_error_or_a_token() {
     let gzip = [
         31u8, 139, 8, 0, 0, 0, 0, 0, 2, 3, 171, 86, 74, 76, 78, 78, 45, 46,
     ];
-    let cases: Vec<(&str, Vec<Step>, Box<dyn Fn(&Result<String, Error>)>)> = vec![
+    let cases: Vec<(&str, Vec<Step>, Check)> = vec![
         (
             "HTTP/1.0, body delimited by the close",
             vec![
