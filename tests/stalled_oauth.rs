@@ -243,7 +243,7 @@ fn retry_after(result: &Result<String, Error>) -> Option<Duration> {
     }
 }
 
-/// Each ends in a token or a typed error, well before the guard.
+/// Each ends in a token or a typed error, before the token timeout.
 #[tokio::test]
 async fn hostile_answers_over_tcp_end_in_a_typed_error_or_a_token() {
     let timeout = Duration::from_secs(2);
