@@ -46,7 +46,10 @@ use rustls::crypto::CryptoProvider;
 use crate::config::ConfigError;
 use crate::layer::{Builder, VoltAuthLayer};
 
-/// How long connecting (DNS and TCP) may take before the request fails.
+/// How long opening the TCP connection may take before the request fails,
+/// shared among the addresses a name resolves to. Not the name's resolution nor
+/// the TLS handshake: the layer's token timeout bounds an `/oauth` request
+/// whole, and only the caller's own timeout bounds an API call.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The client [`https_client`] makes: hyper-util's legacy client over an

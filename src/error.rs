@@ -95,7 +95,9 @@ pub enum Error {
         /// The configured timeout.
         timeout: Duration,
     },
-    /// The request to the token endpoint failed before an answer arrived.
+    /// The request to the token endpoint failed before a whole answer arrived:
+    /// no connection, or one that broke before the answer's end (a body
+    /// shorter than its `Content-Length`, say).
     #[error("could not reach the token endpoint for the {grant} grant")]
     Transport {
         /// The grant that was attempted.

@@ -7,6 +7,12 @@
 //! (so in-process use works under `#[tokio::test(start_paused = true)]`), rotates refresh tokens,
 //! records what it receives and can be told to fail, break, delay or hold token requests.
 //!
+//! It is a test tool: it keeps, for as long as it lives, every token it issued (expired or
+//! consumed ones too) and everything it records (each `/oauth` request's fields, each API
+//! request's `Authorization` header, each payment), so its memory grows with every call,
+//! by several hundred bytes per `/oauth` call and about a hundred per API call. For a
+//! long or high-rate run (a soak or load test), start a fresh mock per run.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> std::io::Result<()> {
@@ -57,7 +63,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::Full;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -338,6 +344,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 // ---------------------------------------------------------------------------------------------
 
 /// A running mock Volt server. Dropping it closes the listener and every connection.
+///
+/// Its memory grows with every call: see the [module docs](crate::mock).
 pub struct MockVolt {
     shared: Arc<Shared>,
     port: u16,
@@ -494,11 +502,15 @@ impl MockVolt {
     }
 
     /// Listens again on the same port, with the same state, on the current runtime. Does nothing
-    /// if already listening. A server whose runtime has shut down is not listening.
+    /// if already listening, so that of simultaneous calls one listens and the others return
+    /// `Ok` at once. A server whose runtime has shut down is not listening.
     ///
     /// # Errors
     /// [`io::ErrorKind::Unsupported`] on an in-process mock, and the I/O error of binding the
     /// port (another process may have taken it).
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
     pub async fn restart(&self) -> io::Result<()> {
         if self.in_process {
             return Err(io::Error::new(
@@ -506,13 +518,15 @@ impl MockVolt {
                 "an in-process mock has no listener",
             ));
         }
-        if lock(&self.server).as_ref().is_some_and(Server::running) {
+        // Checked, bound and stored under one lock (binding does not wait),
+        // so that of simultaneous calls one listens and the others find it
+        // listening, rather than failing to bind the port it took.
+        let mut server = lock(&self.server);
+        if server.as_ref().is_some_and(Server::running) {
             return Ok(());
         }
-        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, self.port)).await?;
-        let server = Server::spawn(listener, Arc::clone(&self.shared));
-        let previous = lock(&self.server).replace(server);
-        if let Some(previous) = previous {
+        let listener = listen(self.port)?;
+        if let Some(previous) = server.replace(Server::spawn(listener, Arc::clone(&self.shared))) {
             previous.shutdown();
         }
         Ok(())
@@ -575,6 +589,16 @@ impl MockVolt {
     pub fn issued_refresh_tokens(&self) -> Vec<String> {
         self.shared.state().issued_refresh.clone()
     }
+}
+
+/// A listener on `127.0.0.1:port`, bound at once: with `SO_REUSEADDR`, as
+/// [`TcpListener::bind`] does, so that the connections of a stopped server
+/// still closing do not keep the port.
+fn listen(port: u16) -> io::Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind((std::net::Ipv4Addr::LOCALHOST, port).into())?;
+    socket.listen(1024)
 }
 
 // ---------------------------------------------------------------------------------------------

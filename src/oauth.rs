@@ -164,7 +164,10 @@ fn parse_success(grant: GrantType, status: StatusCode, body: &[u8]) -> Result<To
     // Values stay raw JSON text, so that a number beyond f64 (a hostile
     // `expires_in`) is capped rather than failing the whole answer.
     let Some(fields) = members(body) else {
-        return Err(if serde_json::from_slice::<IgnoredAny>(body).is_ok() {
+        // JSON is UTF-8: `IgnoredAny` skips strings without checking it.
+        let json = std::str::from_utf8(body)
+            .is_ok_and(|text| serde_json::from_str::<IgnoredAny>(text).is_ok());
+        return Err(if json {
             invalid("the body is not a JSON object")
         } else {
             invalid("the body is not JSON")
@@ -643,6 +646,19 @@ mod tests {
         // A huge expires_in is capped rather than overflowing the clock.
         let token = ok(r#"{"access_token":"abc","expires_in":1e300}"#).unwrap();
         assert_eq!(token.lifetime(), MAX_LIFETIME);
+    }
+
+    /// JSON is UTF-8: an object with a string that is not (which serde's
+    /// `IgnoredAny` skips unchecked) is no JSON object.
+    #[test]
+    fn a_body_of_invalid_utf8_is_not_json() {
+        let body = b"{\"access_token\":\"at-\xff\xfe\"}";
+        match parse(GrantType::Password, StatusCode::OK, body, SECRETS) {
+            Err(Error::InvalidResponse { reason, .. }) => {
+                assert_eq!(reason, "the body is not JSON");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -166,3 +166,82 @@ fn a_mock_whose_runtime_is_gone_refuses_connections_and_restarts() {
         assert_eq!(volt.api_calls(), 1);
     });
 }
+
+/// `restart()` called from several tasks at once, on a multi-thread runtime:
+/// exactly one listens, the others find it listening and return `Ok`. Each
+/// used to check, then bind, then store, so that two could both find the
+/// server stopped and the second bind failed with `AddrInUse`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simultaneous_restarts_all_succeed() {
+    let volt = std::sync::Arc::new(MockVolt::start().await.unwrap());
+    let (status, body) = oauth(&client(), &volt, &password_grant()).await;
+    assert_eq!(status, StatusCode::OK);
+    let token = body["access_token"].as_str().unwrap().to_owned();
+    for round in 0..2000 {
+        volt.stop();
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+        let restarts: Vec<_> = (0..8)
+            .map(|_| {
+                let volt = volt.clone();
+                let barrier = barrier.clone();
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    volt.restart().await
+                })
+            })
+            .collect();
+        for restart in restarts {
+            let result = restart.await.unwrap();
+            assert!(result.is_ok(), "round {round}: {result:?}");
+        }
+    }
+    assert_eq!(banks(&client(), &volt, &token).await, StatusCode::OK);
+    assert_eq!((volt.oauth_calls(), volt.api_calls()), (1, 1));
+}
+
+/// Dropping the mock while a request is held in it and another connection is
+/// kept alive ends every task it spawned and closes its port: the held
+/// request's client sees the connection close, and the runtime is back to the
+/// tasks it had before the mock started.
+#[tokio::test]
+async fn dropping_the_mock_ends_its_tasks_and_connections() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    let volt = MockVolt::start().await.unwrap();
+    let address = volt.url()["http://".len()..].to_owned();
+    // A kept-alive connection, idle after one answer.
+    let (status, _) = oauth(&client(), &volt, &password_grant()).await;
+    assert_eq!(status, StatusCode::OK);
+    // A request held inside the server.
+    let hold = volt.hold_oauth();
+    let held = {
+        let client = client();
+        let request = Request::post(format!("{}/oauth", volt.url()))
+            .body(Full::default())
+            .unwrap();
+        tokio::spawn(async move { client.request(request).await.map(|r| r.status()) })
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), hold.wait_for(1))
+        .await
+        .expect("the request is held");
+    drop(volt);
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(60), held)
+        .await
+        .expect("the held request ends")
+        .unwrap();
+    assert!(answer.is_err(), "{answer:?}");
+    assert_eq!(hold.waiting(), 0);
+    let refused = tokio::net::TcpStream::connect(&address).await;
+    assert_eq!(
+        refused.map_err(|error| error.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionRefused)
+    );
+    // Aborted tasks are dropped when the runtime next gets to them.
+    for _ in 0..1000 {
+        if metrics.num_alive_tasks() == before {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(metrics.num_alive_tasks(), before);
+}
