@@ -614,3 +614,35 @@ async fn under_and_over_a_retry_middleware() {
         assert_eq!(auth.stats().replays, 1);
     }
 }
+
+/// Callers that give up while the first token is on its way (a timeout, a
+/// dropped future) do not cancel its refresh: the next request gets that
+/// token, and the 300 abandoned ones cost no other `/oauth` call and reach
+/// no API endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_giving_up_while_the_token_is_on_its_way_cancel_nothing() {
+    let s = setup().await;
+    let hold = s.volt.hold_oauth();
+    let tasks: Vec<_> = (0..300)
+        .map(|_| {
+            let api = s.api.clone();
+            let url = s.url("/banks");
+            tokio::spawn(async move { api.get(url).send().await })
+        })
+        .collect();
+    hold.wait_for(1).await;
+    for task in &tasks {
+        task.abort();
+    }
+    for task in tasks {
+        assert!(task.await.unwrap_err().is_cancelled());
+    }
+    assert_eq!(s.volt.api_calls(), 0);
+    hold.release();
+
+    assert_eq!(s.banks().await, StatusCode::OK);
+    assert_eq!(s.volt.oauth_calls(), 1);
+    assert_eq!(s.volt.password_grants(), 1);
+    let token = &s.volt.issued_access_tokens()[0];
+    assert_eq!(s.volt.api_authorizations(), vec![bearer(token)]);
+}
