@@ -551,8 +551,9 @@ pub enum ConfigError {
     /// (redacted as [`ConfigError::InvalidUrl`]'s URL is, in case it is a URL).
     #[error("environment variable {0} has an unsupported value {1:?}")]
     InvalidVariable(&'static str, String),
-    /// The base URL cannot be used.
-    #[error("invalid Volt base URL {url:?}: {reason}")]
+    /// The base URL, or an origin added with
+    /// [`Builder::allow_origin`](crate::Builder::allow_origin), cannot be used.
+    #[error("invalid URL {url:?}: {reason}")]
     InvalidUrl {
         /// The URL as given, without user info, query or fragment: those
         /// are replaced with `***@` and `…`, so that no password or token
@@ -561,9 +562,12 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// Plain `http` to a host that is not loopback, without opting in.
+    /// Plain `http` to a host that is not loopback: a base URL without
+    /// opting in ([`Endpoint::custom_insecure`]), or an origin added with
+    /// [`Builder::allow_origin`](crate::Builder::allow_origin), which has no
+    /// opt-in.
     #[error(
-        "refusing to send credentials over plain http to {0}: use https, or Endpoint::custom_insecure to opt in"
+        "refusing to send credentials or tokens over plain http to {0}, which is not loopback: use https (for the base URL, Endpoint::custom_insecure opts in)"
     )]
     InsecureUrl(String),
     /// A setting is out of range.
@@ -644,6 +648,26 @@ mod tests {
         assert_eq!(
             endpoint.token_uri().to_string(),
             "http://127.0.0.1:4000/oauth"
+        );
+    }
+
+    #[test]
+    fn an_allowed_origin_refused_is_not_called_a_base_url_nor_sent_to_custom_insecure() {
+        // `Builder::allow_origin` has no opt-in to plain http: the message
+        // must not send its user to `Endpoint::custom_insecure`, which would
+        // make the origin the base URL (and send it the credentials).
+        let err = Origin::allowed("http://proxy.internal").unwrap_err();
+        assert_eq!(err, ConfigError::InsecureUrl("proxy.internal".into()));
+        assert_eq!(
+            err.to_string(),
+            "refusing to send credentials or tokens over plain http to proxy.internal, \
+             which is not loopback: use https (for the base URL, \
+             Endpoint::custom_insecure opts in)"
+        );
+        let err = Origin::allowed("https://proxy.internal/?a=1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid URL \"https://proxy.internal/?…\": a query is not allowed in the URL"
         );
     }
 
