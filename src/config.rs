@@ -213,7 +213,13 @@ impl Endpoint {
             url: redact_url(url),
             reason,
         };
-        let uri: Uri = url.trim().parse().map_err(|_| invalid("not a URL"))?;
+        let uri: Uri = url.trim().parse().map_err(|_| {
+            invalid(if url.is_ascii() {
+                "not a URL"
+            } else {
+                "not ASCII: write the host in punycode (xn--…)"
+            })
+        })?;
         let scheme = uri.scheme().cloned().ok_or_else(|| invalid("no scheme"))?;
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return Err(invalid("the scheme must be http or https"));
@@ -672,6 +678,23 @@ mod tests {
     }
 
     #[test]
+    fn a_url_that_is_not_ascii_is_called_so() {
+        // `http` takes ASCII only; an internationalised host is a URL
+        // nonetheless, and "not a URL" did not say what to change.
+        for url in ["https://bücher.example", "https://bücher.example/volt"] {
+            assert_eq!(
+                Endpoint::custom(url),
+                Err(ConfigError::InvalidUrl {
+                    url: url.to_owned(),
+                    reason: "not ASCII: write the host in punycode (xn--…)",
+                }),
+                "{url}"
+            );
+        }
+        assert!(Endpoint::custom("https://xn--bcher-kva.example/volt").is_ok());
+    }
+
+    #[test]
     fn plain_http_is_refused_unless_loopback_or_opted_in() {
         for url in [
             "http://localhost:1234",
@@ -1118,7 +1141,7 @@ mod tests {
                 Endpoint::from_env(),
                 Err(ConfigError::InvalidUrl {
                     url: "https://proxy\u{fffd}.example".into(),
-                    reason: "not a URL",
+                    reason: "not ASCII: write the host in punycode (xn--…)",
                 })
             );
         });
