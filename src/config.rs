@@ -213,7 +213,13 @@ impl Endpoint {
             url: redact_url(url),
             reason,
         };
-        let uri: Uri = url.trim().parse().map_err(|_| invalid("not a URL"))?;
+        let uri: Uri = url.trim().parse().map_err(|_| {
+            invalid(if url.is_ascii() {
+                "not a URL"
+            } else {
+                "not ASCII: write the host in punycode (xn--…)"
+            })
+        })?;
         let scheme = uri.scheme().cloned().ok_or_else(|| invalid("no scheme"))?;
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return Err(invalid("the scheme must be http or https"));
@@ -320,13 +326,17 @@ impl Endpoint {
     /// Reads `VOLT_BASE_URL`, or else `VOLT_ENVIRONMENT` (`sandbox` or
     /// `production`), and `VOLT_API` (`gateway`, the default, or `global`).
     ///
+    /// A blank variable counts as unset; one that is not unicode is read with
+    /// its invalid bytes as `�`, so that it is refused as invalid rather than
+    /// passed over for the next.
+    ///
     /// # Errors
     /// [`ConfigError::MissingVariable`] when neither `VOLT_BASE_URL` nor
     /// `VOLT_ENVIRONMENT` is set, [`ConfigError::InvalidVariable`] for a value
     /// that is not one of the listed ones, and the errors of
     /// [`Endpoint::custom`].
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(&env_lookup)
+        Self::from_lookup(&env_lookup_lossy)
     }
 
     pub(crate) fn from_lookup(
@@ -528,6 +538,14 @@ fn env_lookup(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
+/// [`env_lookup`], but a value that is not unicode is read with `�` for its
+/// invalid bytes: for settings, where an unreadable value must not be taken
+/// for an unset one. (Credentials are not guessed at: see
+/// [`Credentials::from_env`].)
+fn env_lookup_lossy(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|value| value.to_string_lossy().into_owned())
+}
+
 /// A configuration the layer cannot work with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -539,8 +557,9 @@ pub enum ConfigError {
     /// (redacted as [`ConfigError::InvalidUrl`]'s URL is, in case it is a URL).
     #[error("environment variable {0} has an unsupported value {1:?}")]
     InvalidVariable(&'static str, String),
-    /// The base URL cannot be used.
-    #[error("invalid Volt base URL {url:?}: {reason}")]
+    /// The base URL, or an origin added with
+    /// [`Builder::allow_origin`](crate::Builder::allow_origin), cannot be used.
+    #[error("invalid URL {url:?}: {reason}")]
     InvalidUrl {
         /// The URL as given, without user info, query or fragment: those
         /// are replaced with `***@` and `…`, so that no password or token
@@ -549,9 +568,12 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// Plain `http` to a host that is not loopback, without opting in.
+    /// Plain `http` to a host that is not loopback: a base URL without
+    /// opting in ([`Endpoint::custom_insecure`]), or an origin added with
+    /// [`Builder::allow_origin`](crate::Builder::allow_origin), which has no
+    /// opt-in.
     #[error(
-        "refusing to send credentials over plain http to {0}: use https, or Endpoint::custom_insecure to opt in"
+        "refusing to send credentials or tokens over plain http to {0}, which is not loopback: use https (for the base URL, Endpoint::custom_insecure opts in)"
     )]
     InsecureUrl(String),
     /// A setting is out of range.
@@ -633,6 +655,43 @@ mod tests {
             endpoint.token_uri().to_string(),
             "http://127.0.0.1:4000/oauth"
         );
+    }
+
+    #[test]
+    fn an_allowed_origin_refused_is_not_called_a_base_url_nor_sent_to_custom_insecure() {
+        // `Builder::allow_origin` has no opt-in to plain http: the message
+        // must not send its user to `Endpoint::custom_insecure`, which would
+        // make the origin the base URL (and send it the credentials).
+        let err = Origin::allowed("http://proxy.internal").unwrap_err();
+        assert_eq!(err, ConfigError::InsecureUrl("proxy.internal".into()));
+        assert_eq!(
+            err.to_string(),
+            "refusing to send credentials or tokens over plain http to proxy.internal, \
+             which is not loopback: use https (for the base URL, \
+             Endpoint::custom_insecure opts in)"
+        );
+        let err = Origin::allowed("https://proxy.internal/?a=1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid URL \"https://proxy.internal/?…\": a query is not allowed in the URL"
+        );
+    }
+
+    #[test]
+    fn a_url_that_is_not_ascii_is_called_so() {
+        // `http` takes ASCII only; an internationalised host is a URL
+        // nonetheless, and "not a URL" did not say what to change.
+        for url in ["https://bücher.example", "https://bücher.example/volt"] {
+            assert_eq!(
+                Endpoint::custom(url),
+                Err(ConfigError::InvalidUrl {
+                    url: url.to_owned(),
+                    reason: "not ASCII: write the host in punycode (xn--…)",
+                }),
+                "{url}"
+            );
+        }
+        assert!(Endpoint::custom("https://xn--bcher-kva.example/volt").is_ok());
     }
 
     #[test]
@@ -1026,5 +1085,99 @@ mod tests {
             Endpoint::from_lookup(&lookup(&[("VOLT_BASE_URL", "http://volt.internal")])),
             Err(ConfigError::InsecureUrl(_))
         ));
+    }
+
+    /// Runs `child` in a child process of this test binary (running only
+    /// `test`), started with the environment variables `vars` (and no other
+    /// `VOLT_*`): a process sets its environment only before it starts
+    /// without `unsafe`. `case` tells the child which of a test's calls to run.
+    #[cfg(unix)]
+    fn in_child_with(test: &str, case: &str, vars: &[(&str, &[u8])], child: impl FnOnce()) {
+        use std::os::unix::ffi::OsStrExt;
+
+        const CASE: &str = "VOLT_AUTH_TEST_CASE";
+        if let Some(running) = std::env::var_os(CASE) {
+            if running == case {
+                child();
+            }
+            return;
+        }
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        command
+            .args(["--exact", test, "--test-threads=1"])
+            .env(CASE, case);
+        for name in [
+            "VOLT_BASE_URL",
+            "VOLT_ENVIRONMENT",
+            "VOLT_API",
+            "VOLT_CLIENT_ID",
+            "VOLT_CLIENT_SECRET",
+            "VOLT_USERNAME",
+            "VOLT_PASSWORD",
+        ] {
+            command.env_remove(name);
+        }
+        for (name, value) in vars {
+            command.env(name, std::ffi::OsStr::from_bytes(value));
+        }
+        let output = command.output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{case}: {stdout}");
+        // The filter matched the test: it ran there.
+        assert!(stdout.contains("1 passed"), "{case}: {stdout}");
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn a_variable_that_is_not_unicode_is_invalid_not_unset() {
+        // A `VOLT_BASE_URL` that could not be read was taken for an unset
+        // one: the credentials went to `VOLT_ENVIRONMENT`'s Volt instead of
+        // the base URL's, without a word. Likewise `VOLT_API` (the Gateway).
+        const TEST: &str = "config::tests::a_variable_that_is_not_unicode_is_invalid_not_unset";
+        let base_url: (&str, &[u8]) = ("VOLT_BASE_URL", b"https://proxy\xff.example");
+        let production: (&str, &[u8]) = ("VOLT_ENVIRONMENT", b"production");
+        in_child_with(TEST, "base_url", &[base_url, production], || {
+            assert_eq!(
+                Endpoint::from_env(),
+                Err(ConfigError::InvalidUrl {
+                    url: "https://proxy\u{fffd}.example".into(),
+                    reason: "not ASCII: write the host in punycode (xn--…)",
+                })
+            );
+        });
+        let api: (&str, &[u8]) = ("VOLT_API", b"gl\xffobal");
+        in_child_with(TEST, "api", &[api, production], || {
+            assert_eq!(
+                Endpoint::from_env(),
+                Err(ConfigError::InvalidVariable(
+                    "VOLT_API",
+                    "gl\u{fffd}obal".into()
+                ))
+            );
+        });
+        let environment: (&str, &[u8]) = ("VOLT_ENVIRONMENT", b"sandb\xffox");
+        in_child_with(TEST, "environment", &[environment], || {
+            assert_eq!(
+                Endpoint::from_env(),
+                Err(ConfigError::InvalidVariable(
+                    "VOLT_ENVIRONMENT",
+                    "sandb\u{fffd}ox".into()
+                ))
+            );
+        });
+        // The credentials say the same as ever: not unicode, not usable.
+        let secret: (&str, &[u8]) = ("VOLT_CLIENT_SECRET", b"s3cret\xff");
+        let vars = [
+            ("VOLT_CLIENT_ID", &b"id"[..]),
+            secret,
+            ("VOLT_USERNAME", b"user"),
+            ("VOLT_PASSWORD", b"password"),
+        ];
+        in_child_with(TEST, "credentials", &vars, || {
+            assert_eq!(
+                Credentials::from_env().unwrap_err(),
+                ConfigError::MissingVariable("VOLT_CLIENT_SECRET")
+            );
+        });
     }
 }

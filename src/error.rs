@@ -112,9 +112,9 @@ pub enum Error {
     /// error: the next caller starts another.
     #[error("the token refresh stopped before it finished")]
     Interrupted,
-    /// There is no Tokio runtime to run the token refresh on: the first
-    /// request (or [`access_token`](crate::VoltAuthLayer::access_token)) was
-    /// made outside one.
+    /// There is no Tokio runtime to run the token refresh on: a request that
+    /// needed a refresh (or [`access_token`](crate::VoltAuthLayer::access_token))
+    /// was made outside one, or while its runtime was shutting down.
     #[error("volt-auth needs a Tokio runtime to refresh tokens")]
     NoRuntime,
 }

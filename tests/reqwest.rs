@@ -8,6 +8,10 @@ use http_body_util::Full;
 use reqwest::StatusCode;
 use reqwest::header::CONTENT_TYPE;
 use reqwest_middleware::ClientWithMiddleware;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tower::ServiceExt;
 use volt_auth::mock::{MockVolt, payment_digest};
@@ -103,7 +107,7 @@ async fn one_password_grant_serves_sequential_and_concurrent_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_requests_share_one_password_grant() {
     let s = setup().await;
-    let tasks: Vec<_> = (0..100)
+    let tasks: Vec<_> = (0..500)
         .map(|_| {
             let api = s.api.clone();
             let url = s.url("/banks");
@@ -117,7 +121,7 @@ async fn concurrent_first_requests_share_one_password_grant() {
     assert_eq!(s.volt.password_grants(), 1);
     assert_eq!(s.volt.max_oauth_in_flight(), 1);
     let token = &s.volt.issued_access_tokens()[0];
-    assert_eq!(s.volt.api_authorizations(), vec![bearer(token); 100]);
+    assert_eq!(s.volt.api_authorizations(), vec![bearer(token); 500]);
 }
 
 #[tokio::test]
@@ -374,4 +378,271 @@ async fn a_tower_stack_over_the_reqwest_transport_replays_reqwest_bodies() {
     assert_eq!(volt.oauth_calls(), 2);
     assert_eq!(volt.refresh_grants(), 1);
     assert_eq!(auth.stats().replays, 1);
+}
+
+/// A middleware that runs `hook` on each request it passes on, and then, if
+/// `fail_first` is above zero, fails that many sends with an error of its own
+/// instead of sending them (a transient transport error).
+#[derive(Clone)]
+struct Hook<F> {
+    hook: F,
+    fail_first: Arc<AtomicUsize>,
+}
+
+fn hook<F>(hook: F) -> Hook<F> {
+    Hook {
+        hook,
+        fail_first: Arc::default(),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Tag(u32);
+
+impl<F> reqwest_middleware::Middleware for Hook<F>
+where
+    F: Fn(&mut reqwest::Request, &mut http::Extensions) + Send + Sync + 'static,
+{
+    fn handle<'a, 'b, 'c, 'd>(
+        &'a self,
+        mut request: reqwest::Request,
+        extensions: &'b mut http::Extensions,
+        next: reqwest_middleware::Next<'c>,
+    ) -> Pin<Box<dyn Future<Output = reqwest_middleware::Result<reqwest::Response>> + Send + 'd>>
+    where
+        'a: 'd,
+        'b: 'd,
+        'c: 'd,
+        Self: 'd,
+    {
+        (self.hook)(&mut request, extensions);
+        let fail = self
+            .fail_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        Box::pin(async move {
+            if fail {
+                return Err(reqwest_middleware::Error::middleware(
+                    std::io::Error::other("transient"),
+                ));
+            }
+            next.run(request, extensions).await
+        })
+    }
+}
+
+/// `reqwest-retry`'s loop, reduced: sends a clone of the request, and again
+/// (up to `attempts` in all) after an error or a status `retry` accepts.
+#[derive(Clone)]
+struct Retry {
+    attempts: usize,
+    retry: fn(StatusCode) -> bool,
+}
+
+impl reqwest_middleware::Middleware for Retry {
+    fn handle<'a, 'b, 'c, 'd>(
+        &'a self,
+        request: reqwest::Request,
+        extensions: &'b mut http::Extensions,
+        next: reqwest_middleware::Next<'c>,
+    ) -> Pin<Box<dyn Future<Output = reqwest_middleware::Result<reqwest::Response>> + Send + 'd>>
+    where
+        'a: 'd,
+        'b: 'd,
+        'c: 'd,
+        Self: 'd,
+    {
+        Box::pin(async move {
+            let mut attempt = 1;
+            loop {
+                let copy = request.try_clone().expect("a clonable request");
+                let result = next.clone().run(copy, extensions).await;
+                let again = match &result {
+                    Ok(response) => (self.retry)(response.status()),
+                    Err(_) => true,
+                };
+                if !again || attempt == self.attempts {
+                    return result;
+                }
+                attempt += 1;
+            }
+        })
+    }
+}
+
+fn authorization(request: &reqwest::Request) -> Option<String> {
+    request
+        .headers()
+        .get(reqwest::header::AUTHORIZATION)
+        .map(|value| value.to_str().unwrap().to_owned())
+}
+
+/// Middlewares before the auth middleware see no token; those after it see
+/// the token it attached, on the first send and on the replay after a 401,
+/// with the same `Extensions` (set before the auth middleware) both times.
+#[tokio::test]
+async fn middlewares_around_it_and_extensions_on_the_replay() {
+    type Seen = Arc<Mutex<Vec<(Option<String>, Option<Tag>)>>>;
+    let volt = MockVolt::start().await.unwrap();
+    let client = reqwest::Client::new();
+    let auth = VoltAuthLayer::builder(volt.credentials())
+        .base_url(&volt.url())
+        .build(ReqwestTransport::new(client.clone()))
+        .unwrap();
+    let (before, after): (Seen, Seen) = Default::default();
+    let (seen_before, seen_after) = (before.clone(), after.clone());
+    let api = reqwest_middleware::ClientBuilder::new(client)
+        .with(hook(
+            move |request: &mut reqwest::Request, extensions: &mut http::Extensions| {
+                extensions.insert(Tag(7));
+                seen_before
+                    .lock()
+                    .unwrap()
+                    .push((authorization(request), None));
+            },
+        ))
+        .with(auth.middleware())
+        .with(hook(
+            move |request: &mut reqwest::Request, extensions: &mut http::Extensions| {
+                seen_after
+                    .lock()
+                    .unwrap()
+                    .push((authorization(request), extensions.get::<Tag>().cloned()));
+            },
+        ))
+        .build();
+
+    let banks = format!("{}/banks", volt.url());
+    assert_eq!(api.get(&banks).send().await.unwrap().status(), 200);
+    volt.revoke_access_tokens();
+    let response = api
+        .post(format!("{}/v2/payments", volt.url()))
+        .header(CONTENT_TYPE, "application/json")
+        .body(PAYMENT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+
+    let tokens = volt.issued_access_tokens();
+    assert_eq!(tokens.len(), 2);
+    assert_eq!(*before.lock().unwrap(), vec![(None, None); 2]);
+    assert_eq!(
+        *after.lock().unwrap(),
+        vec![
+            (bearer(&tokens[0]), Some(Tag(7))),
+            (bearer(&tokens[0]), Some(Tag(7))),
+            (bearer(&tokens[1]), Some(Tag(7))),
+        ]
+    );
+    assert_eq!(
+        volt.api_authorizations(),
+        vec![bearer(&tokens[0]), bearer(&tokens[0]), bearer(&tokens[1])]
+    );
+    assert_eq!(volt.oauth_calls(), 2);
+    assert_eq!(volt.refresh_grants(), 1);
+    assert_eq!(auth.stats().replays, 1);
+}
+
+/// A retry middleware inside the auth middleware resends the request as it
+/// got it, token included; outside, each attempt gets the current token. A
+/// transient error costs no `/oauth` call either way, and a 401 is renewed
+/// and replayed once by the auth middleware, not by the retries.
+#[tokio::test]
+async fn under_and_over_a_retry_middleware() {
+    for retry_outside in [false, true] {
+        let volt = MockVolt::start().await.unwrap();
+        let client = reqwest::Client::new();
+        let auth = VoltAuthLayer::builder(volt.credentials())
+            .base_url(&volt.url())
+            .build(ReqwestTransport::new(client.clone()))
+            .unwrap();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let seen = sent.clone();
+        let flaky = hook(
+            move |request: &mut reqwest::Request, _: &mut http::Extensions| {
+                seen.lock().unwrap().push(authorization(request));
+            },
+        );
+        let retry = Retry {
+            attempts: 3,
+            // Transient statuses only, as reqwest-retry's default policy.
+            retry: |status| status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS,
+        };
+        let builder = reqwest_middleware::ClientBuilder::new(client);
+        let api = if retry_outside {
+            builder
+                .with(retry)
+                .with(auth.middleware())
+                .with(flaky.clone())
+        } else {
+            builder
+                .with(auth.middleware())
+                .with(retry)
+                .with(flaky.clone())
+        }
+        .build();
+        let banks = format!("{}/banks", volt.url());
+
+        // Two transient errors, then the answer.
+        flaky.fail_first.store(2, Ordering::SeqCst);
+        assert_eq!(
+            api.get(&banks).send().await.unwrap().status(),
+            200,
+            "{retry_outside}"
+        );
+        let tokens = volt.issued_access_tokens();
+        assert_eq!(*sent.lock().unwrap(), vec![bearer(&tokens[0]); 3]);
+        assert_eq!(volt.api_authorizations(), vec![bearer(&tokens[0])]);
+        assert_eq!(volt.oauth_calls(), 1);
+
+        // A 401 is not retried: renewed and replayed once.
+        volt.revoke_access_tokens();
+        assert_eq!(
+            api.get(&banks).send().await.unwrap().status(),
+            200,
+            "{retry_outside}"
+        );
+        let tokens = volt.issued_access_tokens();
+        assert_eq!(
+            volt.api_authorizations(),
+            vec![bearer(&tokens[0]), bearer(&tokens[0]), bearer(&tokens[1])],
+            "{retry_outside}"
+        );
+        assert_eq!(volt.oauth_calls(), 2);
+        assert_eq!(volt.refresh_grants(), 1);
+        assert_eq!(auth.stats().replays, 1);
+    }
+}
+
+/// Callers that give up while the first token is on its way (a timeout, a
+/// dropped future) do not cancel its refresh: the next request gets that
+/// token, and the 300 abandoned ones cost no other `/oauth` call and reach
+/// no API endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_giving_up_while_the_token_is_on_its_way_cancel_nothing() {
+    let s = setup().await;
+    let hold = s.volt.hold_oauth();
+    let tasks: Vec<_> = (0..300)
+        .map(|_| {
+            let api = s.api.clone();
+            let url = s.url("/banks");
+            tokio::spawn(async move { api.get(url).send().await })
+        })
+        .collect();
+    hold.wait_for(1).await;
+    for task in &tasks {
+        task.abort();
+    }
+    for task in tasks {
+        assert!(task.await.unwrap_err().is_cancelled());
+    }
+    assert_eq!(s.volt.api_calls(), 0);
+    hold.release();
+
+    assert_eq!(s.banks().await, StatusCode::OK);
+    assert_eq!(s.volt.oauth_calls(), 1);
+    assert_eq!(s.volt.password_grants(), 1);
+    let token = &s.volt.issued_access_tokens()[0];
+    assert_eq!(s.volt.api_authorizations(), vec![bearer(token)]);
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use reqwest::StatusCode;
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::time::Duration;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use volt_auth::VoltAuthLayer;
 use volt_auth::mock::MockVolt;
@@ -249,4 +250,66 @@ async fn oauth_credentials_are_not_resent_to_the_origin_of_a_307_redirect() {
         leaked.len()
     );
     assert_eq!(elsewhere.oauth_calls(), 0);
+}
+
+/// As the README says: reqwest reports only where a chain of redirects
+/// ended, so one that leaves the origin and comes back (the token removed on
+/// the way, and not put back) ends in a 401 taken for the token's. It costs
+/// one refresh and one replay, which meets the same 401; the forced
+/// refreshes that follow are throttled.
+#[tokio::test]
+async fn a_redirect_chain_back_to_the_origin_costs_one_refresh_and_one_replay() {
+    let volt = MockVolt::start().await.unwrap();
+    let back_to = Arc::new(Mutex::new(String::new()));
+    let target = back_to.clone();
+    let elsewhere = Redirector::answering(move |path| {
+        let location = format!("{}{path}", target.lock().unwrap());
+        (
+            format!("HTTP/1.1 302 Found\r\nLocation: {location}\r\n"),
+            String::new(),
+        )
+    });
+    let away = elsewhere.url.clone();
+    let origin = Redirector::answering(move |path| match path {
+        "/back" => ("HTTP/1.1 401 Unauthorized\r\n".to_owned(), String::new()),
+        _ => (
+            format!("HTTP/1.1 302 Found\r\nLocation: {away}/back\r\n"),
+            String::new(),
+        ),
+    });
+    *back_to.lock().unwrap() = origin.url.clone();
+    let client = reqwest::Client::new();
+    let auth = VoltAuthLayer::builder(volt.credentials())
+        .base_url(&volt.url())
+        .allow_origin(&origin.url)
+        // A long backoff, so that the throttle holds however slow the machine.
+        .backoff(Duration::from_secs(60), Duration::from_secs(120))
+        .build(ReqwestTransport::new(client.clone()))
+        .unwrap();
+    let api = reqwest_middleware::ClientBuilder::new(client)
+        .with(auth.middleware())
+        .build();
+    let banks = format!("{}/banks", origin.url);
+
+    let response = api.get(&banks).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(response.url().as_str(), format!("{}/back", origin.url));
+    let tokens = volt.issued_access_tokens();
+    assert_eq!(tokens.len(), 2);
+    let bearer = |token: &str| Some(format!("Bearer {token}"));
+    assert_eq!(
+        origin.authorizations(),
+        vec![bearer(&tokens[0]), None, bearer(&tokens[1]), None]
+    );
+    assert_eq!(elsewhere.authorizations(), vec![None, None]);
+    assert_eq!(volt.oauth_calls(), 2);
+    assert_eq!(volt.refresh_grants(), 1);
+    assert_eq!(auth.stats().replays, 1);
+
+    // The next such 401 is throttled: no refresh, no replay, the token kept.
+    let response = api.get(&banks).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(origin.authorizations()[4..], [bearer(&tokens[1]), None]);
+    assert_eq!(volt.oauth_calls(), 2);
+    assert_eq!(auth.stats().replays, 1);
 }
