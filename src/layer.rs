@@ -34,7 +34,9 @@ const MAX_TOKEN_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// [`VoltAuthLayer::builder`] or [`VoltAuthLayer::from_env`].
 ///
 /// When Volt answers 401 (a token revoked early), the layer refreshes once and
-/// replays the request once; the caller sees only the second answer:
+/// replays the request once if it could copy its body (see
+/// [`ReplayPolicy`](crate::ReplayPolicy)); the caller sees only the second
+/// answer:
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]

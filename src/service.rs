@@ -33,6 +33,11 @@ use crate::replay::{DefaultReplay, ReplayPolicy};
 /// Errors are `BoxError`s: the inner service's own, or a
 /// [`volt_auth::Error`](crate::Error) when no token could be had.
 ///
+/// The inner service must be `Clone`: a request that waits for its token
+/// takes the instance polled ready along, and the copy kept for a replay
+/// takes an unused clone, driven ready before the replay is sent. tower's
+/// `RateLimit` is not `Clone`; put it outside the layer, or behind a `Buffer`.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), tower::BoxError> {

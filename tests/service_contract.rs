@@ -198,6 +198,21 @@ where
     assert_eq!(mock.oauth_calls(), 2);
 }
 
+/// A response future polled again after it completed: `Error::Interrupted`,
+/// at once.
+fn assert_interrupted<T: std::fmt::Debug>(again: Poll<Result<T, BoxError>>) {
+    let Poll::Ready(Err(error)) = again else {
+        panic!("expected Error::Interrupted, got {again:?}");
+    };
+    assert!(
+        matches!(
+            error.downcast_ref::<volt_auth::Error>(),
+            Some(volt_auth::Error::Interrupted)
+        ),
+        "{error:?}"
+    );
+}
+
 fn snapshot(counts: &Counts) -> (usize, usize, usize) {
     (
         counts.ready.load(Ordering::SeqCst),
@@ -481,7 +496,7 @@ async fn polling_again_after_a_replayed_success_sends_nothing() {
     let response = future.as_mut().await.expect("response");
     assert_eq!(response.status(), StatusCode::CREATED);
     let again = poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await;
-    assert!(again.is_pending() || matches!(again, Poll::Ready(Err(_))));
+    assert_interrupted(again);
     assert_eq!(snapshot(&counts), (3, 3, 0));
     assert_eq!(mock.api_calls(), 3);
     assert_eq!(
@@ -546,6 +561,72 @@ async fn polling_again_after_a_success_does_not_panic() {
     let response: Result<Response<Body>, BoxError> = future.as_mut().await;
     assert_eq!(response.expect("response").status(), StatusCode::OK);
     let again = poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await;
-    assert!(matches!(again, Poll::Ready(Err(_))));
+    assert_interrupted(again);
     assert_eq!(mock.api_calls(), 2);
+}
+
+/// Every replay's inner future panics, on a multi-thread runtime: each task
+/// ends in that panic, the one forced refresh is not repeated, each replay
+/// is counted once, and the cache serves the renewed token to the next
+/// requests (no lock left poisoned or held, no `/oauth` call more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replays_whose_inner_future_panics_leave_the_cache_usable() {
+    const N: usize = 200;
+    let mock = MockVolt::builder().in_process();
+    let auth = layer(&mock);
+    let armed = Arc::new(AtomicBool::new(false));
+    let inner = {
+        let armed = armed.clone();
+        mock.service().map_future(move |future| {
+            let panics = armed.load(Ordering::SeqCst);
+            async move {
+                assert!(!panics, "the inner future panicked");
+                future.await
+            }
+        })
+    };
+    let mut api = auth.layer(inner);
+    assert_eq!(
+        send(&mut api, get(&mock, "/banks")).await.status(),
+        StatusCode::OK
+    );
+    mock.revoke_access_tokens();
+    // Every first send is made (with the revoked token) before any answer;
+    // only the calls made after that, the replays, get a panicking future.
+    let mut futures = Vec::new();
+    for _ in 0..N {
+        futures.push(api.ready().await.expect("ready").call(get(&mock, "/banks")));
+    }
+    armed.store(true, Ordering::SeqCst);
+    let tasks: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    for task in tasks {
+        let error = timeout(GUARD, task)
+            .await
+            .expect("within the guard")
+            .expect_err("the replay panicked");
+        assert!(error.is_panic(), "{error:?}");
+    }
+    assert_eq!(mock.unauthorized(), N);
+    assert_eq!(mock.api_calls(), 1 + N, "no replay reached the server");
+    assert_eq!(auth.stats().replays, N as u64);
+    assert_eq!(mock.oauth_calls(), 2);
+
+    armed.store(false, Ordering::SeqCst);
+    let tasks: Vec<_> = (0..N)
+        .map(|_| tokio::spawn(api.clone().oneshot(get(&mock, "/banks"))))
+        .collect();
+    for task in tasks {
+        assert_eq!(joined(task).await.status(), StatusCode::OK);
+    }
+    let issued = mock.issued_access_tokens();
+    assert_eq!(issued.len(), 2);
+    let authorizations = mock.api_authorizations();
+    assert!(
+        authorizations[1 + N..]
+            .iter()
+            .all(|a| *a == bearer(&issued[1]))
+    );
+    assert_eq!(mock.api_calls(), 1 + 2 * N);
+    assert_eq!(mock.oauth_calls(), 2);
+    assert_eq!(auth.stats().replays, N as u64);
 }
