@@ -205,7 +205,6 @@ impl TokenCache {
     /// for [`TokenCache::token`]. One atomic load, no lock, no clock read, no
     /// reference count shared with other threads.
     #[inline]
-    #[cfg(any(feature = "reqwest", test))]
     pub(crate) fn attach(&self, headers: &mut HeaderMap) -> Option<Ticket> {
         self.read(&self.shared.current.load(), headers)
     }
@@ -219,18 +218,6 @@ impl TokenCache {
         headers: &mut HeaderMap,
     ) -> Option<Ticket> {
         self.read(local.0.load(), headers)
-    }
-
-    /// For a replay about to be sent with the token of `generation`: a newer
-    /// token the cache holds (the one the renewal gave was replaced while the
-    /// replay waited for the inner service), put in `headers`, with its
-    /// ticket; `None` when there is no newer token that may be used.
-    pub(crate) fn newer(&self, generation: u64, headers: &mut HeaderMap) -> Option<Ticket> {
-        let entry = self.shared.current.load();
-        if entry.generation <= generation {
-            return None;
-        }
-        self.read(&entry, headers)
     }
 
     /// A per-service view of the current token.

@@ -91,6 +91,19 @@ impl Credentials {
         self.client_secret.expose_secret()
     }
 
+    /// What is wrong when one of the four parts is empty (Volt would refuse
+    /// it, after a round trip and with a long wait before the next try).
+    pub(crate) fn empty_part(&self) -> Option<&'static str> {
+        [
+            (&self.client_id[..], "the client id is empty"),
+            (self.client_secret(), "the client secret is empty"),
+            (&self.username[..], "the username is empty"),
+            (self.password(), "the password is empty"),
+        ]
+        .into_iter()
+        .find_map(|(part, problem)| part.is_empty().then_some(problem))
+    }
+
     pub(crate) fn password(&self) -> &str {
         self.password.expose_secret()
     }
@@ -576,7 +589,7 @@ pub enum ConfigError {
         "refusing to send credentials or tokens over plain http to {0}, which is not loopback: use https (for the base URL, Endpoint::custom_insecure opts in)"
     )]
     InsecureUrl(String),
-    /// A setting is out of range.
+    /// A setting is out of range, or a credential is empty.
     #[error("invalid setting: {0}")]
     InvalidSetting(&'static str),
 }

@@ -231,8 +231,13 @@ where
     if let Some(token) = wait.token.as_mut() {
         let outcome = ready!(token.as_mut().poll(cx));
         wait.token = None;
+        // The 401 is kept until the replay is sent: a second wait (below)
+        // may need it back.
         let lease = match (outcome, wait.held.take()) {
-            (Ok(Some(lease)), _) => lease,
+            (Ok(Some(lease)), held) => {
+                wait.held = held;
+                lease
+            }
             // No newer token may be had yet, or none at all: the 401 goes
             // back as it came.
             (Ok(None), Some(held)) => {
@@ -257,22 +262,26 @@ where
         }
         wait.ready = true;
     }
+    if wait.replaying {
+        // With the token served now: getting ready may have taken a while (a
+        // queue for a permit), and the token renewed before may be gone. If
+        // there is none, the replay waits for the next, the service kept
+        // ready.
+        if let Some(ticket) = this.ticket.as_mut() {
+            if let Err(cache) = ticket.replaying(wait.request.headers_mut()) {
+                wait.token = Some(Box::pin(async move { cache.token().await.map(Some) }));
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
     let Some(wait) = this.wait.take() else {
         return Poll::Ready(Err(Err(interrupted())));
     };
     let Wait {
         mut service,
-        mut request,
-        replaying,
+        request,
         ..
     } = *wait;
-    if replaying {
-        // With the newest token: getting ready may have taken a while (a
-        // queue for a permit), and the token renewed before may be gone.
-        if let Some(ticket) = this.ticket.as_mut() {
-            ticket.replaying(request.headers_mut());
-        }
-    }
     this.call.set(Some(service.call(request)));
     Poll::Ready(Ok(()))
 }

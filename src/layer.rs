@@ -142,7 +142,7 @@ impl<P> VoltAuthLayer<P> {
     /// The [`Error`] of the last `/oauth` attempt, when there is no valid token
     /// (during a backoff, at once); [`Error::Interrupted`] when the refresh
     /// panicked (a panicking transport), also for its backoff;
-    /// [`Error::NoRuntime`] outside a Tokio runtime.
+    /// [`Error::NoRuntime`] outside a Tokio runtime, or on one shutting down.
     ///
     /// # Panics
     /// When it must wait for a refresh on a Tokio runtime built without its
@@ -431,8 +431,8 @@ impl<P> Builder<P> {
     /// request body can be made from [`Bytes`].
     ///
     /// # Errors
-    /// A [`ConfigError`] for an invalid base URL or origin, or settings out of
-    /// range (a zero token timeout or one over 5 minutes, a zero backoff, a
+    /// A [`ConfigError`] for an invalid base URL or origin, an empty
+    /// credential, or settings out of range (a zero token timeout or one over 5 minutes, a zero backoff, a
     /// backoff minimum over its maximum, a backoff maximum over a day, a
     /// margin larger than the refresh-ahead window).
     pub fn build<T, ReqBody, ResBody>(self, transport: T) -> Result<VoltAuthLayer<P>, ConfigError>
@@ -446,6 +446,9 @@ impl<P> Builder<P> {
         ResBody::Error: Into<BoxError>,
     {
         let endpoint = self.endpoint?;
+        if let Some(problem) = self.credentials.empty_part() {
+            return Err(ConfigError::InvalidSetting(problem));
+        }
         let mut settings = self.settings;
         if self.timeout.is_zero() {
             return Err(ConfigError::InvalidSetting(
@@ -585,6 +588,27 @@ mod tests {
                 "the backoff needs 0 < min <= max"
             ))
         );
+    }
+
+    #[test]
+    fn an_empty_credential_is_refused_by_name() {
+        let parts = ["id", "secret", "user", "password"];
+        let problems = [
+            "the client id is empty",
+            "the client secret is empty",
+            "the username is empty",
+            "the password is empty",
+        ];
+        for (empty, problem) in problems.into_iter().enumerate() {
+            let mut given = parts;
+            given[empty] = "";
+            let credentials = Credentials::new(given[0], given[1], given[2], given[3]);
+            let built = build(VoltAuthLayer::builder(credentials));
+            assert_eq!(built.err(), Some(ConfigError::InvalidSetting(problem)));
+        }
+        // Blank is not empty: a password of spaces is Volt's to judge.
+        let spaces = Credentials::new("id", "secret", "user", "   ");
+        assert!(build(VoltAuthLayer::builder(spaces)).is_ok());
     }
 
     #[test]

@@ -491,6 +491,121 @@ async fn a_replay_queued_for_a_permit_goes_with_the_newest_token() {
     assert_eq!(volt.oauth_calls(), 3);
 }
 
+/// A replay that queues for a permit while its renewed token is rejected by
+/// another request (past the throttle), and the next one is still on its
+/// way, waits for that one, keeping its permit: it is not sent with a token
+/// the cache already knows is refused, to come back a second 401.
+#[tokio::test(start_paused = true)]
+async fn a_replay_queued_while_its_renewed_token_is_rejected_waits_for_the_next() {
+    let (volt, auth, a, other) = replay_queued_while_its_renewed_token_is_rejected(None).await;
+    assert_eq!(a.status(), StatusCode::CREATED);
+    assert_eq!(other.status(), StatusCode::OK);
+    let issued = volt.issued_access_tokens();
+    assert_eq!(issued.len(), 3);
+    assert_eq!(
+        volt.payment_bodies(),
+        vec![Bytes::from("a"), Bytes::from("a")]
+    );
+    // The warm-up, `a`, `other` (each with the token it found), then both
+    // replays with the third token, in either order.
+    let bearer = |token: &String| Some(format!("Bearer {token}"));
+    assert_eq!(
+        volt.api_authorizations(),
+        vec![
+            bearer(&issued[0]),
+            bearer(&issued[0]),
+            bearer(&issued[1]),
+            bearer(&issued[2]),
+            bearer(&issued[2]),
+        ]
+    );
+    // `a`'s replay and `other`'s, each counted once.
+    assert_eq!(auth.stats().replays, 2);
+    assert_eq!(volt.oauth_calls(), 3);
+}
+
+/// The same, when the refresh the replay waits for fails: the replay is not
+/// sent, and its caller gets the 401 it was recovering from.
+#[tokio::test(start_paused = true)]
+async fn a_replay_queued_while_its_renewed_token_is_rejected_returns_its_401_if_no_next_comes() {
+    let (volt, auth, a, other) =
+        replay_queued_while_its_renewed_token_is_rejected(Some(StatusCode::SERVICE_UNAVAILABLE))
+            .await;
+    assert_eq!(a.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(other.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(volt.payment_bodies(), vec![Bytes::from("a")]);
+    let issued = volt.issued_access_tokens();
+    assert_eq!(issued.len(), 2);
+    let bearer = |token: &String| Some(format!("Bearer {token}"));
+    assert_eq!(
+        volt.api_authorizations(),
+        vec![bearer(&issued[0]), bearer(&issued[0]), bearer(&issued[1])]
+    );
+    assert_eq!(auth.stats().replays, 0);
+    assert_eq!(volt.oauth_calls(), 3);
+}
+
+/// `a` (a payment) is answered 401 and renews the token; its replay queues
+/// for the only permit. Then, past the throttle, `other` (a GET without the
+/// limit) is answered 401 to the renewed token and forces the next refresh,
+/// held at `/oauth` (and answered `failure`, if any) until `a` is shown to
+/// wait for it once the permit comes. Returns both answers.
+async fn replay_queued_while_its_renewed_token_is_rejected(
+    failure: Option<StatusCode>,
+) -> (
+    MockVolt,
+    VoltAuthLayer,
+    Response<Full<Bytes>>,
+    Response<Full<Bytes>>,
+) {
+    let volt = volt();
+    let auth = auth(&volt);
+    let api = ServiceBuilder::new()
+        .layer(auth.clone())
+        .concurrency_limit(1)
+        .service(Probe::new(&volt));
+    let mut warm = api.clone();
+    assert_eq!(send(&mut warm, get(&volt)).await.unwrap(), StatusCode::OK);
+    volt.revoke_access_tokens();
+
+    let mut a = api.clone();
+    a.ready().await.unwrap();
+    let mut a = std::pin::pin!(a.call(pay(&volt, "a")));
+    let poll = std::future::poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await;
+    assert!(poll.is_pending());
+    let mut holder = api.clone();
+    holder.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let poll = std::future::poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await;
+    assert!(poll.is_pending(), "the replay waits for the permit");
+    assert_eq!(volt.issued_access_tokens().len(), 2);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    volt.revoke_access_tokens();
+    let hold = volt.hold_oauth();
+    let other = tokio::spawn(tower::Layer::layer(&auth, Probe::new(&volt)).oneshot(get(&volt)));
+    hold.wait_for(1).await;
+    if let Some(status) = failure {
+        volt.fail_oauth(1, status, "{}");
+    }
+
+    // The permit comes while the next token is on its way: `a` waits for
+    // it (a second of the paused clock passes, well within the token
+    // timeout) rather than going with the rejected one.
+    drop(holder);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), a.as_mut())
+            .await
+            .is_err(),
+        "the replay waits for the next token"
+    );
+    assert_eq!(volt.payment_bodies(), vec![Bytes::from("a")]);
+    hold.release();
+    let a = a.await.unwrap();
+    let other = other.await.unwrap().unwrap();
+    (volt, auth, a, other)
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_limited_service_must_not_be_the_oauth_transport() {
     // VoltAuth reserves the inner service (and its permit) before it waits

@@ -686,7 +686,7 @@ async fn an_accepted_forced_token_ends_the_throttles_escalation() {
     // A renewal alone replays nothing: the replay is counted when it is sent.
     assert_eq!(cache.stats().replays, 0);
     let mut ticket = renewed.ticket;
-    ticket.replaying(&mut http::HeaderMap::new());
+    assert!(ticket.replaying(&mut http::HeaderMap::new()).is_ok());
     assert_eq!(ticket, renewed.ticket, "the renewed token is the newest");
     assert_eq!(cache.stats().replays, 1);
 }

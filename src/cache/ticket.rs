@@ -121,20 +121,25 @@ impl Ticket {
     }
 
     /// Just before a replay renewed with this ticket's token is sent with
-    /// `headers`: if the cache now holds a newer token (the renewed one was
-    /// replaced while the replay waited for the inner service, say rejected
-    /// by another request), the replay goes with that one, and this ticket
-    /// becomes its. Counts the replay ([`TokenCache::replayed`]), if the
-    /// cache is still there.
+    /// `headers`: the replay goes with the token the cache serves now, which
+    /// becomes this ticket's. That is the renewed one, or a newer one if the
+    /// renewed one was replaced while the replay waited for the inner service
+    /// (rejected by another request, say). Counts the replay
+    /// ([`TokenCache::replayed`]), if the cache is still there.
+    ///
+    /// # Errors
+    /// The cache, when it serves no token now (the renewed one was rejected
+    /// or expired and its successor is on its way): the replay must wait for
+    /// [`TokenCache::token`] and come back here, rather than go with a token
+    /// known to be refused.
     #[cold]
-    pub(crate) fn replaying(&mut self, headers: &mut HeaderMap) {
+    pub(crate) fn replaying(&mut self, headers: &mut HeaderMap) -> Result<(), TokenCache> {
         let Some(cache) = self.cache() else {
-            return;
+            return Ok(());
         };
-        if let Some(newer) = cache.newer(self.generation, headers) {
-            *self = newer;
-        }
+        *self = cache.attach(headers).ok_or_else(|| cache.clone())?;
         cache.replayed(self.generation);
+        Ok(())
     }
 
     #[cfg(test)]
