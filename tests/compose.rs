@@ -441,27 +441,7 @@ async fn a_limit_outside_auth_bounds_whole_calls_with_their_replay() {
 async fn a_replay_queued_for_a_permit_goes_with_the_newest_token() {
     let volt = volt();
     let auth = auth(&volt);
-    let api = ServiceBuilder::new()
-        .layer(auth.clone())
-        .concurrency_limit(1)
-        .service(Probe::new(&volt));
-    let mut warm = api.clone();
-    assert_eq!(send(&mut warm, get(&volt)).await.unwrap(), StatusCode::OK);
-    volt.revoke_access_tokens();
-
-    // `a` is answered 401 and renews the token (the second one)...
-    let mut a = api.clone();
-    a.ready().await.unwrap();
-    let mut a = std::pin::pin!(a.call(pay(&volt, "a")));
-    let poll = std::future::poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await;
-    assert!(poll.is_pending());
-    // ...while another caller holds the only permit.
-    let mut holder = api.clone();
-    holder.ready().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1)).await;
-    let poll = std::future::poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await;
-    assert!(poll.is_pending(), "the replay waits for the permit");
-    assert_eq!(volt.issued_access_tokens().len(), 2);
+    let (a, holder) = queued_replay(&volt, &auth).await;
 
     // Past the throttle, Volt rejects the second token too; a request
     // without the limit renews it (the third token) and succeeds.
@@ -545,8 +525,41 @@ async fn a_replay_queued_while_its_renewed_token_is_rejected_returns_its_401_if_
     assert_eq!(volt.oauth_calls(), 3);
 }
 
-/// `a` (a payment) is answered 401 and renews the token; its replay queues
-/// for the only permit. Then, past the throttle, `other` (a GET without the
+type Answer = Result<Response<Full<Bytes>>, BoxError>;
+
+/// `a` (a payment through a concurrency limit of 1) is answered 401 and renews
+/// the token (the second one), while another caller holds the only permit:
+/// returns `a`, its replay queued for the permit, and the holder.
+async fn queued_replay(
+    volt: &MockVolt,
+    auth: &VoltAuthLayer,
+) -> (
+    Pin<Box<dyn Future<Output = Answer> + Send>>,
+    impl Service<Req> + use<>,
+) {
+    let api = ServiceBuilder::new()
+        .layer(auth.clone())
+        .concurrency_limit(1)
+        .service(Probe::new(volt));
+    let mut warm = api.clone();
+    assert_eq!(send(&mut warm, get(volt)).await.unwrap(), StatusCode::OK);
+    volt.revoke_access_tokens();
+
+    let mut a = api.clone();
+    a.ready().await.unwrap();
+    let mut a = Box::pin(a.call(pay(volt, "a")));
+    let poll = std::future::poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await;
+    assert!(poll.is_pending());
+    let mut holder = api.clone();
+    holder.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let poll = std::future::poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await;
+    assert!(poll.is_pending(), "the replay waits for the permit");
+    assert_eq!(volt.issued_access_tokens().len(), 2);
+    (a, holder)
+}
+
+/// [`queued_replay`]; then, past the throttle, `other` (a GET without the
 /// limit) is answered 401 to the renewed token and forces the next refresh,
 /// held at `/oauth` (and answered `failure`, if any) until `a` is shown to
 /// wait for it once the permit comes. Returns both answers.
@@ -560,25 +573,7 @@ async fn replay_queued_while_its_renewed_token_is_rejected(
 ) {
     let volt = volt();
     let auth = auth(&volt);
-    let api = ServiceBuilder::new()
-        .layer(auth.clone())
-        .concurrency_limit(1)
-        .service(Probe::new(&volt));
-    let mut warm = api.clone();
-    assert_eq!(send(&mut warm, get(&volt)).await.unwrap(), StatusCode::OK);
-    volt.revoke_access_tokens();
-
-    let mut a = api.clone();
-    a.ready().await.unwrap();
-    let mut a = std::pin::pin!(a.call(pay(&volt, "a")));
-    let poll = std::future::poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await;
-    assert!(poll.is_pending());
-    let mut holder = api.clone();
-    holder.ready().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1)).await;
-    let poll = std::future::poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await;
-    assert!(poll.is_pending(), "the replay waits for the permit");
-    assert_eq!(volt.issued_access_tokens().len(), 2);
+    let (mut a, holder) = queued_replay(&volt, &auth).await;
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     volt.revoke_access_tokens();

@@ -229,6 +229,19 @@ fn invalid(result: &Result<String, Error>, status: u16, expected: &str) {
     }
 }
 
+fn transport(result: &Result<String, Error>) {
+    assert!(
+        matches!(
+            result,
+            Err(Error::Transport {
+                grant: GrantType::Password,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+}
+
 /// Checks what a grant ended in.
 type Check = Box<dyn Fn(&Result<String, Error>)>;
 
@@ -288,18 +301,7 @@ async fn hostile_answers_over_tcp_end_in_a_typed_error_or_a_token() {
                 write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"),
                 write(TOKEN),
             ],
-            Box::new(|r| {
-                assert!(
-                    matches!(
-                        r,
-                        Err(Error::Transport {
-                            grant: GrantType::Password,
-                            ..
-                        })
-                    ),
-                    "{r:?}"
-                )
-            }),
+            Box::new(transport),
         ),
         (
             "103 Early Hints, then the answer",
@@ -320,18 +322,7 @@ async fn hostile_answers_over_tcp_end_in_a_typed_error_or_a_token() {
         (
             "the connection closed in the head",
             vec![write(b"HTTP/1.1 200 OK\r\nContent-Le")],
-            Box::new(|r| {
-                assert!(
-                    matches!(
-                        r,
-                        Err(Error::Transport {
-                            grant: GrantType::Password,
-                            ..
-                        })
-                    ),
-                    "{r:?}"
-                )
-            }),
+            Box::new(transport),
         ),
         (
             "Content-Length shorter than the body",
