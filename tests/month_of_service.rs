@@ -1272,6 +1272,7 @@ async fn log_volume(
     let mut seen = vec![Minute::default(); minutes as usize];
     let mut next = start;
     for minute in 0..minutes {
+        sleep_until(start + MIN * minute).await;
         script(minute, &auth);
         let end = start + MIN * (minute + 1);
         while next < end {
@@ -1492,4 +1493,120 @@ async fn a_minute_long_token_is_refreshed_once_a_third_of_its_life_before_expiry
             .is_some_and(|left| left > 20 * SEC && left <= MIN),
         "{stats:?}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_password_logs_per_capped_backoff_not_per_request() {
+    // From minute 0 the layer holds a password Volt refuses; at minute 30
+    // it is given the right one.
+    let mock = MockVolt::builder().in_process();
+    let wrong =
+        || volt_auth::Credentials::new(mock::CLIENT_ID, mock::CLIENT_SECRET, mock::USERNAME, "old");
+    let (minutes, auth) = log_volume(&mock, 40, |minute, auth| match minute {
+        0 => auth.set_credentials(wrong()),
+        20 => {
+            let stats = auth.stats();
+            assert_eq!(stats.failures as u64, stats.password.rejected, "{stats:?}");
+            assert!(
+                stats.retry_in.is_some_and(|wait| wait <= BACKOFF_MAX),
+                "{stats:?}"
+            );
+            assert_eq!(stats.remaining, None, "{stats:?}");
+            let error = stats.last_error.expect("the last error");
+            assert!(
+                error.is_rejected() && error.grant() == Some(GrantType::Password),
+                "{error:?}"
+            );
+        }
+        30 => auth.set_credentials(mock.credentials()),
+        _ => {}
+    })
+    .await;
+    print_minutes("refused", &minutes);
+    for (minute, seen) in minutes.iter().enumerate() {
+        let what = format!("minute {minute}: {seen:?}");
+        let levels = (seen.error, seen.warn, seen.info, seen.debug, seen.trace);
+        match minute {
+            // Each refused password grant: two warnings; the next after
+            // 30-60 s; requests in between get the rejection at once.
+            0..30 => {
+                let replaced = usize::from(minute == 0);
+                assert_eq!(levels, (0, 2 * seen.oauth, replaced, 0, 0), "{what}");
+                assert!((1..=2).contains(&seen.oauth), "{what}");
+                assert_eq!(seen.errors, 1000, "{what}");
+            }
+            // The new credentials: one password grant, at once.
+            30 => {
+                assert_eq!(levels, (0, 0, 1, 1, 0), "{what}");
+                assert_eq!((seen.oauth, seen.ok), (1, 1000), "{what}");
+            }
+            _ => assert_eq!(
+                (levels, seen.oauth, seen.ok),
+                ((0, 0, 0, 0, 0), 0, 1000),
+                "{what}"
+            ),
+        }
+    }
+    let refused: usize = minutes[..30].iter().map(|m| m.oauth).sum();
+    let stats = auth.stats();
+    assert_eq!(stats.password, grants(1, refused as u64, 0));
+    assert_eq!(stats.refresh, grants(0, 0, 0));
+    assert_eq!(
+        (stats.failures, stats.retry_in, stats.refreshes),
+        (0, None, 1)
+    );
+    assert!(stats.last_error.is_none(), "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_set_again_unchanged_by_a_poller_cost_nothing() {
+    // A secret-store poller (or a file watcher, which fires more than once
+    // per change) hands the layer the credentials every 10 s. Until minute
+    // 10 they are the ones in use; from minute 10, a new password Volt does
+    // not know yet; from minute 20, the right one again.
+    let mock = MockVolt::builder().in_process();
+    let wrong =
+        || volt_auth::Credentials::new(mock::CLIENT_ID, mock::CLIENT_SECRET, mock::USERNAME, "new");
+    let (minutes, auth) = log_volume(&mock, 30, |minute, auth| {
+        let credentials = || {
+            if (10..20).contains(&minute) {
+                wrong()
+            } else {
+                mock.credentials()
+            }
+        };
+        if minute == 0 {
+            // Before the first request: the layer's own credentials.
+            auth.set_credentials(credentials());
+            return;
+        }
+        // Six times a minute, from within the minute's traffic: the
+        // script is called at its start, so spawn the rest.
+        auth.set_credentials(credentials());
+        let (auth, credentials) = (auth.clone(), credentials());
+        tokio::spawn(async move {
+            for _ in 1..6 {
+                tokio::time::sleep(10 * SEC).await;
+                auth.set_credentials(credentials.clone());
+            }
+        });
+    })
+    .await;
+    print_minutes("poller", &minutes);
+    let oauth: Vec<usize> = minutes.iter().map(|m| m.oauth).collect();
+    let info: Vec<usize> = minutes.iter().map(|m| m.info).collect();
+    // One password grant, logged once, per change of credentials: the
+    // first request's, the new password's (refused; the token held is fresh,
+    // so nothing more is tried), the right one's.
+    let once = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    assert_eq!(oauth, [once, once, once].concat(), "{oauth:?}");
+    assert_eq!(info.iter().sum::<usize>(), 2, "{info:?}");
+    assert_eq!((minutes[10].warn, minutes[10].info), (2, 1));
+    assert!(
+        minutes.iter().all(|m| m.errors == 0),
+        "the token held kept serving"
+    );
+    let stats = auth.stats();
+    assert_eq!(stats.password, grants(2, 1, 0), "{stats:?}");
+    assert_eq!(stats.refresh.attempts(), 0, "{stats:?}");
 }
