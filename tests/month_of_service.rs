@@ -38,12 +38,19 @@
 //! password grant and never presented again. Checked at every midnight: the day's `/oauth` attempts by
 //! grant and outcome, 401s, replays and failed requests; `Stats` against the
 //! transport's and the mocks' counts; one live tokio task (the token's phase
-//! timer) or none after an idle gap expired the token.
+//! timer) or none after an idle gap expired the token; the log so far, by
+//! level, against the `/oauth` attempts (events come per attempt, never per
+//! request).
 //!
-//! Not covered: rotating the password in the layer (`Credentials` are fixed
-//! when the layer is built and the crate has no way to change them; day 24
-//! only changes it at Volt and back); the process-wide ticket registry (only
-//! unit tests can see it; one cache registers one entry).
+//! Then, at 1,000 requests a minute, the log per minute by level: an hour of
+//! `/oauth` outage across expiry, an hour of 401s (with `/oauth` failing for
+//! its second half), a password Volt refuses, a minute-long token, and a
+//! secret-store poller handing the layer its credentials every 10 s.
+//!
+//! Not covered here: rotating the password in the layer on day 24 (it only
+//! changes at Volt and back; `set_credentials` is tested in
+//! `tests/rotation.rs` and by the poller below); the process-wide ticket
+//! registry (only unit tests can see it; one cache registers one entry).
 
 mod common;
 
@@ -1130,8 +1137,7 @@ async fn a_month_of_service() {
 
     // Day 24: someone changes the API user's password at Volt an hour before
     // the token expires, which also ends its refresh tokens, and changes it
-    // back an hour after (this crate cannot take new credentials without a
-    // new layer). The refresh token is refused once; from then on each
+    // back an hour after, without telling the layer. The refresh token is refused once; from then on each
     // capped backoff window costs one password grant, refused, and requests
     // fail with that rejection once the token has expired.
     let exp = month.volt.current().expect("a token").expires_at;

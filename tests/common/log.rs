@@ -90,6 +90,12 @@ impl tracing_subscriber::fmt::time::FormatTime for Since {
 /// spawns log into it too, and other tests' threads do not. Each line starts
 /// with the time on tokio's clock, then the level; [`events`] reads them.
 pub fn scoped() -> (Capture, tracing::subscriber::DefaultGuard) {
+    // With a single dispatcher in the process, tracing asks only the
+    // registering thread's default whether a callsite is of interest: a
+    // callsite first hit on another test's thread would be cached as
+    // "never", here too. A second one, kept for good, makes it ask them all.
+    static OTHER: OnceLock<tracing::Dispatch> = OnceLock::new();
+    OTHER.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
     let capture = Capture::default();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(Level::TRACE)
