@@ -107,6 +107,14 @@ impl Credentials {
     pub(crate) fn password(&self) -> &str {
         self.password.expose_secret()
     }
+
+    /// Whether `other` holds the same four parts.
+    pub(crate) fn same_as(&self, other: &Self) -> bool {
+        self.client_id == other.client_id
+            && self.username == other.username
+            && self.client_secret() == other.client_secret()
+            && self.password() == other.password()
+    }
 }
 
 /// `text` as a secret, its buffer wiped. (`SecretString::from(String)` makes a
@@ -623,6 +631,18 @@ mod tests {
         assert!(!debug.contains("pa55word-value"));
         assert_eq!(credentials.client_secret(), "s3cret-value");
         assert_eq!(credentials.password(), "pa55word-value");
+    }
+
+    #[test]
+    fn credentials_are_the_same_only_if_all_four_parts_are() {
+        let parts = ["id", "secret", "user", "password"];
+        let make = |p: [&str; 4]| Credentials::new(p[0], p[1], p[2], p[3]);
+        assert!(make(parts).same_as(&make(parts)));
+        for part in 0..4 {
+            let mut other = parts;
+            other[part] = "other";
+            assert!(!make(parts).same_as(&make(other)), "part {part}");
+        }
     }
 
     #[test]

@@ -188,7 +188,11 @@ impl<P> VoltAuthLayer<P> {
     ///
     /// The old credentials are dropped, their secret and password wiped,
     /// once no `/oauth` call in flight still uses them. Each call costs at
-    /// most one `/oauth` refresh of its own.
+    /// most one `/oauth` refresh of its own. Credentials equal to those in
+    /// use change nothing: no grant, no log, and a backoff holds on, so a
+    /// secret store polled every few seconds (or a file watcher that fires
+    /// more than once per change) costs no `/oauth` call until its value
+    /// changes.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -211,6 +215,11 @@ impl<P> VoltAuthLayer<P> {
     /// # Ok(()) }
     /// ```
     pub fn set_credentials(&self, credentials: Credentials) {
+        if self.auth.credentials.load().same_as(&credentials) {
+            // Polled from a secret store, or a file watcher firing twice:
+            // nothing changed, so no grant (and no backoff ended).
+            return;
+        }
         self.auth.credentials.store(Arc::new(credentials));
         tracing::info!("credentials replaced; the next grant authenticates with them");
         self.auth.cache.credentials_replaced();

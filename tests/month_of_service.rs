@@ -38,12 +38,19 @@
 //! password grant and never presented again. Checked at every midnight: the day's `/oauth` attempts by
 //! grant and outcome, 401s, replays and failed requests; `Stats` against the
 //! transport's and the mocks' counts; one live tokio task (the token's phase
-//! timer) or none after an idle gap expired the token.
+//! timer) or none after an idle gap expired the token; the log so far, by
+//! level, against the `/oauth` attempts (events come per attempt, never per
+//! request).
 //!
-//! Not covered: rotating the password in the layer (`Credentials` are fixed
-//! when the layer is built and the crate has no way to change them; day 24
-//! only changes it at Volt and back); the process-wide ticket registry (only
-//! unit tests can see it; one cache registers one entry).
+//! Then, at 1,000 requests a minute, the log per minute by level: an hour of
+//! `/oauth` outage across expiry, an hour of 401s (with `/oauth` failing for
+//! its second half), a password Volt refuses, a minute-long token, and a
+//! secret-store poller handing the layer its credentials every 10 s.
+//!
+//! Not covered here: rotating the password in the layer on day 24 (it only
+//! changes at Volt and back; `set_credentials` is tested in
+//! `tests/rotation.rs` and by the poller below); the process-wide ticket
+//! registry (only unit tests can see it; one cache registers one entry).
 
 mod common;
 
@@ -63,6 +70,7 @@ use tokio::runtime::Handle;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tower::{BoxError, Layer, Service, ServiceExt};
+use tracing::Level;
 use volt_auth::mock::{self, MockVolt};
 use volt_auth::{Error, GrantType, VoltAuth, VoltAuthLayer};
 
@@ -448,10 +456,14 @@ struct Month {
     requests: u64,
     /// `/oauth` attempts not started by refresh-ahead nor by a backoff's end.
     unscheduled: Vec<Instant>,
+    /// Every event the layer logged (this thread's, the refresh tasks' included).
+    log: common::log::Capture,
+    _log: tracing::subscriber::DefaultGuard,
 }
 
 impl Month {
     fn new() -> Self {
+        let (log, guard) = common::log::scoped();
         let volt = Volt::new();
         let auth = common::builder(&volt.mocks()[HOURLY])
             .build(volt.clone())
@@ -470,6 +482,8 @@ impl Month {
             failures: Vec::new(),
             requests: 0,
             unscheduled: Vec::new(),
+            log,
+            _log: guard,
         }
     }
 
@@ -712,6 +726,37 @@ impl Month {
         let current = ledger.current.as_ref().expect("a token");
         let left = current.expires_at.saturating_duration_since(now);
         assert_eq!(stats.remaining, (left > MARGIN).then_some(left), "{clock}");
+
+        // The log so far: per /oauth attempt, never per request. A warning
+        // per attempt that got no token, and one per refresh that failed
+        // (a refused refresh token and the password grant after it are one
+        // refresh); the refused refresh token itself is news (info); a debug
+        // event per token, per 401 and per replay.
+        let events = common::log::events(&self.log);
+        let count = |level| events.iter().filter(|e| e.level == level).count() as u64;
+        let unsuccessful = total.password[1..]
+            .iter()
+            .chain(&total.refresh[1..])
+            .sum::<u64>();
+        let refused_refresh = total.refresh[1];
+        assert_eq!(
+            [
+                Level::ERROR,
+                Level::WARN,
+                Level::INFO,
+                Level::DEBUG,
+                Level::TRACE
+            ]
+            .map(count),
+            [
+                0,
+                2 * unsuccessful - refused_refresh,
+                refused_refresh,
+                issued + 2 * unauthorized,
+                0
+            ],
+            "{clock}: events by level"
+        );
 
         let mocks = self.volt.mocks();
         let sum = |count: fn(&MockVolt) -> usize| mocks.iter().map(count).sum::<usize>() as u64;
@@ -1092,8 +1137,7 @@ async fn a_month_of_service() {
 
     // Day 24: someone changes the API user's password at Volt an hour before
     // the token expires, which also ends its refresh tokens, and changes it
-    // back an hour after (this crate cannot take new credentials without a
-    // new layer). The refresh token is refused once; from then on each
+    // back an hour after, without telling the layer. The refresh token is refused once; from then on each
     // capped backoff window costs one password grant, refused, and requests
     // fail with that rejection once the token has expired.
     let exp = month.volt.current().expect("a token").expires_at;
@@ -1170,8 +1214,405 @@ async fn a_month_of_service() {
     assert_eq!(month.volt.ledger().unauthorized.len(), 3);
     assert_eq!(month.volt.ledger().presented_again, 0);
 
+    // The busiest minutes of the log, by level: bounded by the backoff.
+    let mut minutes: HashMap<u64, [u64; 3]> = HashMap::new();
+    for event in common::log::events(&month.log) {
+        let slot = match event.level {
+            Level::WARN => 0,
+            Level::INFO => 1,
+            _ => 2,
+        };
+        minutes.entry(event.at.as_secs() / 60).or_default()[slot] += 1;
+    }
+    let busiest = |slot: usize| minutes.values().map(|m| m[slot]).max().unwrap_or(0);
+    println!(
+        "month: busiest minute: {} warn, {} info, {} debug; {} minutes with a warning",
+        busiest(0),
+        busiest(1),
+        busiest(2),
+        minutes.values().filter(|m| m[0] > 0).count()
+    );
+    assert!(busiest(0) <= 16 && busiest(1) <= 1, "{minutes:?}");
+
     // Dropping the layer stops its timer: nothing is left running.
     drop(month);
     tokio::task::yield_now().await;
     assert_eq!(Handle::current().metrics().num_alive_tasks(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log volume at 1,000 requests a minute
+// ---------------------------------------------------------------------------------------------
+
+/// One minute of a log-volume run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Minute {
+    /// `/oauth` calls.
+    oauth: usize,
+    /// Requests answered 200, answered 401, failed with an auth error.
+    ok: usize,
+    unauthorized: usize,
+    errors: usize,
+    /// Events by level.
+    error: usize,
+    warn: usize,
+    info: usize,
+    debug: usize,
+    trace: usize,
+}
+
+/// 1,000 `GET /banks` a minute, one at a time, through a layer over the
+/// in-process `mock` whose `/oauth` calls `script` may break at the start of
+/// any minute, for `minutes` minutes: what each minute saw.
+async fn log_volume(
+    mock: &MockVolt,
+    minutes: u32,
+    mut script: impl FnMut(u32, &VoltAuthLayer),
+) -> (Vec<Minute>, VoltAuthLayer) {
+    const EVERY: Duration = Duration::from_millis(60);
+    let (capture, _guard) = common::log::scoped();
+    let start = Instant::now();
+    let oauth = common::Recorder::new(mock);
+    let auth = common::builder(mock).build(oauth.clone()).expect("layer");
+    let mut api = auth.layer(mock.service());
+    let mut seen = vec![Minute::default(); minutes as usize];
+    let mut next = start;
+    for minute in 0..minutes {
+        sleep_until(start + MIN * minute).await;
+        script(minute, &auth);
+        let end = start + MIN * (minute + 1);
+        while next < end {
+            sleep_until(next).await;
+            next += EVERY;
+            let request = common::get(mock, "/banks");
+            let tally = &mut seen[minute as usize];
+            match api.ready().await.expect("ready").call(request).await {
+                Ok(response) if response.status() == StatusCode::OK => tally.ok += 1,
+                Ok(response) if response.status() == StatusCode::UNAUTHORIZED => {
+                    tally.unauthorized += 1;
+                }
+                Ok(response) => panic!("{}", response.status()),
+                Err(error) => {
+                    assert!(error.is::<Error>(), "{error}");
+                    tally.errors += 1;
+                }
+            }
+        }
+    }
+    sleep_until(start + MIN * minutes).await;
+    // Each /oauth call, by when the mock answered it (at once: in process,
+    // without a delay).
+    for at in oauth.times_since(start) {
+        seen[(at.as_secs() / 60) as usize].oauth += 1;
+    }
+    for event in common::log::events(&capture) {
+        let tally = &mut seen[(event.at.as_secs() / 60) as usize];
+        match event.level {
+            Level::ERROR => tally.error += 1,
+            Level::WARN => tally.warn += 1,
+            Level::INFO => tally.info += 1,
+            Level::DEBUG => tally.debug += 1,
+            _ => tally.trace += 1,
+        }
+    }
+    (seen, auth)
+}
+
+/// Prints a run's minutes, for the record (`--nocapture`).
+fn print_minutes(name: &str, minutes: &[Minute]) {
+    for (minute, seen) in minutes.iter().enumerate() {
+        println!("{name} minute {minute}: {seen:?}");
+    }
+}
+
+const UNAVAILABLE: &str = r#"{"code":503,"message":"Service Unavailable"}"#;
+
+#[tokio::test(start_paused = true)]
+async fn an_hour_of_oauth_outage_logs_per_attempt_not_per_request() {
+    // /oauth answers 503 from minute 20 to minute 80; the hour-long token
+    // issued at minute 0 turns stale at 54-55 and stops being served at
+    // 59:30.
+    let mock = MockVolt::builder().in_process();
+    let (minutes, auth) = log_volume(&mock, 100, |minute, auth| match minute {
+        20 => mock.fail_oauth(usize::MAX, StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE),
+        70 => {
+            // Ten minutes after expiry: a health check's view.
+            let stats = auth.stats();
+            assert!(stats.failures >= 10, "{stats:?}");
+            assert_eq!(stats.failures as u64, stats.refresh.failed, "{stats:?}");
+            assert_eq!(stats.remaining, None, "{stats:?}");
+            assert!(
+                stats.retry_in.is_some_and(|wait| wait <= BACKOFF_MAX),
+                "{stats:?}"
+            );
+            let error = stats.last_error.expect("the last error");
+            assert!(
+                matches!(&error, Error::Failed { grant: GrantType::RefreshToken, response }
+                    if response.status == StatusCode::SERVICE_UNAVAILABLE),
+                "{error:?}"
+            );
+        }
+        80 => mock.fail_oauth(0, StatusCode::OK, ""),
+        _ => {}
+    })
+    .await;
+    print_minutes("outage", &minutes);
+    let broken = |minute: usize| (20..80).contains(&minute);
+    for (minute, seen) in minutes.iter().enumerate() {
+        // Two warnings per failed attempt (the attempt, the backoff), one
+        // debug event per token: nothing per request, at any level.
+        let failed = if broken(minute) { seen.oauth } else { 0 };
+        let issued = seen.oauth - failed;
+        assert_eq!(
+            (seen.error, seen.warn, seen.info, seen.debug, seen.trace),
+            (0, 2 * failed, 0, issued, 0),
+            "minute {minute}: {seen:?}"
+        );
+        // The backoff: 1 s doubling, jittered down to half, so at most eight
+        // attempts in a minute.
+        assert!(seen.oauth <= 8, "minute {minute}: {seen:?}");
+        assert_eq!(seen.ok + seen.errors, 1000, "minute {minute}: {seen:?}");
+        assert_eq!(seen.unauthorized, 0);
+    }
+    // No /oauth call while the token was fresh, none failed request while it
+    // was served; every request between 59:30 and the first attempt after
+    // minute 80 failed.
+    assert_eq!(minutes[..54].iter().map(|m| m.oauth).sum::<usize>(), 1);
+    assert_eq!(minutes[..59].iter().map(|m| m.errors).sum::<usize>(), 0);
+    assert_eq!(minutes[60..80].iter().map(|m| m.ok).sum::<usize>(), 0);
+    assert!(minutes[81..].iter().all(|m| m.errors == 0));
+
+    let stats = auth.stats();
+    let failed: usize = minutes[20..80].iter().map(|m| m.oauth).sum();
+    assert_eq!(stats.password, grants(1, 0, 0));
+    assert_eq!(stats.refresh, grants(1, 0, failed as u64));
+    assert_eq!((stats.refreshes, stats.replays), (2, 0));
+    assert_eq!((stats.failures, stats.retry_in), (0, None));
+    assert!(stats.last_error.is_none(), "{stats:?}");
+    // The hour-long token issued in minute 80.
+    let remaining = stats.remaining.expect("a token");
+    assert!(
+        remaining >= 40 * MIN && remaining < 41 * MIN,
+        "{remaining:?}"
+    );
+}
+
+/// `GrantStats` with these counts.
+fn grants(succeeded: u64, rejected: u64, failed: u64) -> volt_auth::GrantStats {
+    let mut stats = volt_auth::GrantStats::default();
+    stats.succeeded = succeeded;
+    stats.rejected = rejected;
+    stats.failed = failed;
+    stats
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_storm_of_401s_logs_per_forced_refresh_not_per_request() {
+    // Volt rejects every token from minute 10 to minute 70; /oauth answers
+    // 503 from minute 40 to minute 70 too.
+    let mock = MockVolt::builder().in_process();
+    let (minutes, auth) = log_volume(&mock, 90, |minute, _| match minute {
+        10 => mock.reject_all_tokens(true),
+        40 => mock.fail_oauth(usize::MAX, StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE),
+        70 => {
+            mock.reject_all_tokens(false);
+            mock.fail_oauth(0, StatusCode::OK, "");
+        }
+        _ => {}
+    })
+    .await;
+    print_minutes("storm", &minutes);
+    for (minute, seen) in minutes.iter().enumerate() {
+        let (levels, what) = (
+            (seen.error, seen.warn, seen.info),
+            format!("minute {minute}: {seen:?}"),
+        );
+        match minute {
+            // Every request's 401 goes back to it (debug): a forced refresh
+            // and a replay per throttle period (1 s doubling to 1 min),
+            // logged at debug.
+            11..40 => {
+                assert_eq!(levels, (0, 0, 0), "{what}");
+                assert_eq!((seen.oauth, seen.unauthorized), (1, 1000), "{what}");
+            }
+            // The first forced refresh that fails returns its 401 with a
+            // warning; from then on requests get the refresh's error at
+            // once, and each attempt, one per backoff, warns twice.
+            40 => assert_eq!(levels, (0, 2 * seen.oauth + 1, 0), "{what}"),
+            41..70 => {
+                assert_eq!(levels, (0, 2 * seen.oauth, 0), "{what}");
+                assert!((1..=2).contains(&seen.oauth), "{what}");
+                assert_eq!(seen.errors, 1000, "{what}");
+            }
+            _ => {
+                assert_eq!(levels, (0, 0, 0), "{what}");
+                assert!(seen.oauth <= 6, "{what}");
+            }
+        }
+    }
+    let stats = auth.stats();
+    let forced: usize = minutes[10..40].iter().map(|m| m.oauth).sum();
+    let failed: usize = minutes[40..70].iter().map(|m| m.oauth).sum();
+    assert_eq!(stats.password, grants(1, 0, 0));
+    // The first forced refresh of minute 40 failed too.
+    assert_eq!(stats.refresh, grants(forced as u64 + 1, 0, failed as u64));
+    assert_eq!(stats.refreshes, forced as u64 + 2);
+    assert_eq!(stats.replays, forced as u64);
+    assert_eq!((stats.failures, stats.retry_in), (0, None));
+    assert!(stats.last_error.is_none(), "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_minute_long_token_is_refreshed_once_a_third_of_its_life_before_expiry() {
+    // Shorter than refresh-ahead (5 min) and twice the margin (30 s): both
+    // windows shrink to the lifetime's, refresh-ahead to 20 s (up to 24 s
+    // with its jitter), the margin to 6 s.
+    let mock = MockVolt::builder().access_token_lifetime(MIN).in_process();
+    let (minutes, auth) = log_volume(&mock, 30, |_, _| {}).await;
+    print_minutes("short", &minutes);
+    for (minute, seen) in minutes.iter().enumerate() {
+        // A refresh every 36-40 s; no token used past its expiry (the mock
+        // would have answered 401).
+        let what = format!("minute {minute}: {seen:?}");
+        assert!((1..=2).contains(&seen.oauth), "{what}");
+        assert_eq!(
+            (seen.ok, seen.unauthorized, seen.errors),
+            (1000, 0, 0),
+            "{what}"
+        );
+        assert_eq!(
+            (seen.error, seen.warn, seen.info, seen.debug),
+            (0, 0, 0, seen.oauth),
+            "{what}"
+        );
+    }
+    let calls: usize = minutes.iter().map(|m| m.oauth).sum();
+    // 30 minutes at one every 36-40 s after the first.
+    assert!((46..=51).contains(&calls), "{calls}");
+    let stats = auth.stats();
+    assert_eq!(stats.password, grants(1, 0, 0));
+    assert_eq!(stats.refresh, grants(calls as u64 - 1, 0, 0));
+    assert_eq!((stats.refreshes, stats.replays), (calls as u64, 0));
+    assert!(
+        stats
+            .remaining
+            .is_some_and(|left| left > 20 * SEC && left <= MIN),
+        "{stats:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_password_logs_per_capped_backoff_not_per_request() {
+    // From minute 0 the layer holds a password Volt refuses; at minute 30
+    // it is given the right one.
+    let mock = MockVolt::builder().in_process();
+    let wrong =
+        || volt_auth::Credentials::new(mock::CLIENT_ID, mock::CLIENT_SECRET, mock::USERNAME, "old");
+    let (minutes, auth) = log_volume(&mock, 40, |minute, auth| match minute {
+        0 => auth.set_credentials(wrong()),
+        20 => {
+            let stats = auth.stats();
+            assert_eq!(stats.failures as u64, stats.password.rejected, "{stats:?}");
+            assert!(
+                stats.retry_in.is_some_and(|wait| wait <= BACKOFF_MAX),
+                "{stats:?}"
+            );
+            assert_eq!(stats.remaining, None, "{stats:?}");
+            let error = stats.last_error.expect("the last error");
+            assert!(
+                error.is_rejected() && error.grant() == Some(GrantType::Password),
+                "{error:?}"
+            );
+        }
+        30 => auth.set_credentials(mock.credentials()),
+        _ => {}
+    })
+    .await;
+    print_minutes("refused", &minutes);
+    for (minute, seen) in minutes.iter().enumerate() {
+        let what = format!("minute {minute}: {seen:?}");
+        let levels = (seen.error, seen.warn, seen.info, seen.debug, seen.trace);
+        match minute {
+            // Each refused password grant: two warnings; the next after
+            // 30-60 s; requests in between get the rejection at once.
+            0..30 => {
+                let replaced = usize::from(minute == 0);
+                assert_eq!(levels, (0, 2 * seen.oauth, replaced, 0, 0), "{what}");
+                assert!((1..=2).contains(&seen.oauth), "{what}");
+                assert_eq!(seen.errors, 1000, "{what}");
+            }
+            // The new credentials: one password grant, at once.
+            30 => {
+                assert_eq!(levels, (0, 0, 1, 1, 0), "{what}");
+                assert_eq!((seen.oauth, seen.ok), (1, 1000), "{what}");
+            }
+            _ => assert_eq!(
+                (levels, seen.oauth, seen.ok),
+                ((0, 0, 0, 0, 0), 0, 1000),
+                "{what}"
+            ),
+        }
+    }
+    let refused: usize = minutes[..30].iter().map(|m| m.oauth).sum();
+    let stats = auth.stats();
+    assert_eq!(stats.password, grants(1, refused as u64, 0));
+    assert_eq!(stats.refresh, grants(0, 0, 0));
+    assert_eq!(
+        (stats.failures, stats.retry_in, stats.refreshes),
+        (0, None, 1)
+    );
+    assert!(stats.last_error.is_none(), "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_set_again_unchanged_by_a_poller_cost_nothing() {
+    // A secret-store poller (or a file watcher, which fires more than once
+    // per change) hands the layer the credentials every 10 s. Until minute
+    // 10 they are the ones in use; from minute 10, a new password Volt does
+    // not know yet; from minute 20, the right one again.
+    let mock = MockVolt::builder().in_process();
+    let wrong =
+        || volt_auth::Credentials::new(mock::CLIENT_ID, mock::CLIENT_SECRET, mock::USERNAME, "new");
+    let (minutes, auth) = log_volume(&mock, 30, |minute, auth| {
+        let credentials = || {
+            if (10..20).contains(&minute) {
+                wrong()
+            } else {
+                mock.credentials()
+            }
+        };
+        if minute == 0 {
+            // Before the first request: the layer's own credentials.
+            auth.set_credentials(credentials());
+            return;
+        }
+        // Six times a minute, from within the minute's traffic: the
+        // script is called at its start, so spawn the rest.
+        auth.set_credentials(credentials());
+        let (auth, credentials) = (auth.clone(), credentials());
+        tokio::spawn(async move {
+            for _ in 1..6 {
+                tokio::time::sleep(10 * SEC).await;
+                auth.set_credentials(credentials.clone());
+            }
+        });
+    })
+    .await;
+    print_minutes("poller", &minutes);
+    let oauth: Vec<usize> = minutes.iter().map(|m| m.oauth).collect();
+    let info: Vec<usize> = minutes.iter().map(|m| m.info).collect();
+    // One password grant, logged once, per change of credentials: the
+    // first request's, the new password's (refused; the token held is fresh,
+    // so nothing more is tried), the right one's.
+    let once = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    assert_eq!(oauth, [once, once, once].concat(), "{oauth:?}");
+    assert_eq!(info.iter().sum::<usize>(), 2, "{info:?}");
+    assert_eq!((minutes[10].warn, minutes[10].info), (2, 1));
+    assert!(
+        minutes.iter().all(|m| m.errors == 0),
+        "the token held kept serving"
+    );
+    let stats = auth.stats();
+    assert_eq!(stats.password, grants(2, 1, 0), "{stats:?}");
+    assert_eq!(stats.refresh.attempts(), 0, "{stats:?}");
 }

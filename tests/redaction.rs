@@ -2,6 +2,8 @@
 //! string: all tracing output is captured at TRACE (a global subscriber, so
 //! that the spawned refresh tasks log into it too) over representative runs,
 //! and searched for the configured secrets and every token the mock issued.
+//! Over TCP, hyper-util's own events are searched too: its `tracing`
+//! feature is on for the tests.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -426,6 +428,12 @@ async fn tracing_over_tcp_never_shows_a_secret_or_token() {
     assert_no_secret(&log, &secrets, "the tracing output");
     assert_no_secret(&refused, &secrets, "a transport error");
     assert!(log.contains("grant=password"), "{log}");
+    // The client's own events were searched too (hyper-util's `tracing`
+    // feature is on for the tests): its connection to /oauth, at debug.
+    assert!(
+        log.contains("hyper_util::client::legacy::connect::http: connecting to 127.0.0.1"),
+        "{log}"
+    );
     assert!(log.contains("\"authorization\": Sensitive"), "{log}");
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 3, "{seen:?}");

@@ -107,6 +107,7 @@ async fn without_a_token_a_429_retry_after_holds_the_next_attempt_until_then() {
 
 #[tokio::test(start_paused = true)]
 async fn a_503_retry_after_on_the_background_refresh_keeps_the_token_and_waits() {
+    let (log, _guard) = common::log::scoped();
     let mock = MockVolt::builder().in_process();
     let (auth, oauth) = recorded(&mock);
     let mut api = auth.layer(mock.service());
@@ -156,6 +157,20 @@ async fn a_503_retry_after_on_the_background_refresh_keeps_the_token_and_waits()
     let sent = mock.api_authorizations();
     assert_eq!(sent.last().cloned().flatten(), bearer(&issued[1]));
     assert_eq!(mock.unauthorized(), 0);
+    // The failure is logged once, the server's wait with it; the 17 requests
+    // that went on with the token logged nothing.
+    let warnings: Vec<String> = common::log::events(&log)
+        .into_iter()
+        .filter(|event| event.level == tracing::Level::WARN)
+        .map(|event| event.text)
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("token endpoint attempt failed grant=refresh_token"));
+    assert!(warnings[0].contains("HTTP 503"), "{warnings:?}");
+    assert!(
+        warnings[1].ends_with("failures=1 retry_in_ms=45000 retry_after_s=45"),
+        "{warnings:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -64,3 +64,65 @@ pub fn capture() -> &'static Capture {
 pub fn log_text() -> String {
     capture().text()
 }
+
+/// One event as [`scoped`] writes it.
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// When it was emitted, on tokio's clock (paused in `start_paused` tests),
+    /// since the subscriber was made.
+    pub at: std::time::Duration,
+    pub level: Level,
+    /// The rest of the line: target, message and fields.
+    pub text: String,
+}
+
+/// Writes the time on tokio's clock since `start`, in milliseconds.
+struct Since(tokio::time::Instant);
+
+impl tracing_subscriber::fmt::time::FormatTime for Since {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(w, "{}", self.0.elapsed().as_millis())
+    }
+}
+
+/// A TRACE subscriber for this thread only, while the guard lives: on a
+/// `current_thread` runtime (`#[tokio::test]`'s), the refresh tasks the test
+/// spawns log into it too, and other tests' threads do not. Each line starts
+/// with the time on tokio's clock, then the level; [`events`] reads them.
+pub fn scoped() -> (Capture, tracing::subscriber::DefaultGuard) {
+    // With a single dispatcher in the process, tracing asks only the
+    // registering thread's default whether a callsite is of interest: a
+    // callsite first hit on another test's thread would be cached as
+    // "never", here too. A second one, kept for good, makes it ask them all.
+    static OTHER: OnceLock<tracing::Dispatch> = OnceLock::new();
+    OTHER.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(Level::TRACE)
+        .with_ansi(false)
+        .with_timer(Since(tokio::time::Instant::now()))
+        .with_writer(capture.clone())
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+    (capture, guard)
+}
+
+/// The events a [`scoped`] subscriber wrote.
+pub fn events(capture: &Capture) -> Vec<Event> {
+    capture
+        .text()
+        .lines()
+        .map(|line| {
+            let mut parts = line.trim_start().splitn(2, ' ');
+            let at = parts.next().and_then(|ms| ms.parse().ok());
+            let rest = parts.next().unwrap_or_default().trim_start();
+            let (level, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            Event {
+                at: std::time::Duration::from_millis(at.unwrap_or_else(|| panic!("{line}"))),
+                level: level.parse().unwrap_or_else(|_| panic!("{line}")),
+                text: text.to_owned(),
+            }
+        })
+        .collect()
+}
