@@ -244,8 +244,10 @@ where
                 tracing::debug!("a 401 came too soon after the last forced refresh; returning it");
                 return Poll::Ready(Err(Ok(held)));
             }
+            // Debug, as every request in flight with the rejected token
+            // comes here: the failed refresh itself was warned of once.
             (Err(error), Some(held)) => {
-                tracing::warn!(%error, "no new token after a 401; returning the 401");
+                tracing::debug!(%error, "no new token after a 401; returning the 401");
                 return Poll::Ready(Err(Ok(held)));
             }
             (Ok(None), None) => return Poll::Ready(Err(Err(interrupted()))),
