@@ -113,6 +113,9 @@ struct Shared {
     current: Arc<ArcSwap<Entry>>,
     /// Whether a request that sees a stale token may start a background refresh.
     may_kick: AtomicBool,
+    /// The number of the latest [`Rearm`]: one replaced by a later one sets
+    /// nothing when its aborted task drops it.
+    rearms: AtomicU64,
     /// The latest refresh whose task was dropped with its runtime (see
     /// [`FinishOnDrop`]); if it is the running one, the next caller under the
     /// lock ends it.
@@ -187,6 +190,7 @@ impl TokenCache {
                     expired_at: now,
                 })),
                 may_kick: AtomicBool::new(true),
+                rearms: AtomicU64::new(0),
                 abandoned: AtomicU64::new(0),
                 unconfirmed: AtomicU64::new(0),
                 flight: Mutex::new(Flight::default()),
@@ -425,6 +429,9 @@ impl Shared {
     /// task that was to do it. Outside a runtime, at once: the next stale
     /// read tries again.
     fn rearm(self: &Arc<Self>, flight: &mut Flight, at: Instant) {
+        // Before the abort: the task replaced must not set the flag as it is
+        // dropped, which would let the next stale read in to replace this one.
+        let number = self.rearms.fetch_add(1, Ordering::AcqRel) + 1;
         if let Some(previous) = flight.rearm.take() {
             previous.abort();
         }
@@ -432,7 +439,10 @@ impl Shared {
             self.may_kick.store(true, Ordering::Release);
             return;
         };
-        let rearm = Rearm(Arc::downgrade(self));
+        let rearm = Rearm {
+            shared: Arc::downgrade(self),
+            number,
+        };
         let task = handle.spawn(async move {
             sleep_until(at).await;
             drop(rearm);
@@ -808,13 +818,19 @@ impl Drop for FinishOnDrop {
 }
 
 /// Lets a stale token's readers start a refresh again when dropped: at the
-/// end of a backoff, or when the runtime timing the backoff shuts down.
-struct Rearm(Weak<Shared>);
+/// end of a backoff, or when the runtime timing the backoff shuts down; not
+/// when a later one replaced it.
+struct Rearm {
+    shared: Weak<Shared>,
+    number: u64,
+}
 
 impl Drop for Rearm {
     fn drop(&mut self) {
-        if let Some(shared) = self.0.upgrade() {
-            shared.may_kick.store(true, Ordering::Release);
+        if let Some(shared) = self.shared.upgrade() {
+            if shared.rearms.load(Ordering::Acquire) == self.number {
+                shared.may_kick.store(true, Ordering::Release);
+            }
         }
     }
 }

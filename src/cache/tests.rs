@@ -1587,3 +1587,42 @@ fn a_stranded_refresh_refused_late_does_not_undo_a_newer_refusal() {
     assert_eq!(script.count(), 5);
     assert_eq!(script.calls()[4], (GrantType::Password, None));
 }
+
+/// A backoff's rearm task replaced while it still sleeps (the credentials
+/// were replaced during a backoff, and the new ones' grant failed too) must
+/// not let stale reads in: its drop used to set `may_kick`, so every stale
+/// read until the new backoff ended took the lock and spawned a rearm task
+/// whose predecessor's drop let the next read in again.
+#[tokio::test(start_paused = true)]
+async fn a_replaced_backoff_keeps_stale_reads_on_the_hot_path() {
+    let secs = Duration::from_secs;
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    // Stale: the refresh-ahead is throttled for 60 s.
+    sleep(HOUR - secs(250)).await;
+    script.fail_next(throttled(secs(60)));
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+    sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
+    assert_eq!(script.count(), 2);
+    // New credentials: their grant, at once, is throttled for 30 s too.
+    script.fail_next(throttled(secs(30)));
+    cache.credentials_replaced();
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(script.count(), 3);
+    for _ in 0..100 {
+        assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+        sleep(Duration::from_millis(10)).await;
+        assert!(
+            !cache.shared.may_kick.load(Ordering::Acquire),
+            "a stale read during the backoff may start the slow path"
+        );
+    }
+    assert_eq!(script.count(), 3);
+    // The backoff's end lets the next stale read start one refresh.
+    sleep(secs(30)).await;
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(script.count(), 4);
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-4"));
+}
