@@ -224,6 +224,26 @@ impl TokenCache {
         self.read(local.0.load(), headers)
     }
 
+    /// [`TokenCache::attach`] for a caller off the hot path, by the clock as
+    /// [`TokenCache::token`] decides: a token whose timer lags or went with
+    /// its runtime is not taken for expired (nor for valid) on its timer's
+    /// word, so a caller that then asked [`TokenCache::token`] would not be
+    /// handed the same token it refused.
+    #[cold]
+    pub(crate) fn attach_by_clock(&self, headers: &mut HeaderMap) -> Option<Ticket> {
+        let entry = self.shared.current.load();
+        let token = entry.token.as_ref()?;
+        let now = Instant::now();
+        match caught_up(&entry, now) {
+            EXPIRED => return None,
+            UNTIMED if entry.phase_at(now) == EXPIRED => return None,
+            STALE => self.shared.kick(entry.generation),
+            _ => {}
+        }
+        headers.insert(AUTHORIZATION, token.header().clone());
+        Some(self.shared.ticket(entry.generation))
+    }
+
     /// A per-service view of the current token.
     pub(crate) fn local(&self) -> LocalToken {
         LocalToken(arc_swap::Cache::new(self.shared.current.clone()))

@@ -1626,3 +1626,29 @@ async fn a_replaced_backoff_keeps_stale_reads_on_the_hot_path() {
     assert_eq!(script.count(), 4);
     assert_eq!(header(&cache).as_deref(), Some("Bearer at-4"));
 }
+
+/// A token whose timer went with its runtime is served by the clock: a
+/// replay (`Ticket::replaying`) outside any runtime, where the token cannot
+/// be timed again, goes with it, as `token()` hands it out there. It used to
+/// be refused as if its successor were on its way; a response future polled
+/// on a plain thread then waited for `token()`, was handed the same token,
+/// asked again, and spun in one poll forever.
+#[test]
+fn a_replay_goes_with_a_valid_token_whose_timer_is_gone() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    let gone = paused_runtime();
+    let ticket = gone.block_on(async { cache.token().await.unwrap().ticket });
+    drop(gone);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let Poll::Ready(Ok(lease)) = std::pin::pin!(cache.token()).poll(&mut cx) else {
+        panic!("the token, by the clock");
+    };
+    assert_eq!(secret(&lease), "at-1");
+    let mut replay = ticket;
+    let mut headers = http::HeaderMap::new();
+    assert!(replay.replaying(&mut headers).is_ok(), "refused");
+    assert_eq!(headers[http::header::AUTHORIZATION], "Bearer at-1");
+    assert_eq!(replay, lease.ticket);
+    assert_eq!((cache.stats().replays, script.count()), (1, 1));
+}
