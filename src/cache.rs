@@ -11,8 +11,9 @@
 //!   wait for the refresh.
 //!
 //! Callers that ask the cache rather than read the token on the hot path
-//! (`access_token()`, a 401's renewal, a request that found no token) read the
-//! clock, and a timer that lags behind it is caught up (see [`caught_up`]).
+//! (`access_token()`, a 401's renewal, a replay about to be sent, a request
+//! that found no token) read the clock, and a timer that lags behind it is
+//! caught up (see [`caught_up`]).
 //!
 //! Refreshes are spawned, so a caller that gives up does not cancel the refresh
 //! others wait for. A refresh presents the refresh token, and falls back to the
