@@ -483,16 +483,16 @@ fn a_replay_on_a_plain_thread_goes_with_a_token_whose_timer_is_gone() {
     let mock = MockVolt::builder().in_process();
     let auth = common::layer(&mock);
     let gone = runtime(false);
-    let sent = gone.block_on(async {
-        let first = auth.access_token().await.expect("first token");
-        let mut api = auth.layer(mock.service());
-        let ready = tower::ServiceExt::ready(&mut api).await.expect("ready");
-        let sent = tower::Service::call(ready, common::get(&mock, "/banks"));
-        // Before it is answered, its token is revoked and replaced.
-        mock.revoke_access_tokens();
+    let first = gone.block_on(auth.access_token()).expect("first token");
+    let mut api = auth.layer(mock.service());
+    gone.block_on(tower::ServiceExt::ready(&mut api))
+        .expect("ready");
+    let sent = tower::Service::call(&mut api, common::get(&mock, "/banks"));
+    // Before it is answered, its token is revoked and replaced.
+    mock.revoke_access_tokens();
+    gone.block_on(async {
         auth.reject(&first);
         auth.access_token().await.expect("second token");
-        sent
     });
     drop(gone);
     let (done, answered) = std::sync::mpsc::channel();
