@@ -289,7 +289,9 @@ impl TokenCache {
     }
 
     /// After a 401 that will not be replayed: invalidates the token of
-    /// `rejected` (unless throttled) and starts the refresh without waiting.
+    /// `rejected` (unless throttled) and starts the refresh without waiting
+    /// (during a backoff, the first request that waits for a token after it
+    /// starts the refresh).
     pub(crate) fn invalidate(&self, rejected: u64) {
         // Errors reach the next request that waits; nothing waits here.
         let _ = Shared::begin(&self.shared, Some(rejected));
