@@ -11,8 +11,9 @@
 //!   wait for the refresh.
 //!
 //! Callers that ask the cache rather than read the token on the hot path
-//! (`access_token()`, a 401's renewal, a request that found no token) read the
-//! clock, and a timer that lags behind it is caught up (see [`caught_up`]).
+//! (`access_token()`, a 401's renewal, a replay about to be sent, a request
+//! that found no token) read the clock, and a timer that lags behind it is
+//! caught up (see [`caught_up`]).
 //!
 //! Refreshes are spawned, so a caller that gives up does not cancel the refresh
 //! others wait for. A refresh presents the refresh token, and falls back to the
@@ -113,6 +114,9 @@ struct Shared {
     current: Arc<ArcSwap<Entry>>,
     /// Whether a request that sees a stale token may start a background refresh.
     may_kick: AtomicBool,
+    /// The number of the latest [`Rearm`]: one replaced by a later one sets
+    /// nothing when its aborted task drops it.
+    rearms: AtomicU64,
     /// The latest refresh whose task was dropped with its runtime (see
     /// [`FinishOnDrop`]); if it is the running one, the next caller under the
     /// lock ends it.
@@ -187,6 +191,7 @@ impl TokenCache {
                     expired_at: now,
                 })),
                 may_kick: AtomicBool::new(true),
+                rearms: AtomicU64::new(0),
                 abandoned: AtomicU64::new(0),
                 unconfirmed: AtomicU64::new(0),
                 flight: Mutex::new(Flight::default()),
@@ -218,6 +223,26 @@ impl TokenCache {
         headers: &mut HeaderMap,
     ) -> Option<Ticket> {
         self.read(local.0.load(), headers)
+    }
+
+    /// [`TokenCache::attach`] for a caller off the hot path, by the clock as
+    /// [`TokenCache::token`] decides: a token whose timer lags or went with
+    /// its runtime is not taken for expired (nor for valid) on its timer's
+    /// word, so a caller that then asked [`TokenCache::token`] would not be
+    /// handed the same token it refused.
+    #[cold]
+    pub(crate) fn attach_by_clock(&self, headers: &mut HeaderMap) -> Option<Ticket> {
+        let entry = self.shared.current.load();
+        let token = entry.token.as_ref()?;
+        let now = Instant::now();
+        match caught_up(&entry, now) {
+            EXPIRED => return None,
+            UNTIMED if entry.phase_at(now) == EXPIRED => return None,
+            STALE => self.shared.kick(entry.generation),
+            _ => {}
+        }
+        headers.insert(AUTHORIZATION, token.header().clone());
+        Some(self.shared.ticket(entry.generation))
     }
 
     /// A per-service view of the current token.
@@ -264,7 +289,9 @@ impl TokenCache {
     }
 
     /// After a 401 that will not be replayed: invalidates the token of
-    /// `rejected` (unless throttled) and starts the refresh without waiting.
+    /// `rejected` (unless throttled) and starts the refresh without waiting
+    /// (during a backoff, the first request that waits for a token after it
+    /// starts the refresh).
     pub(crate) fn invalidate(&self, rejected: u64) {
         // Errors reach the next request that waits; nothing waits here.
         let _ = Shared::begin(&self.shared, Some(rejected));
@@ -425,6 +452,9 @@ impl Shared {
     /// task that was to do it. Outside a runtime, at once: the next stale
     /// read tries again.
     fn rearm(self: &Arc<Self>, flight: &mut Flight, at: Instant) {
+        // Before the abort: the task replaced must not set the flag as it is
+        // dropped, which would let the next stale read in to replace this one.
+        let number = self.rearms.fetch_add(1, Ordering::AcqRel) + 1;
         if let Some(previous) = flight.rearm.take() {
             previous.abort();
         }
@@ -432,7 +462,10 @@ impl Shared {
             self.may_kick.store(true, Ordering::Release);
             return;
         };
-        let rearm = Rearm(Arc::downgrade(self));
+        let rearm = Rearm {
+            shared: Arc::downgrade(self),
+            number,
+        };
         let task = handle.spawn(async move {
             sleep_until(at).await;
             drop(rearm);
@@ -808,13 +841,19 @@ impl Drop for FinishOnDrop {
 }
 
 /// Lets a stale token's readers start a refresh again when dropped: at the
-/// end of a backoff, or when the runtime timing the backoff shuts down.
-struct Rearm(Weak<Shared>);
+/// end of a backoff, or when the runtime timing the backoff shuts down; not
+/// when a later one replaced it.
+struct Rearm {
+    shared: Weak<Shared>,
+    number: u64,
+}
 
 impl Drop for Rearm {
     fn drop(&mut self) {
-        if let Some(shared) = self.0.upgrade() {
-            shared.may_kick.store(true, Ordering::Release);
+        if let Some(shared) = self.shared.upgrade() {
+            if shared.rearms.load(Ordering::Acquire) == self.number {
+                shared.may_kick.store(true, Ordering::Release);
+            }
         }
     }
 }

@@ -470,3 +470,43 @@ fn the_refresh_after_one_dropped_at_oauth_with_its_runtime_does_not_present_its_
     assert_eq!(auth.stats().failures, 0);
     refreshes_with_its_own_refresh_token(&server, &mock, &auth);
 }
+
+/// A 401 answered to a request polled on a plain thread (sync code driving
+/// the future by hand), after the token it carried was replaced on a runtime
+/// since dropped: the new token's timer went with that runtime, and no
+/// runtime is at hand to time it again, yet the clock says it is valid. The
+/// replay goes with it. It used to be taken for a token whose successor was
+/// on its way: the replay waited for a token, was handed that one, refused it
+/// again, and spun in one poll forever.
+#[test]
+fn a_replay_on_a_plain_thread_goes_with_a_token_whose_timer_is_gone() {
+    let mock = MockVolt::builder().in_process();
+    let auth = common::layer(&mock);
+    let gone = runtime(false);
+    let first = gone.block_on(auth.access_token()).expect("first token");
+    let mut api = auth.layer(mock.service());
+    gone.block_on(tower::ServiceExt::ready(&mut api))
+        .expect("ready");
+    let sent = tower::Service::call(&mut api, common::get(&mock, "/banks"));
+    // Before it is answered, its token is revoked and replaced.
+    mock.revoke_access_tokens();
+    gone.block_on(async {
+        auth.reject(&first);
+        auth.access_token().await.expect("second token");
+    });
+    drop(gone);
+    let (done, answered) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let status = poll_once(sent).map(|response| response.map(|r| r.status()));
+        let _ = done.send(status.map(|status| status.map_err(|e| e.to_string())));
+    });
+    let status = answered.recv_timeout(GUARD).expect("the replay ended");
+    assert_eq!(status, Poll::Ready(Ok(http::StatusCode::OK)));
+    let issued = mock.issued_access_tokens();
+    assert_eq!(issued.len(), 2);
+    assert_eq!(
+        mock.api_authorizations(),
+        [bearer(&issued[0]), bearer(&issued[1])]
+    );
+    assert_eq!((mock.oauth_calls(), auth.stats().replays), (2, 1));
+}

@@ -1587,3 +1587,68 @@ fn a_stranded_refresh_refused_late_does_not_undo_a_newer_refusal() {
     assert_eq!(script.count(), 5);
     assert_eq!(script.calls()[4], (GrantType::Password, None));
 }
+
+/// A backoff's rearm task replaced while it still sleeps (the credentials
+/// were replaced during a backoff, and the new ones' grant failed too) must
+/// not let stale reads in: its drop used to set `may_kick`, so every stale
+/// read until the new backoff ended took the lock and spawned a rearm task
+/// whose predecessor's drop let the next read in again.
+#[tokio::test(start_paused = true)]
+async fn a_replaced_backoff_keeps_stale_reads_on_the_hot_path() {
+    let secs = Duration::from_secs;
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    // Stale: the refresh-ahead is throttled for 60 s.
+    sleep(HOUR - secs(250)).await;
+    script.fail_next(throttled(secs(60)));
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+    sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
+    assert_eq!(script.count(), 2);
+    // New credentials: their grant, at once, is throttled for 30 s too.
+    script.fail_next(throttled(secs(30)));
+    cache.credentials_replaced();
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(script.count(), 3);
+    for _ in 0..100 {
+        assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+        sleep(Duration::from_millis(10)).await;
+        assert!(
+            !cache.shared.may_kick.load(Ordering::Acquire),
+            "a stale read during the backoff may start the slow path"
+        );
+    }
+    assert_eq!(script.count(), 3);
+    // The backoff's end lets the next stale read start one refresh.
+    sleep(secs(30)).await;
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(script.count(), 4);
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-4"));
+}
+
+/// A token whose timer went with its runtime is served by the clock: a
+/// replay (`Ticket::replaying`) outside any runtime, where the token cannot
+/// be timed again, goes with it, as `token()` hands it out there. It used to
+/// be refused as if its successor were on its way; a response future polled
+/// on a plain thread then waited for `token()`, was handed the same token,
+/// asked again, and spun in one poll forever.
+#[test]
+fn a_replay_goes_with_a_valid_token_whose_timer_is_gone() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    let gone = paused_runtime();
+    let ticket = gone.block_on(async { cache.token().await.unwrap().ticket });
+    drop(gone);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let Poll::Ready(Ok(lease)) = std::pin::pin!(cache.token()).poll(&mut cx) else {
+        panic!("the token, by the clock");
+    };
+    assert_eq!(secret(&lease), "at-1");
+    let mut replay = ticket;
+    let mut headers = http::HeaderMap::new();
+    assert!(replay.replaying(&mut headers).is_ok(), "refused");
+    assert_eq!(headers[http::header::AUTHORIZATION], "Bearer at-1");
+    assert_eq!(replay, lease.ticket);
+    assert_eq!((cache.stats().replays, script.count()), (1, 1));
+}

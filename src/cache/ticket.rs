@@ -127,6 +127,11 @@ impl Ticket {
     /// (rejected by another request, say). Counts the replay
     /// ([`TokenCache::replayed`]), if the cache is still there.
     ///
+    /// Whether the token is still served is the clock's to say, as for
+    /// [`TokenCache::token`]: a token whose timer went with its runtime is
+    /// served while valid, and one whose timer lags is not served past its
+    /// expiry margin.
+    ///
     /// # Errors
     /// The cache, when it serves no token now (the renewed one was rejected
     /// or expired and its successor is on its way): the replay must wait for
@@ -137,7 +142,9 @@ impl Ticket {
         let Some(cache) = self.cache() else {
             return Ok(());
         };
-        *self = cache.attach(headers).ok_or_else(|| cache.clone())?;
+        *self = cache
+            .attach_by_clock(headers)
+            .ok_or_else(|| cache.clone())?;
         cache.replayed(self.generation);
         Ok(())
     }
