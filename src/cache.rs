@@ -642,13 +642,23 @@ impl Shared {
                 expires_in_s = token.lifetime().as_secs(),
                 "token endpoint issued a token"
             ),
-            Err(error) => tracing::warn!(
-                grant = %grant.kind(),
-                elapsed_ms,
-                outcome = error.kind(),
-                %error,
-                "token endpoint attempt failed"
-            ),
+            Err(error) => match self.source.causes(&grant, error) {
+                Some(cause) => tracing::warn!(
+                    grant = %grant.kind(),
+                    elapsed_ms,
+                    outcome = error.kind(),
+                    %error,
+                    cause,
+                    "token endpoint attempt failed"
+                ),
+                None => tracing::warn!(
+                    grant = %grant.kind(),
+                    elapsed_ms,
+                    outcome = error.kind(),
+                    %error,
+                    "token endpoint attempt failed"
+                ),
+            },
         }
         result
     }

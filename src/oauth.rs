@@ -569,6 +569,13 @@ pub(crate) trait TokenSource: Send + Sync + 'static {
         &'a self,
         grant: &'a Grant,
     ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>>;
+
+    /// What caused `error`, an error of `grant`, for the log: its
+    /// [`source`](std::error::Error::source) chain, without the secrets the
+    /// grant sent; `None` when it has no cause.
+    fn causes(&self, _grant: &Grant, _error: &Error) -> Option<String> {
+        None
+    }
 }
 
 impl TokenSource for OAuthClient {
@@ -577,6 +584,26 @@ impl TokenSource for OAuthClient {
         grant: &'a Grant,
     ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>> {
         Box::pin(OAuthClient::fetch(self, grant))
+    }
+
+    /// A transport's errors say why `/oauth` could not be reached (a refused
+    /// connection, a name that does not resolve, a certificate); the
+    /// transport is any service, so its text is scrubbed as a server's is.
+    fn causes(&self, grant: &Grant, error: &Error) -> Option<String> {
+        let mut cause = std::error::Error::source(error)?;
+        let mut text = cause.to_string();
+        while let Some(next) = cause.source() {
+            text.push_str(": ");
+            text.push_str(&next.to_string());
+            cause = next;
+        }
+        let credentials = self.credentials.load();
+        let refresh = match grant {
+            Grant::Refresh(token) => token.expose_secret(),
+            Grant::Password => "",
+        };
+        let secrets = [credentials.client_secret(), credentials.password(), refresh];
+        Some(scrub(&text, &secrets))
     }
 }
 

@@ -570,3 +570,51 @@ async fn mock_oauth_request_debug_hides_secrets() {
         "{shown}"
     );
 }
+
+/// A transport error says why `/oauth` could not be reached only in its
+/// causes: the attempt's warning carries them, scrubbed, as the transport
+/// is any service and may describe the request it failed to send.
+#[tokio::test]
+async fn a_transport_errors_causes_are_logged_without_the_secrets() {
+    /// An error with a cause, as clients nest them.
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("client error (Connect)")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    capture();
+    let transport = tower::service_fn(|request: Request<Full<Bytes>>| async move {
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        let careless = format!(
+            "tcp connect error 7f3e: refused, sent {}",
+            String::from_utf8_lossy(&body)
+        );
+        Err::<Response<Full<Bytes>>, _>(Outer(std::io::Error::other(careless)))
+    });
+    let auth = VoltAuthLayer::builder(Credentials::new("id", CLIENT_SECRET, "user", PASSWORD))
+        .base_url("http://127.0.0.1:9")
+        .build(transport)
+        .unwrap();
+    let err = auth.access_token().await.unwrap_err();
+    assert!(matches!(err, Error::Transport { .. }), "{err:?}");
+    let log = log_text();
+    let line = log
+        .lines()
+        .find(|line| line.contains("tcp connect error 7f3e"))
+        .unwrap_or_else(|| panic!("no warning with the cause:\n{log}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains("cause=\"client error (Connect): tcp connect error 7f3e: refused, sent"),
+        "{line}"
+    );
+    assert!(line.contains("[redacted]"), "{line}");
+    assert_hidden(line, "the warning");
+}
