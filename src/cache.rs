@@ -210,6 +210,7 @@ impl TokenCache {
     /// for [`TokenCache::token`]. One atomic load, no lock, no clock read, no
     /// reference count shared with other threads.
     #[inline]
+    #[cfg(any(feature = "reqwest", test))]
     pub(crate) fn attach(&self, headers: &mut HeaderMap) -> Option<Ticket> {
         self.read(&self.shared.current.load(), headers)
     }
