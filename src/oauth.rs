@@ -561,6 +561,11 @@ impl OAuthClient {
     }
 }
 
+/// A grant's outcome, with what caused its error for the log (see
+/// [`TokenSource::fetch_with_causes`]).
+type Fetched<'a> =
+    Pin<Box<dyn Future<Output = (Result<Token, Error>, Option<String>)> + Send + 'a>>;
+
 /// Where the token cache gets tokens from: the seam behind which a store shared
 /// by several processes can later sit, without touching the hot path.
 pub(crate) trait TokenSource: Send + Sync + 'static {
@@ -573,10 +578,7 @@ pub(crate) trait TokenSource: Send + Sync + 'static {
     /// [`TokenSource::fetch`], and what caused its error, for the log: the
     /// error's [`source`](std::error::Error::source) chain, without the
     /// secrets the grant was sent with; `None` when it has no cause.
-    fn fetch_with_causes<'a>(
-        &'a self,
-        grant: &'a Grant,
-    ) -> Pin<Box<dyn Future<Output = (Result<Token, Error>, Option<String>)> + Send + 'a>> {
+    fn fetch_with_causes<'a>(&'a self, grant: &'a Grant) -> Fetched<'a> {
         Box::pin(async move { (self.fetch(grant).await, None) })
     }
 }
@@ -594,10 +596,7 @@ impl TokenSource for OAuthClient {
     /// transport is any service, so its text is scrubbed as a server's is,
     /// of the credentials the grant was sent with (not of others that
     /// replaced them while it was under way).
-    fn fetch_with_causes<'a>(
-        &'a self,
-        grant: &'a Grant,
-    ) -> Pin<Box<dyn Future<Output = (Result<Token, Error>, Option<String>)> + Send + 'a>> {
+    fn fetch_with_causes<'a>(&'a self, grant: &'a Grant) -> Fetched<'a> {
         Box::pin(async move {
             let credentials = self.credentials.load_full();
             let result = self.send(grant, &credentials).await;
