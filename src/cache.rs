@@ -633,7 +633,7 @@ impl Shared {
 
     async fn attempt(&self, grant: Grant) -> Result<Token, Error> {
         let started = Instant::now();
-        let result = self.source.fetch(&grant).await;
+        let (result, causes) = self.source.fetch_with_causes(&grant).await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
         self.counters.record(grant.kind(), &result);
         match &result {
@@ -643,7 +643,7 @@ impl Shared {
                 expires_in_s = token.lifetime().as_secs(),
                 "token endpoint issued a token"
             ),
-            Err(error) => match self.source.causes(&grant, error) {
+            Err(error) => match causes {
                 Some(cause) => tracing::warn!(
                     grant = %grant.kind(),
                     elapsed_ms,

@@ -231,13 +231,13 @@ where
     if let Some(token) = wait.token.as_mut() {
         let outcome = ready!(token.as_mut().poll(cx));
         wait.token = None;
-        // The 401 is kept until the replay is sent: a second wait (below)
-        // may need it back.
+        // The 401 is let go once a token comes: its body may hold the
+        // connection the replay is to be sent on (an HTTP/1 connection
+        // behind a full `Buffer`, a pool of one), which the replay would then
+        // wait for for ever. A second wait (below) that fails returns its
+        // error.
         let lease = match (outcome, wait.held.take()) {
-            (Ok(Some(lease)), held) => {
-                wait.held = held;
-                lease
-            }
+            (Ok(Some(lease)), _) => lease,
             // No newer token may be had yet, or none at all: the 401 goes
             // back as it came.
             (Ok(None), Some(held)) => {
@@ -268,7 +268,7 @@ where
         // With the token served now: getting ready may have taken a while (a
         // queue for a permit), and the token renewed before may be gone. If
         // there is none, the replay waits for the next, the service kept
-        // ready.
+        // ready; if none comes, the caller gets the refresh's error.
         if let Some(ticket) = this.ticket.as_mut() {
             if let Err(cache) = ticket.replaying(wait.request.headers_mut()) {
                 wait.token = Some(Box::pin(async move { cache.token().await.map(Some) }));

@@ -454,10 +454,14 @@ impl OAuthClient {
 
     /// Sends `grant` once and parses the answer.
     pub(crate) async fn fetch(&self, grant: &Grant) -> Result<Token, Error> {
-        let kind = grant.kind();
         // One set of credentials per grant, the same to send and to scrub.
-        let credentials = self.credentials.load_full();
-        let request = self.request(grant, &credentials);
+        self.send(grant, &self.credentials.load_full()).await
+    }
+
+    /// [`OAuthClient::fetch`] with `credentials`.
+    async fn send(&self, grant: &Grant, credentials: &Credentials) -> Result<Token, Error> {
+        let kind = grant.kind();
+        let request = self.request(grant, credentials);
         let sent = tokio::time::timeout(self.timeout, self.transport.clone().oneshot(request));
         let response = match sent.await {
             Err(_) => {
@@ -493,11 +497,7 @@ impl OAuthClient {
                 reason: "the answer came from another origin, after a redirect",
             });
         }
-        let refresh = match grant {
-            Grant::Refresh(token) => token.expose_secret(),
-            Grant::Password => "",
-        };
-        let secrets = [credentials.client_secret(), credentials.password(), refresh];
+        let secrets = secrets(grant, credentials);
         let status = response.status();
         match parse(kind, status, response.body(), &secrets) {
             Err(Error::Failed {
@@ -561,6 +561,11 @@ impl OAuthClient {
     }
 }
 
+/// A grant's outcome, with what caused its error for the log (see
+/// [`TokenSource::fetch_with_causes`]).
+type Fetched<'a> =
+    Pin<Box<dyn Future<Output = (Result<Token, Error>, Option<String>)> + Send + 'a>>;
+
 /// Where the token cache gets tokens from: the seam behind which a store shared
 /// by several processes can later sit, without touching the hot path.
 pub(crate) trait TokenSource: Send + Sync + 'static {
@@ -570,11 +575,11 @@ pub(crate) trait TokenSource: Send + Sync + 'static {
         grant: &'a Grant,
     ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>>;
 
-    /// What caused `error`, an error of `grant`, for the log: its
-    /// [`source`](std::error::Error::source) chain, without the secrets the
-    /// grant sent; `None` when it has no cause.
-    fn causes(&self, _grant: &Grant, _error: &Error) -> Option<String> {
-        None
+    /// [`TokenSource::fetch`], and what caused its error, for the log: the
+    /// error's [`source`](std::error::Error::source) chain, without the
+    /// secrets the grant was sent with; `None` when it has no cause.
+    fn fetch_with_causes<'a>(&'a self, grant: &'a Grant) -> Fetched<'a> {
+        Box::pin(async move { (self.fetch(grant).await, None) })
     }
 }
 
@@ -588,23 +593,41 @@ impl TokenSource for OAuthClient {
 
     /// A transport's errors say why `/oauth` could not be reached (a refused
     /// connection, a name that does not resolve, a certificate); the
-    /// transport is any service, so its text is scrubbed as a server's is.
-    fn causes(&self, grant: &Grant, error: &Error) -> Option<String> {
-        let mut cause = std::error::Error::source(error)?;
-        let mut text = cause.to_string();
-        while let Some(next) = cause.source() {
-            text.push_str(": ");
-            text.push_str(&next.to_string());
-            cause = next;
-        }
-        let credentials = self.credentials.load();
-        let refresh = match grant {
-            Grant::Refresh(token) => token.expose_secret(),
-            Grant::Password => "",
-        };
-        let secrets = [credentials.client_secret(), credentials.password(), refresh];
-        Some(scrub(&text, &secrets))
+    /// transport is any service, so its text is scrubbed as a server's is,
+    /// of the credentials the grant was sent with (not of others that
+    /// replaced them while it was under way).
+    fn fetch_with_causes<'a>(&'a self, grant: &'a Grant) -> Fetched<'a> {
+        Box::pin(async move {
+            let credentials = self.credentials.load_full();
+            let result = self.send(grant, &credentials).await;
+            let causes = match &result {
+                Err(error) => causes(error, &secrets(grant, &credentials)),
+                Ok(_) => None,
+            };
+            (result, causes)
+        })
     }
+}
+
+/// The secrets `grant` sends with `credentials`.
+fn secrets<'a>(grant: &'a Grant, credentials: &'a Credentials) -> [&'a str; 3] {
+    let refresh = match grant {
+        Grant::Refresh(token) => token.expose_secret(),
+        Grant::Password => "",
+    };
+    [credentials.client_secret(), credentials.password(), refresh]
+}
+
+/// `error`'s source chain, scrubbed of `secrets`; `None` without a source.
+fn causes(error: &Error, secrets: &[&str]) -> Option<String> {
+    let mut cause = std::error::Error::source(error)?;
+    let mut text = cause.to_string();
+    while let Some(next) = cause.source() {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next;
+    }
+    Some(scrub(&text, secrets))
 }
 
 #[cfg(test)]

@@ -478,7 +478,7 @@ async fn a_replay_queued_for_a_permit_goes_with_the_newest_token() {
 #[tokio::test(start_paused = true)]
 async fn a_replay_queued_while_its_renewed_token_is_rejected_waits_for_the_next() {
     let (volt, auth, a, other) = replay_queued_while_its_renewed_token_is_rejected(None).await;
-    assert_eq!(a.status(), StatusCode::CREATED);
+    assert_eq!(a.unwrap().status(), StatusCode::CREATED);
     assert_eq!(other.status(), StatusCode::OK);
     let issued = volt.issued_access_tokens();
     assert_eq!(issued.len(), 3);
@@ -505,13 +505,23 @@ async fn a_replay_queued_while_its_renewed_token_is_rejected_waits_for_the_next(
 }
 
 /// The same, when the refresh the replay waits for fails: the replay is not
-/// sent, and its caller gets the 401 it was recovering from.
+/// sent, and its caller gets the refresh's error (the 401 it was recovering
+/// from was let go when its renewal came, see
+/// [`a_replay_over_one_connection_does_not_wait_for_the_401_it_holds`]).
 #[tokio::test(start_paused = true)]
-async fn a_replay_queued_while_its_renewed_token_is_rejected_returns_its_401_if_no_next_comes() {
+async fn a_replay_queued_while_its_renewed_token_is_rejected_fails_if_no_next_comes() {
     let (volt, auth, a, other) =
         replay_queued_while_its_renewed_token_is_rejected(Some(StatusCode::SERVICE_UNAVAILABLE))
             .await;
-    assert_eq!(a.status(), StatusCode::UNAUTHORIZED);
+    let error = a.unwrap_err();
+    assert!(
+        matches!(
+            volt_error(&error),
+            volt_auth::Error::Failed { response, .. }
+                if response.status == StatusCode::SERVICE_UNAVAILABLE
+        ),
+        "{error:?}"
+    );
     assert_eq!(other.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(volt.payment_bodies(), vec![Bytes::from("a")]);
     let issued = volt.issued_access_tokens();
@@ -565,12 +575,7 @@ async fn queued_replay(
 /// wait for it once the permit comes. Returns both answers.
 async fn replay_queued_while_its_renewed_token_is_rejected(
     failure: Option<StatusCode>,
-) -> (
-    MockVolt,
-    VoltAuthLayer,
-    Response<Full<Bytes>>,
-    Response<Full<Bytes>>,
-) {
+) -> (MockVolt, VoltAuthLayer, Answer, Response<Full<Bytes>>) {
     let volt = volt();
     let auth = auth(&volt);
     let (mut a, holder) = queued_replay(&volt, &auth).await;
@@ -596,7 +601,7 @@ async fn replay_queued_while_its_renewed_token_is_rejected(
     );
     assert_eq!(volt.payment_bodies(), vec![Bytes::from("a")]);
     hold.release();
-    let a = a.await.unwrap();
+    let a = a.await;
     let other = other.await.unwrap().unwrap();
     (volt, auth, a, other)
 }
@@ -711,4 +716,134 @@ async fn trace_inside_auth_sees_each_send_with_the_token_redacted() {
     for secret in secrets(&volt) {
         assert!(!text.contains(&secret));
     }
+}
+
+/// One connection in front of [`Probe`], as an HTTP/1 connection is (hyper's
+/// `SendRequest` behind a full `Buffer`, a pool of one connection): a clone
+/// is ready once the connection is free, and it is free again only when the
+/// last answer's body is dropped (read to its end, the same).
+struct OneConnection {
+    probe: Probe,
+    connection: Arc<std::sync::Mutex<Connection>>,
+    reserved: bool,
+}
+
+#[derive(Default)]
+struct Connection {
+    busy: bool,
+    waiting: Vec<std::task::Waker>,
+}
+
+/// Frees the connection when dropped.
+struct Free(Arc<std::sync::Mutex<Connection>>);
+
+impl Drop for Free {
+    fn drop(&mut self) {
+        let mut connection = self.0.lock().unwrap();
+        connection.busy = false;
+        connection
+            .waiting
+            .drain(..)
+            .for_each(std::task::Waker::wake);
+    }
+}
+
+/// An answer's body, holding the connection until dropped.
+struct OnConnection {
+    body: Full<Bytes>,
+    _free: Free,
+}
+
+impl http_body::Body for OnConnection {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+}
+
+impl OneConnection {
+    fn new(volt: &MockVolt) -> Self {
+        Self {
+            probe: Probe::new(volt),
+            connection: Arc::default(),
+            reserved: false,
+        }
+    }
+}
+
+impl Clone for OneConnection {
+    fn clone(&self) -> Self {
+        Self {
+            probe: self.probe.clone(),
+            connection: self.connection.clone(),
+            reserved: false,
+        }
+    }
+}
+
+impl Drop for OneConnection {
+    fn drop(&mut self) {
+        if self.reserved {
+            drop(Free(self.connection.clone()));
+        }
+    }
+}
+
+impl Service<Req> for OneConnection {
+    type Response = Response<OnConnection>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        if !self.reserved {
+            let mut connection = self.connection.lock().unwrap();
+            if connection.busy {
+                connection.waiting.push(cx.waker().clone());
+                return Poll::Pending;
+            }
+            connection.busy = true;
+            self.reserved = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        assert!(std::mem::take(&mut self.reserved), "called before ready");
+        let free = Free(self.connection.clone());
+        let answer = self.probe.call(request);
+        Box::pin(async move {
+            let answer = answer.await?;
+            Ok(answer.map(|body| OnConnection { body, _free: free }))
+        })
+    }
+}
+
+/// A 401 holds its connection until its body is dropped: the replay, which
+/// needs that connection, must not keep the 401 while it waits for it, or
+/// it waits for itself for ever.
+#[tokio::test(start_paused = true)]
+async fn a_replay_over_one_connection_does_not_wait_for_the_401_it_holds() {
+    let volt = volt();
+    let auth = auth(&volt);
+    let connection = OneConnection::new(&volt);
+    let mut api = tower::Layer::layer(&auth, connection.clone());
+    assert_eq!(send(&mut api, get(&volt)).await.unwrap(), StatusCode::OK);
+    volt.revoke_access_tokens();
+
+    let answer = tokio::time::timeout(Duration::from_secs(60), send(&mut api, pay(&volt, "a")))
+        .await
+        .expect("the replay waited for the connection its own 401 held");
+    assert_eq!(answer.unwrap(), StatusCode::CREATED);
+    assert_eq!(
+        volt.payment_bodies(),
+        vec![Bytes::from("a"), Bytes::from("a")]
+    );
+    assert_eq!(auth.stats().replays, 1);
+    assert_eq!(volt.oauth_calls(), 2);
+    assert_eq!(connection.probe.calls(), 3);
 }

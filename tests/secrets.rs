@@ -618,3 +618,61 @@ async fn a_transport_errors_causes_are_logged_without_the_secrets() {
     assert!(line.contains("[redacted]"), "{line}");
     assert_hidden(line, "the warning");
 }
+
+/// Credentials replaced while a grant is at the transport: the grant's
+/// transport error is scrubbed of the secret and password it was sent with,
+/// not of the new ones (which it never saw).
+#[tokio::test]
+async fn a_transport_errors_causes_are_scrubbed_of_the_credentials_they_were_sent_with() {
+    capture();
+    let (arrived_tx, arrived_rx) = tokio::sync::oneshot::channel::<()>();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let gates = Arc::new(Mutex::new(Some((arrived_tx, release_rx))));
+    let transport = tower::service_fn(move |request: Request<Full<Bytes>>| {
+        let gate = gates.lock().unwrap().take();
+        async move {
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            if let Some((arrived, release)) = gate {
+                arrived.send(()).unwrap();
+                release.await.unwrap();
+            }
+            let careless = format!(
+                "tcp connect error 9c1d: refused, sent {}",
+                String::from_utf8_lossy(&body)
+            );
+            Err::<Response<Full<Bytes>>, _>(std::io::Error::other(careless))
+        }
+    });
+    let auth = VoltAuthLayer::builder(Credentials::new("id", CLIENT_SECRET, "user", PASSWORD))
+        .base_url("http://127.0.0.1:9")
+        .build(transport)
+        .unwrap();
+    let waiting = tokio::spawn({
+        let auth = auth.clone();
+        async move { auth.access_token().await }
+    });
+    arrived_rx.await.unwrap();
+    // Rotated while the first grant is at the transport.
+    auth.set_credentials(Credentials::new(
+        "id",
+        "new-client-secret-1",
+        "user",
+        "new-password-1",
+    ));
+    release_tx.send(()).unwrap();
+    let err = waiting.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::Transport { .. }), "{err:?}");
+    let log = log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("tcp connect error 9c1d"))
+        .collect();
+    // The first grant's warning, sent with the old credentials; the password
+    // grant with the new ones that the rotation started may have failed too.
+    assert!(!lines.is_empty(), "no warning with the cause:\n{log}");
+    for line in lines {
+        assert!(line.contains("[redacted]"), "{line}");
+        assert_hidden(line, "the warning");
+        assert!(!line.contains("new-password-1"), "{line}");
+    }
+}
