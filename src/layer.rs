@@ -192,7 +192,9 @@ impl<P> VoltAuthLayer<P> {
     /// use change nothing: no grant, no log, and a backoff holds on, so a
     /// secret store polled every few seconds (or a file watcher that fires
     /// more than once per change) costs no `/oauth` call until its value
-    /// changes.
+    /// changes. Credentials with an empty part (a file read while it was
+    /// being rewritten), which [`Builder::build`] refuses, are ignored with a
+    /// warning: those in use stay.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -218,6 +220,10 @@ impl<P> VoltAuthLayer<P> {
         if self.auth.credentials.load().same_as(&credentials) {
             // Polled from a secret store, or a file watcher firing twice:
             // nothing changed, so no grant (and no backoff ended).
+            return;
+        }
+        if let Some(problem) = credentials.empty_part() {
+            tracing::warn!(problem, "new credentials ignored; those in use stay");
             return;
         }
         self.auth.credentials.store(Arc::new(credentials));

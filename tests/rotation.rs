@@ -235,3 +235,31 @@ async fn after_a_rotation_neither_debug_nor_the_log_shows_a_secret() {
         assert!(!log.contains(secret), "{secret} in the log");
     }
 }
+
+/// Credentials with an empty part (a secret file read while it is being
+/// rewritten), which `Builder::build` refuses, are ignored with a warning:
+/// no grant, and the next grant still sends those in use.
+#[tokio::test(start_paused = true)]
+async fn credentials_with_an_empty_part_are_ignored_with_a_warning() {
+    capture();
+    let mock = MockVolt::builder().in_process();
+    let auth = layer(&mock);
+    auth.access_token().await.unwrap();
+    auth.set_credentials(with_password(""));
+    sleep(ms(1)).await;
+    assert_eq!(mock.oauth_calls(), 1);
+    let log = log_text();
+    assert!(
+        log.contains(
+            "new credentials ignored; those in use stay problem=\"the password is empty\""
+        ),
+        "{log}"
+    );
+    // The next grant, with the credentials in use.
+    mock.revoke_refresh_tokens();
+    sleep(Duration::from_secs(3600)).await;
+    auth.access_token().await.unwrap();
+    let sent = mock.oauth_requests();
+    assert_eq!(sent.len(), 3, "a refused refresh, then the password grant");
+    assert_eq!(sent[2].field("password"), Some(mock::PASSWORD));
+}
