@@ -52,6 +52,18 @@ use crate::layer::{Builder, VoltAuthLayer};
 /// whole, and only the caller's own timeout bounds an API call.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a connection may sit idle in the pool before the client closes
+/// it: half the 60 s after which load balancers commonly close an idle
+/// connection (AWS's Application Load Balancer by default; nginx after 75 s).
+/// A request sent just as the server closes the connection crosses its close
+/// on the wire and fails (`IncompleteMessage`), and neither hyper nor this
+/// crate sends it again; closing first, the client never races the server.
+/// hyper-util's default, 90 s, is longer than those servers wait. A server
+/// that closes sooner (Node.js and Apache after 5 s by default) can still be
+/// raced: a refresh ahead of expiry that fails so is retried after the
+/// backoff while the token serves on; any other request gets the error.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The client [`https_client`] makes: hyper-util's legacy client over an
 /// `https`-or-`http` rustls connector, sending `B` bodies (`Full<Bytes>` unless
 /// chosen otherwise). A tower service, ready for
@@ -98,9 +110,11 @@ fn client(
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     http.set_nodelay(true);
     let connector = builder.https_or_http().enable_http1().wrap_connector(http);
-    // The timer lets the pool close connections idle past its timeout, rather
-    // than find out when it next picks one that the server has closed.
+    // The pool never picks a connection idle past its timeout nor one the
+    // server was seen closing; the timer makes it also close such connections
+    // on time rather than when it next looks for one.
     Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .build(connector)
 }
