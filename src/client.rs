@@ -9,6 +9,12 @@
 //! [`Builder::build_default`] makes one for `/oauth` when you do not pass it
 //! your own.
 //!
+//! It speaks HTTP/1.1 only (its TLS handshake offers no ALPN protocol, so
+//! servers answer in HTTP/1.1) over a pool of kept-alive connections:
+//! concurrent requests each take a connection of their own. A connection idle
+//! for 30 s is closed, before a load balancer that closes idle connections
+//! after a minute could close it under a request.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower::BoxError> {
@@ -71,7 +77,8 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub type HttpsClient<B = Full<Bytes>> = Client<HttpsConnector<HttpConnector>, B>;
 
 /// An HTTPS (and plain HTTP) client trusting Mozilla's root certificates, as
-/// shipped in the `webpki-roots` crate: the same on every platform.
+/// shipped in the `webpki-roots` crate: the same on every platform, compiled
+/// in (a root added or removed since reaches you with `cargo update`).
 ///
 /// # Errors
 /// [`ClientError::Tls`] if rustls refuses its own default configuration
