@@ -26,7 +26,7 @@ async fn main() -> Result<(), BoxError> {
     // Your own hyper-util client; here over rustls (ring, Mozilla's roots),
     // speaking https, and plain http for the mock on loopback.
     // (`volt_auth::client::https_client()` builds one like it, with a connect
-    // timeout added, and idle connections closed after 30 s rather than 90.)
+    // timeout added, and no connection reused after 30 s idle rather than 90.)
     let connector = HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))?
         .https_or_http()

@@ -12,8 +12,9 @@
 //! It speaks HTTP/1.1 only (its TLS handshake offers no ALPN protocol, so
 //! servers answer in HTTP/1.1) over a pool of kept-alive connections:
 //! concurrent requests each take a connection of their own. A connection idle
-//! for 30 s is closed, before a load balancer that closes idle connections
-//! after a minute could close it under a request.
+//! for 30 s is not used again (and is closed within another 30 s), so a load
+//! balancer that closes idle connections after a minute never closes one
+//! under a request.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -58,12 +59,13 @@ use crate::layer::{Builder, VoltAuthLayer};
 /// whole, and only the caller's own timeout bounds an API call.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a connection may sit idle in the pool before the client closes
-/// it: half the 60 s after which load balancers commonly close an idle
-/// connection (AWS's Application Load Balancer by default; nginx after 75 s).
-/// A request sent just as the server closes the connection crosses its close
-/// on the wire and fails (`IncompleteMessage`), and neither hyper nor this
-/// crate sends it again; closing first, the client never races the server.
+/// How long a connection may sit idle in the pool and still be used (the
+/// pool's timer closes it within as long again): half the 60 s after which
+/// load balancers commonly close an idle connection (AWS's Application Load
+/// Balancer by default; nginx after 75 s). A request sent just as the server
+/// closes the connection crosses its close on the wire and fails
+/// (`IncompleteMessage`), and neither hyper nor this crate sends it again;
+/// giving the connection up first, the client never races the server.
 /// hyper-util's default, 90 s, is longer than those servers wait. A server
 /// that closes sooner (Node.js and Apache after 5 s by default) can still be
 /// raced: a refresh ahead of expiry that fails so is retried after the
