@@ -93,7 +93,9 @@ pub fn https_client() -> Result<HttpsClient, ClientError> {
 }
 
 /// An HTTPS (and plain HTTP) client trusting the platform's root certificates
-/// (for example a corporate proxy's CA installed in the system store).
+/// (for example a corporate proxy's CA installed in the system store), read
+/// once, when the client is made. `SSL_CERT_FILE` or `SSL_CERT_DIR`, when set,
+/// name PEM files to read instead of the system store.
 ///
 /// # Errors
 /// [`ClientError::NativeRoots`] when the platform's certificates cannot be
