@@ -11,6 +11,7 @@
 //! set, it calls `GET /banks` on that Volt environment.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -26,13 +27,18 @@ async fn main() -> Result<(), BoxError> {
     // Your own hyper-util client; here over rustls (ring, Mozilla's roots),
     // speaking https, and plain http for the mock on loopback.
     // (`volt_auth::client::https_client()` builds one like it, with a connect
-    // timeout and a pool timer added.)
+    // timeout added.)
     let connector = HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))?
         .https_or_http()
         .enable_http1()
         .build();
-    let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(connector);
+    // hyper-util reuses a connection idle for up to 90 s by default; a load
+    // balancer that closes idle connections after 60 s could close one under
+    // a request, which then fails. Give them up sooner.
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build::<_, Full<Bytes>>(connector);
 
     let (mock, builder) = if std::env::var_os("VOLT_CLIENT_ID").is_some() {
         (None, VoltAuthLayer::from_env()?)

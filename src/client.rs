@@ -9,6 +9,13 @@
 //! [`Builder::build_default`] makes one for `/oauth` when you do not pass it
 //! your own.
 //!
+//! It speaks HTTP/1.1 only (its TLS handshake offers no ALPN protocol, so
+//! servers answer in HTTP/1.1) over a pool of kept-alive connections:
+//! concurrent requests each take a connection of their own. A connection idle
+//! for 30 s is not used again (and is closed within another 30 s), so a load
+//! balancer that closes idle connections after a minute never closes one
+//! under a request.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower::BoxError> {
@@ -52,6 +59,19 @@ use crate::layer::{Builder, VoltAuthLayer};
 /// whole, and only the caller's own timeout bounds an API call.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a connection may sit idle in the pool and still be used (the
+/// pool's timer closes it within as long again): half the 60 s after which
+/// load balancers commonly close an idle connection (AWS's Application Load
+/// Balancer by default; nginx after 75 s). A request sent just as the server
+/// closes the connection crosses its close on the wire and fails
+/// (`IncompleteMessage`), and neither hyper nor this crate sends it again;
+/// giving the connection up first, the client never races the server.
+/// hyper-util's default, 90 s, is longer than those servers wait. A server
+/// that closes sooner (Node.js and Apache after 5 s by default) can still be
+/// raced: a refresh ahead of expiry that fails so is retried after the
+/// backoff while the token serves on; any other request gets the error.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The client [`https_client`] makes: hyper-util's legacy client over an
 /// `https`-or-`http` rustls connector, sending `B` bodies (`Full<Bytes>` unless
 /// chosen otherwise). A tower service, ready for
@@ -59,7 +79,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub type HttpsClient<B = Full<Bytes>> = Client<HttpsConnector<HttpConnector>, B>;
 
 /// An HTTPS (and plain HTTP) client trusting Mozilla's root certificates, as
-/// shipped in the `webpki-roots` crate: the same on every platform.
+/// shipped in the `webpki-roots` crate: the same on every platform, compiled
+/// in (a root added or removed since reaches you with `cargo update`).
 ///
 /// # Errors
 /// [`ClientError::Tls`] if rustls refuses its own default configuration
@@ -72,7 +93,9 @@ pub fn https_client() -> Result<HttpsClient, ClientError> {
 }
 
 /// An HTTPS (and plain HTTP) client trusting the platform's root certificates
-/// (for example a corporate proxy's CA installed in the system store).
+/// (for example a corporate proxy's CA installed in the system store), read
+/// once, when the client is made. `SSL_CERT_FILE` or `SSL_CERT_DIR`, when set,
+/// name PEM files to read instead of the system store.
 ///
 /// # Errors
 /// [`ClientError::NativeRoots`] when the platform's certificates cannot be
@@ -98,9 +121,11 @@ fn client(
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     http.set_nodelay(true);
     let connector = builder.https_or_http().enable_http1().wrap_connector(http);
-    // The timer lets the pool close connections idle past its timeout, rather
-    // than find out when it next picks one that the server has closed.
+    // The pool never picks a connection idle past its timeout nor one the
+    // server was seen closing; the timer makes it also close such connections
+    // on time rather than when it next looks for one.
     Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .build(connector)
 }
