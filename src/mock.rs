@@ -442,13 +442,29 @@ impl MockVolt {
     /// `Retry-After` (and a `Date` to make an HTTP-date exact).
     ///
     /// ```
-    /// # use volt_auth::mock::MockVolt;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), tower::BoxError> {
+    /// use std::time::Duration;
+    ///
     /// use http::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+    /// use volt_auth::mock::MockVolt;
+    /// use volt_auth::{Error, VoltAuthLayer};
     ///
     /// let mock = MockVolt::builder().in_process();
     /// let mut headers = HeaderMap::new();
     /// headers.insert(RETRY_AFTER, HeaderValue::from_static("30"));
     /// mock.fail_oauth_with_headers(1, http::StatusCode::TOO_MANY_REQUESTS, headers, "{}");
+    ///
+    /// let auth = VoltAuthLayer::builder(mock.credentials())
+    ///     .base_url(&mock.url())
+    ///     .build(mock.service())?;
+    /// let Error::Failed { response, .. } = auth.access_token().await.unwrap_err() else {
+    ///     panic!("a 429 is a failure, not a rejection");
+    /// };
+    /// assert_eq!(response.status, 429);
+    /// assert_eq!(response.retry_after(), Some(Duration::from_secs(30)));
+    /// assert_eq!(auth.stats().retry_in, Some(Duration::from_secs(30))); // on a paused clock
+    /// # Ok(()) }
     /// ```
     pub fn fail_oauth_with_headers(
         &self,
