@@ -407,6 +407,35 @@ impl<P> Builder<P> {
     /// [`Endpoint::custom`] refuses, with the same errors: among them a plain
     /// `http` origin that is not loopback, so that the token never travels in
     /// clear text.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower::BoxError> {
+    /// use http_body_util::Full;
+    /// use tower::{Layer, Service, ServiceExt};
+    /// use volt_auth::mock::MockVolt;
+    /// use volt_auth::{ConfigError, VoltAuthLayer};
+    ///
+    /// let volt = MockVolt::builder().in_process(); // answers whatever the host
+    /// let auth = VoltAuthLayer::builder(volt.credentials())
+    ///     .base_url(&volt.url())
+    ///     .allow_origin("https://volt-proxy.example")
+    ///     .build(volt.service())?;
+    /// let mut api = auth.layer(volt.service());
+    /// let banks = |origin| http::Request::get(format!("{origin}/banks")).body(Full::default());
+    ///
+    /// let proxied = api.ready().await?.call(banks("https://volt-proxy.example")?).await?;
+    /// assert_eq!(proxied.status(), 200);
+    /// let elsewhere = api.ready().await?.call(banks("https://volt-proxy.example:8443")?).await?;
+    /// assert_eq!(elsewhere.status(), 401); // another port, another origin: no token
+    ///
+    /// let refused = VoltAuthLayer::builder(volt.credentials())
+    ///     .allow_origin("http://volt-proxy.example")
+    ///     .build(volt.service())
+    ///     .unwrap_err();
+    /// assert_eq!(refused, ConfigError::InsecureUrl("volt-proxy.example".into()));
+    /// # Ok(()) }
+    /// ```
     pub fn allow_origin(mut self, url: &str) -> Self {
         self.origins.push(Origin::allowed(url));
         self
