@@ -3,9 +3,10 @@
 //! to `tokio::spawn`, errors in a `BoxError` or an `anyhow::Error`. A change
 //! that loses one of them fails to compile here, before a user finds out.
 //!
-//! Each assertion is a generic function called for its bounds; the tests run
-//! nothing else. Generic parameters stand for any type with the bounds named,
-//! so `volt_auth_is_send::<S>` holds for every `S: Send`.
+//! Each assertion is a generic function called for its bounds (one test also
+//! runs a wrapped service in a spawned task). A generic parameter stands for
+//! any type with the bounds named: `service_is_send::<S, P>` compiling means
+//! `VoltAuth<S, P>: Send` for every `S: Send` and `P: Send`.
 
 use std::fmt::Debug;
 use std::task::Context;
