@@ -1080,6 +1080,36 @@ impl Flight {
 /// For a health check: `remaining` says whether requests get a token now;
 /// `failures` and `last_error` say that `/oauth` is failing while the current
 /// token still serves, before it runs out.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), tower::BoxError> {
+/// use std::time::Duration;
+///
+/// use volt_auth::VoltAuthLayer;
+/// use volt_auth::mock::MockVolt;
+///
+/// let volt = MockVolt::builder().in_process();
+/// let auth = VoltAuthLayer::builder(volt.credentials())
+///     .base_url(&volt.url())
+///     .build(volt.service())?;
+/// auth.access_token().await?;
+/// let stats = auth.stats();
+/// assert_eq!(stats.remaining, Some(Duration::from_secs(3600))); // on a paused clock
+/// assert_eq!((stats.password.succeeded, stats.failures), (1, 0));
+///
+/// volt.fail_oauth(1, http::StatusCode::SERVICE_UNAVAILABLE, "{}");
+/// tokio::time::sleep(Duration::from_secs(56 * 60)).await; // into the refresh-ahead window
+/// auth.access_token().await?; // served, while it starts a refresh that fails
+/// # // The background refresh ends (in process, without waiting for time).
+/// # while auth.stats().failures == 0 { tokio::task::yield_now().await }
+/// let stats = auth.stats();
+/// assert_eq!((stats.refresh.failed, stats.failures), (1, 1)); // unhealthy, not down
+/// assert!(stats.remaining.is_some() && stats.retry_in.is_some());
+/// let status = stats.last_error.and_then(|error| error.status());
+/// assert_eq!(status, Some(http::StatusCode::SERVICE_UNAVAILABLE));
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub struct Stats {

@@ -310,6 +310,7 @@ impl Endpoint {
     /// assert_ne!(same_host, production);
     /// assert_eq!(same_host.with_api(Api::Global).token_uri(), "https://api.volt.io/oauth");
     /// ```
+    #[must_use]
     pub fn with_api(self, api: Api) -> Self {
         match self.environment {
             Some(environment) => Self::new(api, environment),

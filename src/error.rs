@@ -43,11 +43,28 @@ impl fmt::Display for GrantType {
 /// to tell them from the inner service's errors:
 ///
 /// ```
-/// # fn check(err: tower::BoxError) {
-/// if let Some(auth) = err.downcast_ref::<volt_auth::Error>() {
-///     if auth.is_rejected() { /* fix the credentials */ }
-/// }
-/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower::BoxError> {
+/// use http_body_util::Full;
+/// use tower::{Layer, ServiceExt};
+/// use volt_auth::mock::{self, MockVolt};
+/// use volt_auth::{Credentials, Error, GrantType, VoltAuthLayer};
+///
+/// let volt = MockVolt::builder().in_process();
+/// let wrong = Credentials::new(mock::CLIENT_ID, mock::CLIENT_SECRET, mock::USERNAME, "wrong");
+/// let auth = VoltAuthLayer::builder(wrong)
+///     .base_url(&volt.url())
+///     .build(volt.service())?;
+/// let request = http::Request::get(format!("{}/banks", volt.url())).body(Full::default())?;
+///
+/// let err = auth.layer(volt.service()).oneshot(request).await.unwrap_err();
+/// let Some(auth_error) = err.downcast_ref::<Error>() else {
+///     panic!("not the token's error: {err}"); // the inner service's own
+/// };
+/// assert!(auth_error.is_rejected()); // fix the credentials
+/// assert_eq!(auth_error.grant(), Some(GrantType::Password));
+/// assert_eq!(auth_error.status(), Some(http::StatusCode::BAD_REQUEST)); // invalid_grant
+/// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]

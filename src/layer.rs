@@ -163,6 +163,38 @@ impl<P> VoltAuthLayer<P> {
     /// token already replaced changes nothing, and refreshes forced this way
     /// are throttled like the layer's own (see the README's *401 recovery*).
     /// A token from another layer's cache is ignored.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower::BoxError> {
+    /// use http::header::AUTHORIZATION;
+    /// use http_body_util::Full;
+    /// use tower::ServiceExt;
+    /// use volt_auth::VoltAuthLayer;
+    /// use volt_auth::mock::MockVolt;
+    ///
+    /// let volt = MockVolt::builder().in_process();
+    /// let auth = VoltAuthLayer::builder(volt.credentials())
+    ///     .base_url(&volt.url())
+    ///     .build(volt.service())?;
+    /// let client = volt.service(); // any client, not wrapped by the layer
+    /// let banks = |token: &volt_auth::AccessToken| {
+    ///     http::Request::get(format!("{}/banks", volt.url()))
+    ///         .header(AUTHORIZATION, token.header_value())
+    ///         .body(Full::default())
+    /// };
+    ///
+    /// let token = auth.access_token().await?;
+    /// volt.revoke_access_tokens(); // Volt drops it before its expiry
+    /// let response = client.clone().oneshot(banks(&token)?).await?;
+    /// assert_eq!(response.status(), 401);
+    /// auth.reject(&token);
+    ///
+    /// let renewed = auth.access_token().await?; // waits for the refresh
+    /// assert_ne!(renewed.expose_secret(), token.expose_secret());
+    /// assert_eq!(client.oneshot(banks(&renewed)?).await?.status(), 200);
+    /// # Ok(()) }
+    /// ```
     pub fn reject(&self, token: &AccessToken) {
         self.auth.cache.reject(&token.ticket);
     }
@@ -375,6 +407,35 @@ impl<P> Builder<P> {
     /// [`Endpoint::custom`] refuses, with the same errors: among them a plain
     /// `http` origin that is not loopback, so that the token never travels in
     /// clear text.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower::BoxError> {
+    /// use http_body_util::Full;
+    /// use tower::{Layer, Service, ServiceExt};
+    /// use volt_auth::mock::MockVolt;
+    /// use volt_auth::{ConfigError, VoltAuthLayer};
+    ///
+    /// let volt = MockVolt::builder().in_process(); // answers whatever the host
+    /// let auth = VoltAuthLayer::builder(volt.credentials())
+    ///     .base_url(&volt.url())
+    ///     .allow_origin("https://volt-proxy.example")
+    ///     .build(volt.service())?;
+    /// let mut api = auth.layer(volt.service());
+    /// let banks = |origin| http::Request::get(format!("{origin}/banks")).body(Full::default());
+    ///
+    /// let proxied = api.ready().await?.call(banks("https://volt-proxy.example")?).await?;
+    /// assert_eq!(proxied.status(), 200);
+    /// let elsewhere = api.ready().await?.call(banks("https://volt-proxy.example:8443")?).await?;
+    /// assert_eq!(elsewhere.status(), 401); // another port, another origin: no token
+    ///
+    /// let refused = VoltAuthLayer::builder(volt.credentials())
+    ///     .allow_origin("http://volt-proxy.example")
+    ///     .build(volt.service())
+    ///     .unwrap_err();
+    /// assert_eq!(refused, ConfigError::InsecureUrl("volt-proxy.example".into()));
+    /// # Ok(()) }
+    /// ```
     pub fn allow_origin(mut self, url: &str) -> Self {
         self.origins.push(Origin::allowed(url));
         self
@@ -429,6 +490,31 @@ impl<P> Builder<P> {
     /// Which request bodies are replayed after a 401: [`DefaultReplay`] by
     /// default, [`NoReplay`](crate::NoReplay) to turn replays off, or any
     /// [`ReplayPolicy`](crate::ReplayPolicy).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower::BoxError> {
+    /// use http_body_util::Full;
+    /// use tower::{Layer, Service, ServiceExt};
+    /// use volt_auth::mock::MockVolt;
+    /// use volt_auth::{NoReplay, VoltAuthLayer};
+    ///
+    /// let volt = MockVolt::builder().in_process();
+    /// let auth = VoltAuthLayer::builder(volt.credentials())
+    ///     .base_url(&volt.url())
+    ///     .replay(NoReplay)
+    ///     .build(volt.service())?;
+    /// let mut api = auth.layer(volt.service());
+    /// let banks = || http::Request::get(format!("{}/banks", volt.url())).body(Full::default());
+    /// assert_eq!(api.ready().await?.call(banks()?).await?.status(), 200);
+    ///
+    /// volt.revoke_access_tokens();
+    /// // The 401 comes back to the caller; the next request has a new token.
+    /// assert_eq!(api.ready().await?.call(banks()?).await?.status(), 401);
+    /// assert_eq!(api.ready().await?.call(banks()?).await?.status(), 200);
+    /// assert_eq!(auth.stats().replays, 0);
+    /// # Ok(()) }
+    /// ```
     pub fn replay<Q>(self, policy: Q) -> Builder<Q> {
         Builder {
             credentials: self.credentials,

@@ -119,6 +119,7 @@ struct Failure {
 /// `Debug` shows `[redacted]` for the values of `client_secret`, `password`
 /// and `refresh_token`; [`OAuthRequest::field`] and `fields` hold them as sent.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct OAuthRequest {
     /// The `grant_type` field, if present.
     pub grant_type: Option<String>,
@@ -173,6 +174,7 @@ pub fn payment_digest(body: &[u8]) -> String {
 
 /// Configures a [`MockVolt`]; obtained from [`MockVolt::builder`].
 #[derive(Clone)]
+#[must_use]
 pub struct MockBuilder {
     config: Config,
 }
@@ -442,13 +444,29 @@ impl MockVolt {
     /// `Retry-After` (and a `Date` to make an HTTP-date exact).
     ///
     /// ```
-    /// # use volt_auth::mock::MockVolt;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), tower::BoxError> {
+    /// use std::time::Duration;
+    ///
     /// use http::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+    /// use volt_auth::mock::MockVolt;
+    /// use volt_auth::{Error, VoltAuthLayer};
     ///
     /// let mock = MockVolt::builder().in_process();
     /// let mut headers = HeaderMap::new();
     /// headers.insert(RETRY_AFTER, HeaderValue::from_static("30"));
     /// mock.fail_oauth_with_headers(1, http::StatusCode::TOO_MANY_REQUESTS, headers, "{}");
+    ///
+    /// let auth = VoltAuthLayer::builder(mock.credentials())
+    ///     .base_url(&mock.url())
+    ///     .build(mock.service())?;
+    /// let Error::Failed { response, .. } = auth.access_token().await.unwrap_err() else {
+    ///     panic!("a 429 is a failure, not a rejection");
+    /// };
+    /// assert_eq!(response.status, 429);
+    /// assert_eq!(response.retry_after(), Some(Duration::from_secs(30)));
+    /// assert_eq!(auth.stats().retry_in, Some(Duration::from_secs(30))); // on a paused clock
+    /// # Ok(()) }
     /// ```
     pub fn fail_oauth_with_headers(
         &self,
@@ -476,6 +494,30 @@ impl MockVolt {
     }
 
     /// `/oauth` requests arriving from now on wait until the returned hold is released or dropped.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower::BoxError> {
+    /// use volt_auth::VoltAuthLayer;
+    /// use volt_auth::mock::MockVolt;
+    ///
+    /// let volt = MockVolt::builder().in_process();
+    /// let auth = VoltAuthLayer::builder(volt.credentials())
+    ///     .base_url(&volt.url())
+    ///     .build(volt.service())?;
+    /// let hold = volt.hold_oauth();
+    /// let first = tokio::spawn({
+    ///     let auth = auth.clone();
+    ///     async move { auth.access_token().await }
+    /// });
+    /// hold.wait_for(1).await; // the password grant is at /oauth
+    /// assert_eq!(auth.stats().password.attempts(), 0); // and not answered
+    ///
+    /// hold.release();
+    /// first.await??;
+    /// assert_eq!(auth.stats().password.succeeded, 1);
+    /// # Ok(()) }
+    /// ```
     pub fn hold_oauth(&self) -> OAuthHold {
         let (released, _) = watch::channel(false);
         let (waiting, _) = watch::channel(0);

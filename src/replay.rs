@@ -61,6 +61,7 @@ impl DefaultReplay {
     }
 
     /// Replays bodies of up to `bytes` bytes.
+    #[must_use]
     pub const fn max_size(mut self, bytes: u64) -> Self {
         self.max_size = bytes;
         self

@@ -64,6 +64,11 @@ use crate::replay::{DefaultReplay, ReplayPolicy};
 /// are replayed after a 401 when [`reqwest::Request::try_clone`] can copy them,
 /// regardless of the layer's [`ReplayPolicy`] (which governs `http` bodies);
 /// [`VoltAuthMiddleware::replay`] turns replays off.
+///
+/// # Panics
+/// A request that waits for a token, on a Tokio runtime built without its
+/// timer (`enable_time` or `enable_all`), panics as Tokio's timers do (see
+/// [`VoltAuthLayer::access_token`]).
 #[derive(Clone)]
 pub struct VoltAuthMiddleware {
     auth: Arc<Auth>,
@@ -73,6 +78,7 @@ pub struct VoltAuthMiddleware {
 impl VoltAuthMiddleware {
     /// Whether to replay a request once after a 401 (on by default). Off, a
     /// 401 goes back to the caller and the next request carries a new token.
+    #[must_use]
     pub fn replay(mut self, enabled: bool) -> Self {
         self.replay = enabled;
         self

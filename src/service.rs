@@ -38,6 +38,11 @@ use crate::replay::{DefaultReplay, ReplayPolicy};
 /// takes an unused clone, driven ready before the replay is sent. tower's
 /// `RateLimit` is not `Clone`; put it outside the layer, or behind a `Buffer`.
 ///
+/// # Panics
+/// A request that waits for a token, on a Tokio runtime built without its
+/// timer (`enable_time` or `enable_all`), panics as Tokio's timers do (see
+/// [`VoltAuthLayer::access_token`](crate::VoltAuthLayer::access_token)).
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), tower::BoxError> {
