@@ -488,15 +488,14 @@ async fn a_replay_queued_while_its_renewed_token_is_rejected_waits_for_the_next(
     );
     // The warm-up, `a`, `other` (each with the token it found), then both
     // replays with the third token, in either order.
-    let bearer = |token: &String| Some(format!("Bearer {token}"));
     assert_eq!(
         volt.api_authorizations(),
         vec![
-            bearer(&issued[0]),
-            bearer(&issued[0]),
-            bearer(&issued[1]),
-            bearer(&issued[2]),
-            bearer(&issued[2]),
+            common::bearer(&issued[0]),
+            common::bearer(&issued[0]),
+            common::bearer(&issued[1]),
+            common::bearer(&issued[2]),
+            common::bearer(&issued[2]),
         ]
     );
     // `a`'s replay and `other`'s, each counted once.
@@ -526,10 +525,13 @@ async fn a_replay_queued_while_its_renewed_token_is_rejected_fails_if_no_next_co
     assert_eq!(volt.payment_bodies(), vec![Bytes::from("a")]);
     let issued = volt.issued_access_tokens();
     assert_eq!(issued.len(), 2);
-    let bearer = |token: &String| Some(format!("Bearer {token}"));
     assert_eq!(
         volt.api_authorizations(),
-        vec![bearer(&issued[0]), bearer(&issued[0]), bearer(&issued[1])]
+        vec![
+            common::bearer(&issued[0]),
+            common::bearer(&issued[0]),
+            common::bearer(&issued[1])
+        ]
     );
     assert_eq!(auth.stats().replays, 0);
     assert_eq!(volt.oauth_calls(), 3);
