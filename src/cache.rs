@@ -643,23 +643,15 @@ impl Shared {
                 expires_in_s = token.lifetime().as_secs(),
                 "token endpoint issued a token"
             ),
-            Err(error) => match causes {
-                Some(cause) => tracing::warn!(
-                    grant = %grant.kind(),
-                    elapsed_ms,
-                    outcome = error.kind(),
-                    %error,
-                    cause,
-                    "token endpoint attempt failed"
-                ),
-                None => tracing::warn!(
-                    grant = %grant.kind(),
-                    elapsed_ms,
-                    outcome = error.kind(),
-                    %error,
-                    "token endpoint attempt failed"
-                ),
-            },
+            // `cause` is left out when there is none.
+            Err(error) => tracing::warn!(
+                grant = %grant.kind(),
+                elapsed_ms,
+                outcome = error.kind(),
+                %error,
+                cause = causes.as_deref(),
+                "token endpoint attempt failed"
+            ),
         }
         result
     }
