@@ -633,7 +633,7 @@ impl Shared {
 
     async fn attempt(&self, grant: Grant) -> Result<Token, Error> {
         let started = Instant::now();
-        let (result, causes) = self.source.fetch_with_causes(&grant).await;
+        let (result, causes) = self.source.fetch(&grant).await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
         self.counters.record(grant.kind(), &result);
         match &result {

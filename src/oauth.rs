@@ -452,13 +452,7 @@ impl OAuthClient {
         self.credentials.clone()
     }
 
-    /// Sends `grant` once and parses the answer.
-    pub(crate) async fn fetch(&self, grant: &Grant) -> Result<Token, Error> {
-        // One set of credentials per grant, the same to send and to scrub.
-        self.send(grant, &self.credentials.load_full()).await
-    }
-
-    /// [`OAuthClient::fetch`] with `credentials`.
+    /// Sends `grant` once with `credentials` and parses the answer.
     async fn send(&self, grant: &Grant, credentials: &Credentials) -> Result<Token, Error> {
         let kind = grant.kind();
         let request = self.request(grant, credentials);
@@ -562,42 +556,29 @@ impl OAuthClient {
 }
 
 /// A grant's outcome, with what caused its error for the log (see
-/// [`TokenSource::fetch_with_causes`]).
-type Fetched<'a> =
+/// [`TokenSource::fetch`]).
+pub(crate) type Fetched<'a> =
     Pin<Box<dyn Future<Output = (Result<Token, Error>, Option<String>)> + Send + 'a>>;
 
 /// Where the token cache gets tokens from: the seam behind which a store shared
 /// by several processes can later sit, without touching the hot path.
 pub(crate) trait TokenSource: Send + Sync + 'static {
-    /// Sends one grant and parses its answer.
-    fn fetch<'a>(
-        &'a self,
-        grant: &'a Grant,
-    ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>>;
-
-    /// [`TokenSource::fetch`], and what caused its error, for the log: the
-    /// error's [`source`](std::error::Error::source) chain, without the
-    /// secrets the grant was sent with; `None` when it has no cause.
-    fn fetch_with_causes<'a>(&'a self, grant: &'a Grant) -> Fetched<'a> {
-        Box::pin(async move { (self.fetch(grant).await, None) })
-    }
+    /// Sends one grant and parses its answer; with it, what caused its error,
+    /// for the log: the error's [`source`](std::error::Error::source) chain,
+    /// without the secrets the grant was sent with (`None` when it has no
+    /// cause).
+    fn fetch<'a>(&'a self, grant: &'a Grant) -> Fetched<'a>;
 }
 
 impl TokenSource for OAuthClient {
-    fn fetch<'a>(
-        &'a self,
-        grant: &'a Grant,
-    ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>> {
-        Box::pin(OAuthClient::fetch(self, grant))
-    }
-
     /// A transport's errors say why `/oauth` could not be reached (a refused
     /// connection, a name that does not resolve, a certificate); the
     /// transport is any service, so its text is scrubbed as a server's is,
     /// of the credentials the grant was sent with (not of others that
     /// replaced them while it was under way).
-    fn fetch_with_causes<'a>(&'a self, grant: &'a Grant) -> Fetched<'a> {
+    fn fetch<'a>(&'a self, grant: &'a Grant) -> Fetched<'a> {
         Box::pin(async move {
+            // One set of credentials per grant, the same to send and to scrub.
             let credentials = self.credentials.load_full();
             let result = self.send(grant, &credentials).await;
             let causes = match &result {
@@ -1021,7 +1002,7 @@ mod tests {
     #[tokio::test]
     async fn password_grant_is_form_encoded_as_documented() {
         let (client, seen) = client(Api::Gateway, StatusCode::OK, GOOD);
-        let token = client.fetch(&Grant::Password).await.unwrap();
+        let token = client.fetch(&Grant::Password).await.0.unwrap();
         assert_eq!(token.secret(), "at1");
         let seen = seen.lock().unwrap();
         let request = &seen[0];
@@ -1053,6 +1034,7 @@ mod tests {
         client
             .fetch(&Grant::Refresh(SecretString::from("rt0".to_owned())))
             .await
+            .0
             .unwrap();
         let seen = seen.lock().unwrap();
         let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(seen[0].body()).unwrap();
@@ -1068,7 +1050,7 @@ mod tests {
     #[tokio::test]
     async fn global_api_sends_json() {
         let (client, seen) = client(Api::Global, StatusCode::OK, GOOD);
-        client.fetch(&Grant::Password).await.unwrap();
+        client.fetch(&Grant::Password).await.0.unwrap();
         let seen = seen.lock().unwrap();
         assert_eq!(seen[0].headers()[CONTENT_TYPE], "application/json");
         let body: Value = serde_json::from_slice(seen[0].body()).unwrap();
@@ -1084,7 +1066,7 @@ mod tests {
             StatusCode::UNAUTHORIZED,
             r#"{"error":"invalid_client","error_description":"the-client-secret is wrong"}"#,
         );
-        let err = client.fetch(&Grant::Password).await.unwrap_err();
+        let err = client.fetch(&Grant::Password).await.0.unwrap_err();
         assert!(err.is_rejected());
         assert!(!format!("{err} {err:?}").contains("the-client-secret"));
     }
@@ -1107,7 +1089,7 @@ mod tests {
                 headers.clone(),
                 r#"{"message":"slow down"}"#,
             );
-            match client.fetch(&Grant::Password).await {
+            match client.fetch(&Grant::Password).await.0 {
                 Err(Error::Failed { response, .. }) => {
                     assert_eq!(response.status, status);
                     assert_eq!(response.retry_after(), expected, "{status}");
@@ -1123,11 +1105,11 @@ mod tests {
             headers.clone(),
             r#"{"error":"invalid_client"}"#,
         );
-        let err = client.fetch(&Grant::Password).await.unwrap_err();
+        let err = client.fetch(&Grant::Password).await.0.unwrap_err();
         assert!(err.is_rejected());
         assert_eq!(err.retry_after(), None);
         let (client, _) = client_with_headers(Api::Gateway, StatusCode::OK, headers, GOOD);
-        assert!(client.fetch(&Grant::Password).await.is_ok());
+        assert!(client.fetch(&Grant::Password).await.0.is_ok());
     }
 
     /// An error body under a 2xx status in Volt's numeric shapes refuses the
@@ -1272,7 +1254,7 @@ mod tests {
         let fetch = |status: u16| {
             let status = StatusCode::from_u16(status).unwrap();
             let (client, _) = client_with_headers(Api::Gateway, status, headers.clone(), page);
-            async move { client.fetch(&Grant::Password).await.unwrap_err() }
+            async move { client.fetch(&Grant::Password).await.0.unwrap_err() }
         };
         let Error::Failed { response, .. } = fetch(503).await else {
             panic!("503 not Failed")

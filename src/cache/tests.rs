@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Mutex;
 
 use http::{HeaderValue, StatusCode};
@@ -13,6 +12,7 @@ use tokio::time::sleep;
 
 use super::*;
 use crate::error::ErrorResponse;
+use crate::oauth::Fetched;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -76,12 +76,14 @@ impl Script {
     }
 }
 
+/// A test source's outcome, without a cause to log.
+fn uncaused<'a>(outcome: impl Future<Output = Result<Token, Error>> + Send + 'a) -> Fetched<'a> {
+    Box::pin(async move { (outcome.await, None) })
+}
+
 impl TokenSource for Arc<Script> {
-    fn fetch<'a>(
-        &'a self,
-        grant: &'a Grant,
-    ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>> {
-        Box::pin(async move {
+    fn fetch<'a>(&'a self, grant: &'a Grant) -> Fetched<'a> {
+        uncaused(async move {
             let presented = match grant {
                 Grant::Password => None,
                 Grant::Refresh(token) => Some(token.expose_secret().to_owned()),
@@ -585,11 +587,8 @@ async fn short_lifetimes_do_not_refresh_per_request() {
 async fn a_panicking_or_dropped_refresh_releases_its_waiters() {
     struct Never;
     impl TokenSource for Never {
-        fn fetch<'a>(
-            &'a self,
-            _: &'a Grant,
-        ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>> {
-            Box::pin(async { panic!("the source failed") })
+        fn fetch<'a>(&'a self, _: &'a Grant) -> Fetched<'a> {
+            uncaused(async { panic!("the source failed") })
         }
     }
     let cache = TokenCache::new(Never, settings());
@@ -781,11 +780,8 @@ struct Raw {
 }
 
 impl TokenSource for Arc<Raw> {
-    fn fetch<'a>(
-        &'a self,
-        grant: &'a Grant,
-    ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>> {
-        Box::pin(async move {
+    fn fetch<'a>(&'a self, grant: &'a Grant) -> Fetched<'a> {
+        uncaused(async move {
             let (status, body) = match grant {
                 Grant::Password => {
                     *self.password.lock().unwrap() += 1;
@@ -1474,11 +1470,8 @@ async fn replaced_credentials_during_an_outage_cost_one_call() {
 async fn replaced_credentials_during_a_refresh_end_the_old_backoff_too() {
     struct Hang(Mutex<usize>);
     impl TokenSource for Arc<Hang> {
-        fn fetch<'a>(
-            &'a self,
-            _: &'a Grant,
-        ) -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send + 'a>> {
-            Box::pin(async move {
+        fn fetch<'a>(&'a self, _: &'a Grant) -> Fetched<'a> {
+            uncaused(async move {
                 let n = {
                     let mut calls = self.0.lock().unwrap();
                     *calls += 1;
