@@ -255,7 +255,7 @@ impl MockBuilder {
     /// # Panics
     /// Outside a Tokio runtime.
     pub async fn start(self) -> io::Result<MockVolt> {
-        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        let listener = listen(0)?;
         let port = listener.local_addr()?.port();
         let shared = Arc::new(Shared::new(self.config));
         let server = Server::spawn(listener, Arc::clone(&shared));
@@ -633,9 +633,9 @@ impl MockVolt {
     }
 }
 
-/// A listener on `127.0.0.1:port`, bound at once: with `SO_REUSEADDR`, as
-/// [`TcpListener::bind`] does, so that the connections of a stopped server
-/// still closing do not keep the port.
+/// A listener on `127.0.0.1:port` (0: a free one), bound at once: with
+/// `SO_REUSEADDR`, as [`TcpListener::bind`] does, so that the connections of a
+/// stopped server still closing do not keep the port for a restart.
 fn listen(port: u16) -> io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
