@@ -582,6 +582,7 @@ pub enum ConfigError {
     /// The base URL, or an origin added with
     /// [`Builder::allow_origin`](crate::Builder::allow_origin), cannot be used.
     #[error("invalid URL {url:?}: {reason}")]
+    #[non_exhaustive]
     InvalidUrl {
         /// The URL as given, without user info, query or fragment: those
         /// are replaced with `***@` and `…`, so that no password or token

@@ -74,6 +74,7 @@ pub enum Error {
     /// or `401`, or a 2xx whose body is such an error instead of a token).
     /// Retrying the same grant will not help.
     #[error("Volt rejected the {grant} grant: {response}")]
+    #[non_exhaustive]
     Rejected {
         /// The grant that was refused.
         grant: GrantType,
@@ -84,6 +85,7 @@ pub enum Error {
     /// 429, an unexpected status): try again later, not before
     /// [`ErrorResponse::retry_after`] if the server said when.
     #[error("Volt's token endpoint failed the {grant} grant: {response}")]
+    #[non_exhaustive]
     Failed {
         /// The grant that was attempted.
         grant: GrantType,
@@ -96,6 +98,7 @@ pub enum Error {
     /// body.) Also any answer from another origin than the token endpoint's,
     /// reached by a redirect the transport followed on its own.
     #[error("unusable answer to the {grant} grant (HTTP {status}): {reason}")]
+    #[non_exhaustive]
     InvalidResponse {
         /// The grant that was attempted.
         grant: GrantType,
@@ -106,6 +109,7 @@ pub enum Error {
     },
     /// The token endpoint did not answer in time.
     #[error("the token endpoint did not answer the {grant} grant within {timeout:?}")]
+    #[non_exhaustive]
     Timeout {
         /// The grant that was attempted.
         grant: GrantType,
@@ -116,6 +120,7 @@ pub enum Error {
     /// no connection, or one that broke before the answer's end (a body
     /// shorter than its `Content-Length`, say).
     #[error("could not reach the token endpoint for the {grant} grant")]
+    #[non_exhaustive]
     Transport {
         /// The grant that was attempted.
         grant: GrantType,

@@ -301,7 +301,8 @@ impl<S, P: Clone> Layer<S> for VoltAuthLayer<P> {
 }
 
 /// Configures a [`VoltAuthLayer`]; from [`VoltAuthLayer::builder`] or
-/// [`VoltAuthLayer::from_env`].
+/// [`VoltAuthLayer::from_env`]. Each layer built, from the builder or a clone
+/// of it, has a token cache of its own; clone the layer to share one.
 ///
 /// | setting | default | method |
 /// |---|---|---|
@@ -342,6 +343,7 @@ impl<S, P: Clone> Layer<S> for VoltAuthLayer<P> {
 /// # Ok::<(), ConfigError>(())
 /// ```
 #[must_use]
+#[derive(Clone)]
 pub struct Builder<P = DefaultReplay> {
     credentials: Credentials,
     /// The API chosen, kept apart from the endpoint so that an invalid base

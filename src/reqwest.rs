@@ -244,6 +244,11 @@ impl ReqwestTransport {
     pub fn get_ref(&self) -> &Client {
         &self.client
     }
+
+    /// The wrapped client, taken out.
+    pub fn into_inner(self) -> Client {
+        self.client
+    }
 }
 
 impl From<Client> for ReqwestTransport {

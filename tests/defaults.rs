@@ -43,7 +43,7 @@ async fn the_default_token_timeout_is_five_seconds() {
     assert!(
         matches!(
             err,
-            Error::Timeout { grant: GrantType::Password, timeout } if timeout == 5 * SEC
+            Error::Timeout { grant: GrantType::Password, timeout, .. } if timeout == 5 * SEC
         ),
         "{err:?}"
     );

@@ -153,7 +153,9 @@ fn one_shared_error(outcomes: &[Outcome]) -> Error {
 
 fn assert_failed(err: &Error, grant: GrantType, status: u16) {
     match err {
-        Error::Failed { grant: g, response } => {
+        Error::Failed {
+            grant: g, response, ..
+        } => {
             assert_eq!(*g, grant, "{err:?}");
             assert_eq!(response.status.as_u16(), status, "{err:?}");
         }
@@ -165,7 +167,9 @@ fn assert_failed(err: &Error, grant: GrantType, status: u16) {
 
 fn assert_timeout(err: &Error, timeout: Duration) {
     match err {
-        Error::Timeout { grant, timeout: t } => {
+        Error::Timeout {
+            grant, timeout: t, ..
+        } => {
             assert_eq!(*grant, GrantType::Password);
             assert_eq!(*t, timeout);
         }
@@ -180,6 +184,7 @@ fn assert_invalid(err: &Error, reason: &str) {
             grant,
             status,
             reason: r,
+            ..
         } => {
             assert_eq!(*grant, GrantType::Password, "{err:?}");
             assert_eq!(*status, StatusCode::OK, "{err:?}");
@@ -191,7 +196,9 @@ fn assert_invalid(err: &Error, reason: &str) {
 
 fn assert_rejected(err: &Error, status: u16, code: &str) {
     match err {
-        Error::Rejected { grant, response } => {
+        Error::Rejected {
+            grant, response, ..
+        } => {
             assert_eq!(*grant, GrantType::Password, "{err:?}");
             assert_eq!(response.status.as_u16(), status, "{err:?}");
             assert_eq!(response.code.as_deref(), Some(code), "{err:?}");

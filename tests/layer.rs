@@ -1061,3 +1061,38 @@ async fn a_margin_larger_than_the_refresh_ahead_window_is_refused() {
             .is_ok()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn layers_built_from_clones_of_a_builder_keep_caches_of_their_own() {
+    let mock = MockVolt::builder().in_process();
+    let config = builder(&mock).token_timeout(secs(3));
+    let first = config.clone().build(mock.service()).expect("layer");
+    let second = config.build(mock.service()).expect("layer");
+    let shared = first.clone();
+
+    let a = first.access_token().await.expect("a token");
+    let b = shared.access_token().await.expect("a token");
+    assert_eq!(
+        mock.oauth_calls(),
+        1,
+        "a clone of the layer shares its cache"
+    );
+    assert_eq!(a.header_value(), b.header_value());
+
+    let c = second.access_token().await.expect("a token");
+    assert_eq!(
+        mock.oauth_calls(),
+        2,
+        "a layer from the builder's clone does not"
+    );
+    assert_ne!(a.header_value(), c.header_value());
+    let grants: Vec<_> = mock
+        .oauth_requests()
+        .into_iter()
+        .map(|request| request.grant_type)
+        .collect();
+    assert_eq!(
+        grants,
+        [Some("password".to_owned()), Some("password".to_owned())]
+    );
+}

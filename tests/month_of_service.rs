@@ -375,15 +375,25 @@ impl Fault {
     /// The typed error the refresh fails with.
     fn matches(self, error: &Error) -> bool {
         match (self, error) {
-            (Fault::Unavailable, Error::Failed { grant, response }) => {
+            (
+                Fault::Unavailable,
+                Error::Failed {
+                    grant, response, ..
+                },
+            ) => {
                 *grant == GrantType::RefreshToken
                     && response.status == StatusCode::SERVICE_UNAVAILABLE
             }
             (Fault::Refused, Error::Transport { grant, .. }) => *grant == GrantType::RefreshToken,
-            (Fault::Hanging, Error::Timeout { grant, timeout }) => {
+            (Fault::Hanging, Error::Timeout { grant, timeout, .. }) => {
                 *grant == GrantType::RefreshToken && *timeout == TOKEN_TIMEOUT
             }
-            (Fault::PasswordChanged, Error::Rejected { grant, response }) => {
+            (
+                Fault::PasswordChanged,
+                Error::Rejected {
+                    grant, response, ..
+                },
+            ) => {
                 *grant == GrantType::Password
                     && response.status == StatusCode::BAD_REQUEST
                     && response.code.as_deref() == Some("invalid_grant")
@@ -1347,7 +1357,7 @@ async fn an_hour_of_oauth_outage_logs_per_attempt_not_per_request() {
             );
             let error = stats.last_error.expect("the last error");
             assert!(
-                matches!(&error, Error::Failed { grant: GrantType::RefreshToken, response }
+                matches!(&error, Error::Failed { grant: GrantType::RefreshToken, response, .. }
                     if response.status == StatusCode::SERVICE_UNAVAILABLE),
                 "{error:?}"
             );

@@ -48,6 +48,8 @@ fn the_layer_is_clone_send_sync_and_static() {
     assert_send::<Builder>();
     assert_sync::<Builder>();
     assert_debug::<Builder>();
+    assert_clone::<Builder>();
+    assert_clone::<Builder<NoReplay>>();
 }
 
 fn service_is_send<S: Send, P: Send>() {
@@ -234,6 +236,7 @@ fn the_reqwest_feature_types_are_send_and_sync() {
 
     value::<VoltAuthMiddleware>();
     value::<ReqwestTransport>();
+    let _: fn(ReqwestTransport) -> reqwest::Client = ReqwestTransport::into_inner;
     assert_send::<volt_auth::reqwest::ResponseFuture>();
     assert_static::<volt_auth::reqwest::ResponseFuture>();
     fn middleware<M: reqwest_middleware::Middleware>() {}

@@ -62,7 +62,8 @@ async fn a_stalled_oauth_body_times_out() {
                 err,
                 Error::Timeout {
                     grant: GrantType::Password,
-                    timeout
+                    timeout,
+                    ..
                 } if timeout == Duration::from_secs(5)
             ),
             "{err:?}"
@@ -219,6 +220,7 @@ fn invalid(result: &Result<String, Error>, status: u16, expected: &str) {
             status: got,
             reason,
             grant,
+            ..
         }) => {
             assert_eq!(
                 (*grant, got.as_u16(), *reason),
