@@ -88,19 +88,20 @@ enum Step {
 }
 
 /// A TCP server on 127.0.0.1 that reads one request per connection and plays
-/// `script` back, then closes the connection. Returns its base URL and the raw
-/// requests it read.
-async fn raw_server(script: Vec<Step>) -> (String, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+/// back the connection's script (the last for all after it), then closes the
+/// connection: an empty script closes it unanswered. Returns its base URL and
+/// the raw requests it read.
+async fn raw_server(scripts: Vec<Vec<Step>>) -> (String, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = requests.clone();
     tokio::spawn(async move {
-        loop {
+        for connection in 0.. {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let script = script.clone();
+            let script = scripts[connection.min(scripts.len() - 1)].clone();
             let seen = seen.clone();
             tokio::spawn(async move {
                 // The head, then as many body bytes as Content-Length says.
@@ -191,7 +192,13 @@ const TOKEN: &[u8] = br#"{"access_token":"at-tcp","token_type":"bearer","expires
 
 /// What one password grant against `script` ends in, within the guard.
 async fn fetch_over_tcp(script: Vec<Step>) -> Result<String, Error> {
-    let (url, _) = raw_server(script).await;
+    fetch_over_connections(vec![script]).await.0
+}
+
+/// What one password grant against a server playing `scripts` (one per
+/// connection) ends in, within the guard, and the requests the server read.
+async fn fetch_over_connections(scripts: Vec<Vec<Step>>) -> (Result<String, Error>, Vec<Vec<u8>>) {
+    let (url, requests) = raw_server(scripts).await;
     let auth = VoltAuthLayer::builder(Credentials::new("tcp-id", SECRET, "tcp-user", PASSWORD))
         .base_url(&url)
         // Long enough never to be what ends a case on a loaded machine: a
@@ -210,7 +217,11 @@ async fn fetch_over_tcp(script: Vec<Step>) -> Result<String, Error> {
             "{shown}"
         );
     }
-    result.map(|token| token.expose_secret().to_owned())
+    let requests = requests.lock().unwrap().clone();
+    (
+        result.map(|token| token.expose_secret().to_owned()),
+        requests,
+    )
 }
 
 fn invalid(result: &Result<String, Error>, status: u16, expected: &str) {
@@ -422,7 +433,7 @@ async fn hostile_answers_over_tcp_end_in_a_typed_error_or_a_token() {
 /// and no `Authorization` header.
 #[tokio::test]
 async fn the_grant_sent_over_tcp_is_exactly_the_form() {
-    let (url, requests) = raw_server(vec![answer("200 OK", "", TOKEN)]).await;
+    let (url, requests) = raw_server(vec![vec![answer("200 OK", "", TOKEN)]]).await;
     let auth = VoltAuthLayer::builder(Credentials::new("tcp-id", SECRET, "tcp user", PASSWORD))
         .base_url(&url)
         .build(volt_auth::client::https_client().unwrap())
