@@ -234,3 +234,28 @@ async fn an_oauth_request_after_a_minute_idle_goes_over_a_new_connection() {
     assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
     assert_eq!(auth.stats().refresh.succeeded, 1);
 }
+
+/// A server that closes connections idle for 5 s (Node.js's and Apache's
+/// default), sooner than the pool gives them up: a refresh after 10 s idle
+/// goes out on the pooled connection and meets its close, unanswered; the
+/// grant is sent again at once, over a new connection, and succeeds.
+#[tokio::test(start_paused = true)]
+async fn an_oauth_request_crossing_a_servers_close_is_sent_again() {
+    let (url, seen) = idle_closing_server(Duration::from_secs(5)).await;
+    let auth = VoltAuthLayer::builder(Credentials::new("id", "secret", "user", "password"))
+        .base_url(&url)
+        .build(https_client().unwrap())
+        .unwrap();
+    let first = auth.access_token().await.unwrap();
+    assert_eq!(first.expose_secret(), "token-1");
+
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    auth.reject(&first);
+    let second = auth.access_token().await.unwrap();
+    assert_eq!(second.expose_secret(), "token-2");
+    assert_eq!(seen.closed_on_arrival.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+    let stats = auth.stats();
+    assert_eq!((stats.refresh.succeeded, stats.refresh.failed), (1, 0));
+    assert_eq!(stats.failures, 0);
+}
