@@ -64,12 +64,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// load balancers commonly close an idle connection (AWS's Application Load
 /// Balancer by default; nginx after 75 s). A request sent just as the server
 /// closes the connection crosses its close on the wire and fails
-/// (`IncompleteMessage`), and neither hyper nor this crate sends it again;
-/// giving the connection up first, the client never races the server.
-/// hyper-util's default, 90 s, is longer than those servers wait. A server
-/// that closes sooner (Node.js and Apache after 5 s by default) can still be
-/// raced: a refresh ahead of expiry that fails so is retried after the
-/// backoff while the token serves on; any other request gets the error.
+/// (`IncompleteMessage`), and hyper does not send it again; giving the
+/// connection up first, the client never races the server. hyper-util's
+/// default, 90 s, is longer than those servers wait. A server that closes
+/// sooner (Node.js and Apache after 5 s by default) can still be raced: the
+/// layer sends an `/oauth` request that failed so once more, at once, within
+/// the same token timeout; an API call gets the error.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The client [`https_client`] makes: hyper-util's legacy client over an

@@ -118,7 +118,9 @@ pub enum Error {
     },
     /// The request to the token endpoint failed before a whole answer arrived:
     /// no connection, or one that broke before the answer's end (a body
-    /// shorter than its `Content-Length`, say).
+    /// shorter than its `Content-Length`, say). A request whose connection
+    /// closed before any answer (a kept-alive one the server was closing) is
+    /// sent once more first.
     #[error("could not reach the token endpoint for the {grant} grant")]
     #[non_exhaustive]
     Transport {

@@ -464,12 +464,13 @@ impl<P> Builder<P> {
         self
     }
 
-    /// How long one `/oauth` request may take (default 5 seconds; checked when
-    /// the layer is built: positive and at most 5 minutes, so that a hung
-    /// token endpoint holds the one refresh for no longer than that). Keep it
-    /// well under [`refresh_ahead`](Self::refresh_ahead) minus the
-    /// [`expiry_margin`](Self::expiry_margin) for a hung background refresh to
-    /// be given up on and retried while the token is still served.
+    /// How long one `/oauth` grant may take, including the one sending again
+    /// of a request whose connection closed unanswered (default 5 seconds;
+    /// checked when the layer is built: positive and at most 5 minutes, so
+    /// that a hung token endpoint holds the one refresh for no longer than
+    /// that). Keep it well under [`refresh_ahead`](Self::refresh_ahead) minus
+    /// the [`expiry_margin`](Self::expiry_margin) for a hung background
+    /// refresh to be given up on and retried while the token is still served.
     pub fn token_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self

@@ -3,8 +3,10 @@
 //!
 //! One call, one request: caching and single flight live in [`crate::cache`].
 
+use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
+use std::iter::successors;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -381,7 +383,10 @@ fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 
 /// Why a transport produced no readable answer.
 pub(crate) enum FetchError {
+    /// The service failed: no answer's head arrived.
     Transport(BoxError),
+    /// Reading the body failed, after the answer's head arrived.
+    Body(BoxError),
     /// The body was over [`MAX_RESPONSE_BYTES`]; the head of the answer.
     TooLarge(http::response::Parts),
 }
@@ -411,7 +416,7 @@ where
                 Err(err) if err.is::<http_body_util::LengthLimitError>() => {
                     Err(FetchError::TooLarge(parts))
                 }
-                Err(err) => Err(FetchError::Transport(err)),
+                Err(err) => Err(FetchError::Body(err)),
             }
         });
     BoxCloneSyncService::new(service)
@@ -452,11 +457,10 @@ impl OAuthClient {
         self.credentials.clone()
     }
 
-    /// Sends `grant` once with `credentials` and parses the answer.
+    /// Sends `grant` with `credentials` and parses the answer.
     async fn send(&self, grant: &Grant, credentials: &Credentials) -> Result<Token, Error> {
         let kind = grant.kind();
-        let request = self.request(grant, credentials);
-        let sent = tokio::time::timeout(self.timeout, self.transport.clone().oneshot(request));
+        let sent = tokio::time::timeout(self.timeout, self.exchange(grant, credentials));
         let response = match sent.await {
             Err(_) => {
                 return Err(Error::Timeout {
@@ -474,7 +478,7 @@ impl OAuthClient {
             // An error answer is classified by its status (and headers): its
             // body would only have added details.
             Ok(Err(FetchError::TooLarge(parts))) => Response::from_parts(parts, Bytes::new()),
-            Ok(Err(FetchError::Transport(source))) => {
+            Ok(Err(FetchError::Transport(source) | FetchError::Body(source))) => {
                 return Err(Error::Transport {
                     grant: kind,
                     source: source.into(),
@@ -507,6 +511,36 @@ impl OAuthClient {
                     grant,
                     response: failure,
                 })
+            }
+            result => result,
+        }
+    }
+
+    /// Sends `grant` once, and once more at once if the connection closed
+    /// before any answer (see [`unanswered`]): a pooled connection the server
+    /// closed as the request was written on it, which hyper does not send
+    /// again. A refresh grant the server did process is sent again too: the
+    /// refresh token it presents was rotated, so it is rejected, and the
+    /// cache falls back to the password grant in the same flight.
+    async fn exchange(
+        &self,
+        grant: &Grant,
+        credentials: &Credentials,
+    ) -> Result<Response<Bytes>, FetchError> {
+        let send = || {
+            self.transport
+                .clone()
+                .oneshot(self.request(grant, credentials))
+        };
+        match send().await {
+            Err(FetchError::Transport(error)) if unanswered(&*error) => {
+                let cause = chain(&*error, &secrets(grant, credentials));
+                tracing::debug!(
+                    grant = %grant.kind(),
+                    cause,
+                    "the connection closed before an answer; sending the grant again"
+                );
+                send().await
             }
             result => result,
         }
@@ -601,14 +635,29 @@ fn secrets<'a>(grant: &'a Grant, credentials: &'a Credentials) -> [&'a str; 3] {
 
 /// `error`'s source chain, scrubbed of `secrets`; `None` without a source.
 fn causes(error: &Error, secrets: &[&str]) -> Option<String> {
-    let mut cause = std::error::Error::source(error)?;
-    let mut text = cause.to_string();
-    while let Some(next) = cause.source() {
-        text.push_str(": ");
-        text.push_str(&next.to_string());
-        cause = next;
-    }
-    Some(scrub(&text, secrets))
+    StdError::source(error).map(|cause| chain(cause, secrets))
+}
+
+/// `error` and its source chain, scrubbed of `secrets`.
+fn chain(error: &(dyn StdError + 'static), secrets: &[&str]) -> String {
+    let text: Vec<String> = successors(Some(error), |&e| e.source())
+        .map(ToString::to_string)
+        .collect();
+    scrub(&text.join(": "), secrets)
+}
+
+/// Whether a transport's error says the connection closed before any answer
+/// came (hyper's incomplete message, or a reset or broken pipe): the server
+/// did not answer the request, so it may be sent again.
+fn unanswered(error: &(dyn StdError + 'static)) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    successors(Some(error), |&e| e.source()).any(|e| {
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+            || e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+                matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
+            })
+    })
 }
 
 #[cfg(test)]
@@ -1274,6 +1323,58 @@ mod tests {
                 assert_eq!(reason, "the body is larger than 64 KiB");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A transport error wrapping an I/O error, as clients do.
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("client error")
+        }
+    }
+
+    impl StdError for Wrapped {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    /// A connection reset, aborted or broken before any answer is tried once
+    /// more; any other transport error is not.
+    #[tokio::test]
+    async fn only_a_connection_closed_unanswered_is_sent_again() {
+        use std::io::ErrorKind::*;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let cases = [
+            (ConnectionReset, 2),
+            (ConnectionAborted, 2),
+            (BrokenPipe, 2),
+            (ConnectionRefused, 1),
+            (TimedOut, 1),
+            (Other, 1),
+        ];
+        for (kind, sent) in cases {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let counted = calls.clone();
+            let failing = tower::service_fn(move |_: Request<Bytes>| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                std::future::ready(Err::<Response<http_body_util::Full<Bytes>>, _>(Wrapped(
+                    kind.into(),
+                )))
+            });
+            let client = OAuthClient::new(
+                transport(failing),
+                "https://api.sandbox.volt.io/oauth".parse().unwrap(),
+                Api::Gateway,
+                Credentials::new("cid", "the-client-secret", "user", "the-password"),
+                Duration::from_secs(5),
+            );
+            let err = client.fetch(&Grant::Password).await.0.unwrap_err();
+            assert!(matches!(err, Error::Transport { .. }), "{err:?}");
+            assert_eq!(calls.load(Ordering::SeqCst), sent, "{kind:?}");
         }
     }
 }

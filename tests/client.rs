@@ -139,13 +139,14 @@ struct Seen {
 }
 
 /// A keep-alive HTTP/1.1 server on 127.0.0.1 that closes a connection once it
-/// has been idle for [`SERVER_IDLE`], as load balancers do. It notices when
-/// the next request arrives and closes the connection then, unanswered: what
-/// a client sees when its request crosses the server's close on the wire.
+/// has been idle for `idle` ([`SERVER_IDLE`], as load balancers do). It
+/// notices when the next request arrives and closes the connection then,
+/// unanswered: what a client sees when its request crosses the server's close
+/// on the wire.
 /// Every request is answered `200` with a token response (`token-1`,
 /// `token-2`, …), so it serves `/oauth` and API calls alike. Its timing is
 /// tokio's clock, so paused in `start_paused` tests.
-async fn idle_closing_server() -> (String, Seen) {
+async fn idle_closing_server(idle: Duration) -> (String, Seen) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let seen = Seen::default();
@@ -161,7 +162,7 @@ async fn idle_closing_server() -> (String, Seen) {
                 let idle_since = Arc::clone(&idle_since);
                 async move {
                     let mut idle_since = idle_since.lock().unwrap();
-                    if idle_since.elapsed() >= SERVER_IDLE {
+                    if idle_since.elapsed() >= idle {
                         seen.closed_on_arrival.fetch_add(1, Ordering::SeqCst);
                         // A service error makes hyper close the connection
                         // without writing anything.
@@ -190,7 +191,7 @@ async fn idle_closing_server() -> (String, Seen) {
 
 #[tokio::test(start_paused = true)]
 async fn idle_connections_are_reused_until_a_load_balancer_may_have_closed_them() {
-    let (url, seen) = idle_closing_server().await;
+    let (url, seen) = idle_closing_server(SERVER_IDLE).await;
     let client = https_client().unwrap();
     let banks = || get(format!("{url}/banks"));
     let response = client.clone().oneshot(banks()).await.unwrap();
@@ -213,7 +214,7 @@ async fn idle_connections_are_reused_until_a_load_balancer_may_have_closed_them(
 
 #[tokio::test(start_paused = true)]
 async fn an_oauth_request_after_a_minute_idle_goes_over_a_new_connection() {
-    let (url, seen) = idle_closing_server().await;
+    let (url, seen) = idle_closing_server(SERVER_IDLE).await;
     let client = https_client().unwrap();
     let auth = VoltAuthLayer::builder(Credentials::new("id", "secret", "user", "password"))
         .base_url(&url)
@@ -232,4 +233,29 @@ async fn an_oauth_request_after_a_minute_idle_goes_over_a_new_connection() {
     assert_eq!(seen.closed_on_arrival.load(Ordering::SeqCst), 0);
     assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
     assert_eq!(auth.stats().refresh.succeeded, 1);
+}
+
+/// A server that closes connections idle for 5 s (Node.js's and Apache's
+/// default), sooner than the pool gives them up: a refresh after 10 s idle
+/// goes out on the pooled connection and meets its close, unanswered; the
+/// grant is sent again at once, over a new connection, and succeeds.
+#[tokio::test(start_paused = true)]
+async fn an_oauth_request_crossing_a_servers_close_is_sent_again() {
+    let (url, seen) = idle_closing_server(Duration::from_secs(5)).await;
+    let auth = VoltAuthLayer::builder(Credentials::new("id", "secret", "user", "password"))
+        .base_url(&url)
+        .build(https_client().unwrap())
+        .unwrap();
+    let first = auth.access_token().await.unwrap();
+    assert_eq!(first.expose_secret(), "token-1");
+
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    auth.reject(&first);
+    let second = auth.access_token().await.unwrap();
+    assert_eq!(second.expose_secret(), "token-2");
+    assert_eq!(seen.closed_on_arrival.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+    let stats = auth.stats();
+    assert_eq!((stats.refresh.succeeded, stats.refresh.failed), (1, 0));
+    assert_eq!(stats.failures, 0);
 }

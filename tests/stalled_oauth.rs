@@ -2,7 +2,8 @@
 //! (under tokio's paused clock). Then hostile or broken answers over real TCP
 //! on 127.0.0.1, through the crate's own client, from a server that plays a
 //! script of bytes without pauses: each ends in a token or a typed error
-//! without a secret, never a hang.
+//! without a secret, never a hang. Last, which failures send the grant once
+//! more: only a connection closed before any answer.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -17,6 +18,8 @@ use http_body::{Body, Frame};
 use http_body_util::Full;
 use tokio::time::Instant;
 use volt_auth::{Credentials, Error, GrantType, VoltAuthLayer};
+
+mod common;
 
 /// A body that yields `first` (if any) and then never ends.
 struct Stalled {
@@ -89,19 +92,20 @@ enum Step {
 }
 
 /// A TCP server on 127.0.0.1 that reads one request per connection and plays
-/// `script` back, then closes the connection. Returns its base URL and the raw
-/// requests it read.
-async fn raw_server(script: Vec<Step>) -> (String, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+/// back the connection's script (the last for all after it), then closes the
+/// connection: an empty script closes it unanswered. Returns its base URL and
+/// the raw requests it read.
+async fn raw_server(scripts: Vec<Vec<Step>>) -> (String, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = requests.clone();
     tokio::spawn(async move {
-        loop {
+        for connection in 0.. {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let script = script.clone();
+            let script = scripts[connection.min(scripts.len() - 1)].clone();
             let seen = seen.clone();
             tokio::spawn(async move {
                 // The head, then as many body bytes as Content-Length says.
@@ -192,7 +196,13 @@ const TOKEN: &[u8] = br#"{"access_token":"at-tcp","token_type":"bearer","expires
 
 /// What one password grant against `script` ends in, within the guard.
 async fn fetch_over_tcp(script: Vec<Step>) -> Result<String, Error> {
-    let (url, _) = raw_server(script).await;
+    fetch_over_connections(vec![script]).await.0
+}
+
+/// What one password grant against a server playing `scripts` (one per
+/// connection) ends in, within the guard, and the requests the server read.
+async fn fetch_over_connections(scripts: Vec<Vec<Step>>) -> (Result<String, Error>, Vec<Vec<u8>>) {
+    let (url, requests) = raw_server(scripts).await;
     let auth = VoltAuthLayer::builder(Credentials::new("tcp-id", SECRET, "tcp-user", PASSWORD))
         .base_url(&url)
         // Long enough never to be what ends a case on a loaded machine: a
@@ -211,7 +221,11 @@ async fn fetch_over_tcp(script: Vec<Step>) -> Result<String, Error> {
             "{shown}"
         );
     }
-    result.map(|token| token.expose_secret().to_owned())
+    let requests = requests.lock().unwrap().clone();
+    (
+        result.map(|token| token.expose_secret().to_owned()),
+        requests,
+    )
 }
 
 fn invalid(result: &Result<String, Error>, status: u16, expected: &str) {
@@ -322,6 +336,8 @@ async fn hostile_answers_over_tcp_end_in_a_typed_error_or_a_token() {
             Box::new(|r| assert_eq!(r.as_deref().ok(), Some("at-tcp"), "{r:?}")),
         ),
         (
+            // Sent twice: hyper reports an incomplete message, as for a
+            // connection that closed before any answer.
             "the connection closed in the head",
             vec![write(b"HTTP/1.1 200 OK\r\nContent-Le")],
             Box::new(transport),
@@ -424,7 +440,7 @@ async fn hostile_answers_over_tcp_end_in_a_typed_error_or_a_token() {
 /// and no `Authorization` header.
 #[tokio::test]
 async fn the_grant_sent_over_tcp_is_exactly_the_form() {
-    let (url, requests) = raw_server(vec![answer("200 OK", "", TOKEN)]).await;
+    let (url, requests) = raw_server(vec![vec![answer("200 OK", "", TOKEN)]]).await;
     let auth = VoltAuthLayer::builder(Credentials::new("tcp-id", SECRET, "tcp user", PASSWORD))
         .base_url(&url)
         .build(volt_auth::client::https_client().unwrap())
@@ -452,4 +468,99 @@ async fn the_grant_sent_over_tcp_is_exactly_the_form() {
         "grant_type=password&client_id=tcp-id&client_secret=tcp-client-secret\
          &username=tcp+user&password=tcp-pass%26word%3D%2B"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A connection closed before any answer: the grant is sent once more
+// ---------------------------------------------------------------------------------------------
+
+/// The bodies of raw requests.
+fn bodies(requests: &[Vec<u8>]) -> Vec<&[u8]> {
+    requests
+        .iter()
+        .map(|request| {
+            let end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            &request[end + 4..]
+        })
+        .collect()
+}
+
+/// The first connection reads the request and closes unanswered (what a
+/// request crossing a kept-alive connection's close on the wire meets): the
+/// same grant goes out again at once, and its answer is the token. The retry
+/// is logged at DEBUG, without a secret; nothing at WARN.
+#[tokio::test]
+async fn a_connection_closed_before_any_answer_is_tried_once_more() {
+    let (capture, _guard) = common::log::scoped();
+    let (result, requests) =
+        fetch_over_connections(vec![vec![], vec![answer("200 OK", "", TOKEN)]]).await;
+    assert_eq!(result.as_deref().ok(), Some("at-tcp"), "{result:?}");
+    let bodies = bodies(&requests);
+    assert_eq!(bodies.len(), 2);
+    assert_eq!(bodies[0], bodies[1]);
+    assert!(bodies[0].starts_with(b"grant_type=password&"));
+    let events = common::log::events(&capture);
+    let retries: Vec<_> = events
+        .iter()
+        .filter(|event| event.text.contains("sending the grant again"))
+        .collect();
+    assert_eq!(retries.len(), 1, "{events:?}");
+    assert_eq!(retries[0].level, tracing::Level::DEBUG);
+    assert!(retries[0].text.contains("cause="), "{:?}", retries[0]);
+    assert!(
+        !events
+            .iter()
+            .any(|event| event.level <= tracing::Level::WARN),
+        "{events:?}"
+    );
+    let log = capture.text();
+    assert!(!log.contains(SECRET) && !log.contains("pass&word"), "{log}");
+}
+
+/// Every connection closes unanswered: two requests, then the transport error.
+#[tokio::test]
+async fn a_grant_is_sent_at_most_twice() {
+    let (result, requests) = fetch_over_connections(vec![vec![]]).await;
+    transport(&result);
+    assert_eq!(requests.len(), 2);
+}
+
+/// An answer's head arrived, then the connection closed in its body: the
+/// server answered, so nothing is sent again.
+#[tokio::test]
+async fn a_connection_closed_in_the_body_is_not_tried_again() {
+    let (result, requests) = fetch_over_connections(vec![vec![
+        write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"),
+        write(TOKEN),
+    ]])
+    .await;
+    transport(&result);
+    assert_eq!(requests.len(), 1);
+}
+
+/// A refused connection is not tried again: one call of the transport.
+#[tokio::test]
+async fn a_refused_connection_is_not_tried_again() {
+    // Bound and never listening: refused. Kept bound, so that no other test
+    // takes the port meanwhile.
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counting = {
+        let calls = calls.clone();
+        let client = volt_auth::client::https_client().unwrap();
+        tower::service_fn(move |request: Request<Full<Bytes>>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            client.request(request)
+        })
+    };
+    let auth = VoltAuthLayer::builder(Credentials::new("id", SECRET, "user", PASSWORD))
+        .base_url(&url)
+        .build(counting)
+        .unwrap();
+    let result = auth.access_token().await.map(|_| String::new());
+    transport(&result);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    drop(closed);
 }
