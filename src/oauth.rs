@@ -1,7 +1,8 @@
 //! The `/oauth` client: builds the password and refresh-token grants, sends them
 //! through the user's HTTP service, and parses every answer shape Volt uses.
 //!
-//! One call, one request: caching and single flight live in [`crate::cache`].
+//! One call, one grant (its request sent once more if the connection closed
+//! before any answer): caching and single flight live in [`crate::cache`].
 
 use std::error::Error as StdError;
 use std::fmt;

@@ -676,3 +676,80 @@ async fn a_transport_errors_causes_are_scrubbed_of_the_credentials_they_were_sen
         assert!(!line.contains("new-password-1"), "{line}");
     }
 }
+
+/// A connection reset before any answer sends the grant once more and logs
+/// that at DEBUG with the transport error's causes: scrubbed, as the
+/// attempt's warning is, of the secrets the grant was sent with (the refresh
+/// token too, on a refresh grant).
+#[tokio::test]
+async fn the_causes_logged_when_a_grant_is_sent_again_are_scrubbed() {
+    /// An error with a cause, as clients nest them.
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("client error (SendRequest)")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    capture();
+    // The first grant gets a token with a refresh token; every later request
+    // meets a reset whose text carries the body it was sent with.
+    let calls = Arc::new(Mutex::new(0usize));
+    let transport = tower::service_fn(move |request: Request<Full<Bytes>>| {
+        let calls = calls.clone();
+        async move {
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            let first = {
+                let mut calls = calls.lock().unwrap();
+                *calls += 1;
+                *calls == 1
+            };
+            if first {
+                let token = serde_json::json!({
+                    "access_token": ACCESS_TOKEN,
+                    "token_type": "Bearer",
+                    "expires_in": 3600,
+                    "refresh_token": REFRESH_TOKEN,
+                });
+                return Ok(Response::new(Full::new(Bytes::from(token.to_string()))));
+            }
+            let careless = format!(
+                "connection reset 5e2a, sent {}",
+                String::from_utf8_lossy(&body)
+            );
+            Err(Outer(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                careless,
+            )))
+        }
+    });
+    let auth = VoltAuthLayer::builder(Credentials::new("id", CLIENT_SECRET, "user", PASSWORD))
+        .base_url("http://127.0.0.1:9")
+        .build(transport)
+        .unwrap();
+    let token = auth.access_token().await.unwrap();
+    auth.reject(&token);
+    let err = auth.access_token().await.unwrap_err();
+    assert!(matches!(err, Error::Transport { .. }), "{err:?}");
+    let log = log_text();
+    let retries: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("5e2a") && line.contains("sending the grant again"))
+        .collect();
+    assert_eq!(retries.len(), 1, "{log}");
+    let line = retries[0];
+    assert!(line.contains("DEBUG"), "{line}");
+    assert!(line.contains("grant=refresh_token"), "{line}");
+    assert!(
+        line.contains("cause=\"client error (SendRequest): connection reset 5e2a, sent"),
+        "{line}"
+    );
+    assert!(line.contains("[redacted]"), "{line}");
+    assert_hidden(line, "the retry's event");
+}

@@ -89,6 +89,9 @@ enum Step {
     Write(Vec<u8>),
     /// Writes `chunk` as a chunked-encoding chunk, for ever.
     ChunksForever(usize),
+    /// Resets the connection (`SO_LINGER` 0, then closed): the client reads
+    /// what was written, then `ConnectionReset`.
+    Reset,
 }
 
 /// A TCP server on 127.0.0.1 that reads one request per connection and plays
@@ -144,6 +147,12 @@ async fn raw_server(scripts: Vec<Vec<Step>>) -> (String, Arc<std::sync::Mutex<Ve
                             chunk.extend(std::iter::repeat_n(b'a', size));
                             chunk.extend_from_slice(b"\r\n");
                             while write_all(&stream, &chunk).await.is_ok() {}
+                            return;
+                        }
+                        Step::Reset => {
+                            // A zero linger does not block the drop.
+                            #[allow(deprecated)]
+                            let _ = stream.set_linger(Some(Duration::ZERO));
                             return;
                         }
                     }
@@ -532,6 +541,20 @@ async fn a_connection_closed_in_the_body_is_not_tried_again() {
     let (result, requests) = fetch_over_connections(vec![vec![
         write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"),
         write(TOKEN),
+    ]])
+    .await;
+    transport(&result);
+    assert_eq!(requests.len(), 1);
+}
+
+/// An answer's head arrived, then the connection was reset in its body (a
+/// reset anywhere else is sent again): nothing is sent again.
+#[tokio::test]
+async fn a_connection_reset_in_the_body_is_not_tried_again() {
+    let (result, requests) = fetch_over_connections(vec![vec![
+        write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"),
+        write(TOKEN),
+        Step::Reset,
     ]])
     .await;
     transport(&result);
