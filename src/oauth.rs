@@ -522,9 +522,10 @@ impl OAuthClient {
     /// [`unanswered`]): a pooled connection the server closed as the request
     /// was written on it, which hyper does not send again, or an HTTP/2
     /// stream the server refused unprocessed, which reqwest does not send
-    /// again for a body it cannot clone (see `sent_once`). A refresh grant the server did process is sent again too: the
-    /// refresh token it presents was rotated, so it is rejected, and the
-    /// cache falls back to the password grant in the same flight.
+    /// again for a body it cannot clone (`ReqwestTransport`'s). A refresh
+    /// grant the server did process is sent again too: the refresh token it
+    /// presents was rotated, so it is rejected, and the cache falls back to
+    /// the password grant in the same flight.
     async fn exchange(
         &self,
         grant: &Grant,
