@@ -119,7 +119,8 @@ pub enum Error {
     /// The request to the token endpoint failed before a whole answer arrived:
     /// no connection, or one that broke before the answer's end (a body
     /// shorter than its `Content-Length`, say). A request whose connection
-    /// closed before any answer (a kept-alive one the server was closing) is
+    /// closed before any answer (a kept-alive one the server was closing), or,
+    /// with the `http2` feature, that an HTTP/2 server refused unprocessed, is
     /// sent once more first.
     #[error("could not reach the token endpoint for the {grant} grant")]
     #[non_exhaustive]

@@ -465,7 +465,7 @@ impl<P> Builder<P> {
     }
 
     /// How long one `/oauth` grant may take, including the one sending again
-    /// of a request whose connection closed unanswered (default 5 seconds;
+    /// of a request that went unanswered (default 5 seconds;
     /// checked when the layer is built: positive and at most 5 minutes, so
     /// that a hung token endpoint holds the one refresh for no longer than
     /// that). Keep it well under [`refresh_ahead`](Self::refresh_ahead) minus

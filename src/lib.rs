@@ -48,9 +48,12 @@
 //!   examples.
 //! - `reqwest`: `reqwest::VoltAuthMiddleware` for `reqwest_middleware`
 //!   clients, and `reqwest::ReqwestTransport` to send `/oauth` through
-//!   reqwest.
+//!   reqwest (with `http2`).
 //! - `client`: `client::https_client`, a ready hyper-util + rustls client, and
 //!   `Builder::build_default`, which needs no transport.
+//! - `http2`: for transports that speak HTTP/2, an `/oauth` request the server
+//!   refused unprocessed (`REFUSED_STREAM`, or a graceful `GOAWAY` below its
+//!   stream) is sent once more, as one whose connection closed unanswered is.
 //!
 //! Without a feature, bring any tower HTTP client (hyper-util's, tower-http's
 //! stack over it, your own) and pass it to [`Builder::build`].

@@ -1,8 +1,9 @@
 //! The `/oauth` client: builds the password and refresh-token grants, sends them
 //! through the user's HTTP service, and parses every answer shape Volt uses.
 //!
-//! One call, one grant (its request sent once more if the connection closed
-//! before any answer): caching and single flight live in [`crate::cache`].
+//! One call, one grant (its request sent once more if it went unanswered: the
+//! connection closed before any answer, or an HTTP/2 server refused it
+//! unprocessed): caching and single flight live in [`crate::cache`].
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -517,12 +518,14 @@ impl OAuthClient {
         }
     }
 
-    /// Sends `grant` once, and once more at once if the connection closed
-    /// before any answer (see [`unanswered`]): a pooled connection the server
-    /// closed as the request was written on it, which hyper does not send
-    /// again. A refresh grant the server did process is sent again too: the
-    /// refresh token it presents was rotated, so it is rejected, and the
-    /// cache falls back to the password grant in the same flight.
+    /// Sends `grant` once, and once more at once if it went unanswered (see
+    /// [`unanswered`]): a pooled connection the server closed as the request
+    /// was written on it, which hyper does not send again, or an HTTP/2
+    /// stream the server refused unprocessed, which reqwest does not send
+    /// again for a body it cannot clone (`ReqwestTransport`'s). A refresh
+    /// grant the server did process is sent again too: the refresh token it
+    /// presents was rotated, so it is rejected, and the cache falls back to
+    /// the password grant in the same flight.
     async fn exchange(
         &self,
         grant: &Grant,
@@ -539,7 +542,7 @@ impl OAuthClient {
                 tracing::debug!(
                     grant = %grant.kind(),
                     cause,
-                    "the connection closed before an answer; sending the grant again"
+                    "no answer came (the connection closed, or the server refused the request); sending the grant again"
                 );
                 send().await
             }
@@ -648,17 +651,38 @@ fn chain(error: &(dyn StdError + 'static), secrets: &[&str]) -> String {
 }
 
 /// Whether a transport's error says the connection closed before any answer
-/// came (hyper's incomplete message, or a reset or broken pipe): the server
-/// did not answer the request, so it may be sent again.
+/// came (hyper's incomplete message, or a reset or broken pipe), or, with the
+/// `http2` feature, that an HTTP/2 server refused the request unprocessed
+/// (see [`refused`]): the server did not answer the request, so it may be
+/// sent again.
 fn unanswered(error: &(dyn StdError + 'static)) -> bool {
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
     successors(Some(error), |&e| e.source()).any(|e| {
+        #[cfg(feature = "http2")]
+        if e.downcast_ref::<h2::Error>().is_some_and(refused) {
+            return true;
+        }
         e.downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_incomplete_message)
             || e.downcast_ref::<std::io::Error>().is_some_and(|e| {
                 matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
             })
     })
+}
+
+/// Whether an HTTP/2 server refused a stream it did not process (RFC 9113,
+/// section 8.7): a reset with `REFUSED_STREAM`, or a graceful `GOAWAY`
+/// (`NO_ERROR`) whose last stream id is below it. Both come from the server;
+/// nothing else from HTTP/2 counts.
+#[cfg(feature = "http2")]
+fn refused(error: &h2::Error) -> bool {
+    use h2::Reason;
+    error.is_remote()
+        && match error.reason() {
+            Some(Reason::REFUSED_STREAM) => error.is_reset(),
+            Some(Reason::NO_ERROR) => error.is_go_away(),
+            _ => false,
+        }
 }
 
 #[cfg(test)]
@@ -1376,6 +1400,17 @@ mod tests {
             let err = client.fetch(&Grant::Password).await.0.unwrap_err();
             assert!(matches!(err, Error::Transport { .. }), "{err:?}");
             assert_eq!(calls.load(Ordering::SeqCst), sent, "{kind:?}");
+        }
+    }
+
+    /// Only a refusal received from the server counts: h2's own
+    /// `REFUSED_STREAM` or `NO_ERROR` (not from a frame) is no refusal.
+    /// (tests/http2.rs covers the server's, over h2c.)
+    #[cfg(feature = "http2")]
+    #[test]
+    fn an_http2_reason_not_from_the_server_is_not_unanswered() {
+        for reason in [h2::Reason::REFUSED_STREAM, h2::Reason::NO_ERROR] {
+            assert!(!unanswered(&h2::Error::from(reason)), "{reason:?}");
         }
     }
 }
