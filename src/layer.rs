@@ -464,11 +464,10 @@ impl<P> Builder<P> {
         self
     }
 
-    /// How long one `/oauth` grant may take, including the one sending again
-    /// of a request that went unanswered (default 5 seconds;
-    /// checked when the layer is built: positive and at most 5 minutes, so
-    /// that a hung token endpoint holds the one refresh for no longer than
-    /// that). Keep it well under [`refresh_ahead`](Self::refresh_ahead) minus
+    /// How long one `/oauth` grant may take, its request sent again once if
+    /// it went unanswered included (default 5 seconds; checked when the layer
+    /// is built: positive and at most 5 minutes, so that a hung token endpoint
+    /// holds the one refresh for no longer than that). Keep it well under [`refresh_ahead`](Self::refresh_ahead) minus
     /// the [`expiry_margin`](Self::expiry_margin) for a hung background
     /// refresh to be given up on and retried while the token is still served.
     pub fn token_timeout(mut self, timeout: Duration) -> Self {

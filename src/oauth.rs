@@ -542,7 +542,7 @@ impl OAuthClient {
                 tracing::debug!(
                     grant = %grant.kind(),
                     cause,
-                    "no answer came (the connection closed, or the server refused the request); sending the grant again"
+                    "the request went unanswered; sending the grant again"
                 );
                 send().await
             }
