@@ -224,7 +224,8 @@ impl<P> From<VoltAuthLayer<P>> for VoltAuthMiddleware {
 /// A request body is sent once: whatever the client's redirect policy, a 307
 /// or 308 answer comes back as it is instead of being followed with the same
 /// body, so the `/oauth` form (client secret, password) never goes where a
-/// redirect points. An answer that comes from another origin after a redirect
+/// redirect points. An empty body is left clonable, so that reqwest sends a
+/// request without one again when an HTTP/2 server refused it unprocessed. An answer that comes from another origin after a redirect
 /// the client followed (which removed the token on the way) is marked so that
 /// [`VoltAuth`](crate::VoltAuth) does not take its 401 for the token's, nor
 /// the layer a token from it for Volt's
@@ -279,11 +280,14 @@ impl Service<http::Request<Body>> for ReqwestTransport {
 }
 
 /// `body` as one reqwest cannot clone, and so cannot send again to the target
-/// of a redirect.
+/// of a redirect. An empty body is left as it is: there is nothing to send
+/// twice (redirects repeat empty bodies whatever their type), and reqwest
+/// sends a request it can clone again when an HTTP/2 server refused it
+/// unprocessed, as it does through [`VoltAuthMiddleware`].
 fn sent_once(body: Body) -> Body {
     match body.as_bytes() {
-        Some(bytes) => Body::wrap(Full::new(Bytes::copy_from_slice(bytes))),
-        None => body,
+        Some(bytes) if !bytes.is_empty() => Body::wrap(Full::new(Bytes::copy_from_slice(bytes))),
+        _ => body,
     }
 }
 
