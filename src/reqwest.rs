@@ -132,11 +132,18 @@ impl VoltAuthMiddleware {
         let Some(mut copy) = copy else {
             return Ok(response);
         };
+        // No newer token may be had yet, or none at all: the 401 goes back
+        // as it came, with the events `VoltAuth` logs.
         let lease = match cache.renew(ticket.generation).await {
             Ok(Some(lease)) => lease,
-            // No newer token may be had yet, or none at all: the 401 goes
-            // back as it came.
-            Ok(None) | Err(_) => return Ok(response),
+            Ok(None) => {
+                tracing::debug!("a 401 came too soon after the last forced refresh; returning it");
+                return Ok(response);
+            }
+            Err(error) => {
+                tracing::debug!(%error, "no new token after a 401; returning the 401");
+                return Ok(response);
+            }
         };
         drop(response);
         copy.headers_mut()
