@@ -740,3 +740,30 @@ async fn a_401_given_back_unrenewed_is_logged_at_debug_as_through_tower() {
         }
     }
 }
+
+/// A URL reqwest sends otherwise than it was written (a fragment, which is
+/// not sent), or with an empty query or escapes, is not taken for a
+/// redirect: the 401 to a payment (not idempotent, so checked for one) is
+/// renewed and replayed once, as any other. (A layer each, as forced
+/// refreshes are throttled.)
+#[tokio::test]
+async fn a_401_to_a_url_with_a_fragment_or_escapes_is_replayed() {
+    for query in ["#list", "?", "?q=%2F%c3%A9#x", "?a%20b=&c"] {
+        let s = setup().await;
+        assert_eq!(s.banks().await, StatusCode::OK);
+        s.volt.revoke_access_tokens();
+        let response = s
+            .api
+            .post(s.url(&format!("/v2/payments{query}")))
+            .header(CONTENT_TYPE, "application/json")
+            .body(PAYMENT)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "{query}");
+        assert_eq!(s.auth.stats().replays, 1, "{query}");
+        assert_eq!(s.volt.unauthorized(), 1, "{query}");
+        assert_eq!(s.volt.payment_bodies(), vec![Bytes::from(PAYMENT); 2]);
+        assert_eq!(s.volt.oauth_calls(), 2, "{query}");
+    }
+}
