@@ -43,6 +43,8 @@ use crate::oauth::{Grant, Token, TokenSource};
 
 mod ticket;
 
+#[cfg(feature = "reqwest")]
+pub(crate) use ticket::Redirected;
 pub(crate) use ticket::{AnsweredElsewhere, Ticket};
 
 const FRESH: u8 = 0;

@@ -43,6 +43,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use ::reqwest::StatusCode;
 use ::reqwest::header::AUTHORIZATION;
 use ::reqwest::{Body, Client, Request, Response, Url};
 use bytes::Bytes;
@@ -52,7 +53,7 @@ use pin_project_lite::pin_project;
 use reqwest_middleware::{Middleware, Next};
 use tower::Service;
 
-use crate::cache::AnsweredElsewhere;
+use crate::cache::{AnsweredElsewhere, Redirected};
 use crate::layer::{Auth, VoltAuthLayer};
 use crate::replay::{DefaultReplay, ReplayPolicy};
 
@@ -62,7 +63,9 @@ use crate::replay::{DefaultReplay, ReplayPolicy};
 ///
 /// Made with [`VoltAuthLayer::middleware`] or `From<VoltAuthLayer>`. Requests
 /// are replayed after a 401 when [`reqwest::Request::try_clone`] can copy them,
-/// regardless of the layer's [`ReplayPolicy`] (which governs `http` bodies);
+/// regardless of the layer's [`ReplayPolicy`] (which governs `http` bodies),
+/// unless they are not idempotent and the 401 came after a redirect reqwest
+/// followed (the server may have acted on them);
 /// [`VoltAuthMiddleware::replay`] turns replays off.
 ///
 /// # Panics
@@ -126,17 +129,36 @@ impl VoltAuthMiddleware {
             // token on the way: the answer says nothing about the token.
             return Ok(response);
         }
-        let Some(cache) = ticket.settle(response.status(), copy.is_some()) else {
+        // Answered by a redirect within the origin, which kept the token: a
+        // 401 is the token's, but a request that is not idempotent may have
+        // been acted on (a payment answered 303, say), and is not sent again.
+        let replayable = match &copy {
+            Some(copy)
+                if response.status() == StatusCode::UNAUTHORIZED
+                    && !copy.method().is_idempotent() =>
+            {
+                !redirected(copy.url(), response.url())
+            }
+            copy => copy.is_some(),
+        };
+        let Some(cache) = ticket.settle(response.status(), replayable) else {
             return Ok(response);
         };
         let Some(mut copy) = copy else {
             return Ok(response);
         };
+        // No newer token may be had yet, or none at all: the 401 goes back
+        // as it came, with the events `VoltAuth` logs.
         let lease = match cache.renew(ticket.generation).await {
             Ok(Some(lease)) => lease,
-            // No newer token may be had yet, or none at all: the 401 goes
-            // back as it came.
-            Ok(None) | Err(_) => return Ok(response),
+            Ok(None) => {
+                tracing::debug!("a 401 came too soon after the last forced refresh; returning it");
+                return Ok(response);
+            }
+            Err(error) => {
+                tracing::debug!(%error, "no new token after a 401; returning the 401");
+                return Ok(response);
+            }
         };
         drop(response);
         copy.headers_mut()
@@ -159,6 +181,20 @@ fn same_origin(sent: &Url, answered: &Url) -> bool {
     sent.scheme() == answered.scheme()
         && sent.host_str() == answered.host_str()
         && sent.port_or_known_default() == answered.port_or_known_default()
+}
+
+/// Whether reqwest followed a redirect from `sent` to `answered`: the answer
+/// is not the one to the request sent. `sent` is compared as reqwest reports
+/// it when it follows none, through the `http::Uri` it sent (without the
+/// fragment); that allocates, so only a 401 is checked.
+#[cold]
+fn redirected(sent: &Url, answered: &Url) -> bool {
+    let unredirected = sent
+        .as_str()
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|uri| Url::parse(&uri.to_string()).ok());
+    unredirected.as_ref() != Some(answered)
 }
 
 /// Whether a request to `url` gets the token: the layer's origins only.
@@ -224,11 +260,14 @@ impl<P> From<VoltAuthLayer<P>> for VoltAuthMiddleware {
 /// A request body is sent once: whatever the client's redirect policy, a 307
 /// or 308 answer comes back as it is instead of being followed with the same
 /// body, so the `/oauth` form (client secret, password) never goes where a
-/// redirect points. An answer that comes from another origin after a redirect
+/// redirect points. An empty body is left clonable, so that reqwest sends a
+/// request without one again when an HTTP/2 server refused it unprocessed. An answer that comes from another origin after a redirect
 /// the client followed (which removed the token on the way) is marked so that
 /// [`VoltAuth`](crate::VoltAuth) does not take its 401 for the token's, nor
 /// the layer a token from it for Volt's
-/// ([`Error::InvalidResponse`](crate::Error::InvalidResponse)).
+/// ([`Error::InvalidResponse`](crate::Error::InvalidResponse)); a 401 after a
+/// redirect within the origin is the token's, but a request that is not
+/// idempotent is not replayed.
 #[derive(Clone, Debug, Default)]
 pub struct ReqwestTransport {
     client: Client,
@@ -270,6 +309,7 @@ impl Service<http::Request<Body>> for ReqwestTransport {
         let state = match Request::try_from(request.map(sent_once)) {
             Ok(request) => State::Sending {
                 sent_to: request.url().clone(),
+                idempotent: request.method().is_idempotent(),
                 future: self.client.call(request),
             },
             Err(error) => State::Failed { error: Some(error) },
@@ -279,11 +319,14 @@ impl Service<http::Request<Body>> for ReqwestTransport {
 }
 
 /// `body` as one reqwest cannot clone, and so cannot send again to the target
-/// of a redirect.
+/// of a redirect. An empty body is left as it is: there is nothing to send
+/// twice (redirects repeat empty bodies whatever their type), and reqwest
+/// sends a request it can clone again when an HTTP/2 server refused it
+/// unprocessed, as it does through [`VoltAuthMiddleware`].
 fn sent_once(body: Body) -> Body {
     match body.as_bytes() {
-        Some(bytes) => Body::wrap(Full::new(Bytes::copy_from_slice(bytes))),
-        None => body,
+        Some(bytes) if !bytes.is_empty() => Body::wrap(Full::new(Bytes::copy_from_slice(bytes))),
+        _ => body,
     }
 }
 
@@ -300,7 +343,7 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State {
-        Sending { #[pin] future: Pending, sent_to: Url },
+        Sending { #[pin] future: Pending, sent_to: Url, idempotent: bool },
         Failed { error: Option<::reqwest::Error> },
     }
 }
@@ -310,13 +353,23 @@ impl Future for ResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Sending { future, sent_to } => future.poll(cx).map_ok(|response| {
+            StateProj::Sending {
+                future,
+                sent_to,
+                idempotent,
+            } => future.poll(cx).map_ok(|response| {
                 // reqwest followed a redirect to another origin and removed
-                // the token on the way (see `VoltAuthMiddleware`).
+                // the token on the way, or one within the origin (see
+                // `VoltAuthMiddleware`).
                 let elsewhere = !same_origin(sent_to, response.url());
+                let redirected = response.status() == StatusCode::UNAUTHORIZED
+                    && !*idempotent
+                    && redirected(sent_to, response.url());
                 let mut response = http::Response::from(response);
                 if elsewhere {
                     response.extensions_mut().insert(AnsweredElsewhere);
+                } else if redirected {
+                    response.extensions_mut().insert(Redirected);
                 }
                 response
             }),

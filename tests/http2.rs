@@ -3,7 +3,8 @@
 //! is: through `ReqwestTransport` (whose bodies reqwest cannot clone, so
 //! reqwest does not send them again itself) and through hyper-util's client,
 //! both speaking h2c to a server on 127.0.0.1 that plays a script, one step
-//! per stream.
+//! per stream. An API request without a body is sent again by reqwest itself,
+//! through either reqwest path.
 #![cfg(feature = "reqwest")]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -276,5 +277,67 @@ async fn a_goaway_for_an_error_is_not_sent_again() {
         .await;
         transport(client, &result);
         assert_eq!(seen.len(), 1, "{client:?}");
+    }
+}
+
+/// An API request an HTTP/2 server refused unprocessed is sent again by
+/// reqwest itself when it can clone the body: a request without a body, as
+/// through `VoltAuthMiddleware`, so through `VoltAuth` over `ReqwestTransport`
+/// (which makes only bodies with bytes ones reqwest cannot clone). One token,
+/// no 401, no replay: three streams (the grant, the refused request, and the
+/// request again).
+#[tokio::test]
+async fn an_api_request_without_a_body_refused_unprocessed_is_sent_again_either_way() {
+    use tower::{Service, ServiceBuilder, ServiceExt};
+
+    for middleware in [true, false] {
+        let (url, seen) = server(vec![
+            Step::Token,
+            Step::Reset(Reason::REFUSED_STREAM),
+            Step::Token,
+        ])
+        .await;
+        let client = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .no_proxy()
+            .build()
+            .unwrap();
+        let auth = VoltAuthLayer::builder(Credentials::new("h2-id", SECRET, "h2-user", PASSWORD))
+            .base_url(&url)
+            .token_timeout(Duration::from_secs(30))
+            .build(ReqwestTransport::new(client.clone()))
+            .unwrap();
+        let banks = format!("{url}/banks");
+        let status = if middleware {
+            let api = reqwest_middleware::ClientBuilder::new(client)
+                .with(auth.middleware())
+                .build();
+            tokio::time::timeout(common::GUARD, api.get(&banks).send())
+                .await
+                .expect("an answer within the guard")
+                .map(|response| response.status())
+                .map_err(|error| format!("{error:?}"))
+        } else {
+            let mut api = ServiceBuilder::new()
+                .layer(auth.clone())
+                .service(ReqwestTransport::new(client));
+            let request = http::Request::get(&banks)
+                .body(reqwest::Body::default())
+                .unwrap();
+            let api = api.ready().await.unwrap();
+            tokio::time::timeout(common::GUARD, api.call(request))
+                .await
+                .expect("an answer within the guard")
+                .map(|response| response.status())
+                .map_err(|error| format!("{error:?}"))
+        };
+        assert_eq!(status, Ok(http::StatusCode::OK), "middleware: {middleware}");
+        assert_eq!(seen.lock().unwrap().len(), 3, "middleware: {middleware}");
+        assert_eq!(
+            auth.stats().password.succeeded,
+            1,
+            "middleware: {middleware}"
+        );
+        assert_eq!(auth.stats().replays, 0, "middleware: {middleware}");
     }
 }

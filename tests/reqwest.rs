@@ -19,6 +19,8 @@ use volt_auth::reqwest::ReqwestTransport;
 
 use volt_auth::{Builder, GrantType, VoltAuthLayer};
 
+mod common;
+
 const PAYMENT: &str =
     r#"{"amount":12345,"currencyCode":"EUR","type":"SERVICES","uniqueReference":"order-42"}"#;
 
@@ -645,4 +647,123 @@ async fn callers_giving_up_while_the_token_is_on_its_way_cancel_nothing() {
     assert_eq!(s.volt.password_grants(), 1);
     let token = &s.volt.issued_access_tokens()[0];
     assert_eq!(s.volt.api_authorizations(), vec![bearer(token)]);
+}
+
+/// `GET /banks` through the middleware (`tower` is `None`) or through
+/// `VoltAuth` over the same transport.
+async fn get_banks(
+    api: &ClientWithMiddleware,
+    tower: Option<&mut volt_auth::VoltAuth<ReqwestTransport>>,
+    banks: &str,
+) -> StatusCode {
+    use tower::Service;
+
+    match tower {
+        None => api.get(banks).send().await.unwrap().status(),
+        Some(tower) => {
+            let request = http::Request::get(banks)
+                .body(reqwest::Body::default())
+                .unwrap();
+            let service = tower.ready().await.unwrap();
+            service.call(request).await.unwrap().status()
+        }
+    }
+}
+
+/// As the README says of both paths, a 401 that goes back to its caller
+/// because the forced refresh came too recently, or failed, is a DEBUG event
+/// each: through the middleware as through `VoltAuth` over the same
+/// transport, one event per such 401, with the same text.
+#[tokio::test]
+async fn a_401_given_back_unrenewed_is_logged_at_debug_as_through_tower() {
+    use tower::Layer;
+
+    const TOO_SOON: &str = "a 401 came too soon after the last forced refresh; returning it";
+    const NO_TOKEN: &str = "no new token after a 401; returning the 401";
+    for middleware in [true, false] {
+        for fail in [false, true] {
+            let (capture, _guard) = common::log::scoped();
+            let volt = MockVolt::start().await.unwrap();
+            let client = reqwest::Client::new();
+            let auth = VoltAuthLayer::builder(volt.credentials())
+                .base_url(&volt.url())
+                // A long backoff, so that the throttle holds however slow the machine.
+                .backoff(Duration::from_secs(60), Duration::from_secs(120))
+                .build(ReqwestTransport::new(client.clone()))
+                .unwrap();
+            let api = reqwest_middleware::ClientBuilder::new(client.clone())
+                .with(auth.middleware())
+                .build();
+            let mut service = auth.layer(ReqwestTransport::new(client));
+            let mut tower = (!middleware).then_some(&mut service);
+            let banks = format!("{}/banks", volt.url());
+            let case = format!("middleware: {middleware}, fail: {fail}");
+            let count = |text: &str| {
+                common::log::events(&capture)
+                    .iter()
+                    .filter(|event| {
+                        event.level == tracing::Level::DEBUG && event.text.contains(text)
+                    })
+                    .count()
+            };
+
+            assert_eq!(
+                get_banks(&api, tower.as_deref_mut(), &banks).await,
+                StatusCode::OK
+            );
+            if fail {
+                // The renewal fails: the 401 goes back.
+                volt.revoke_access_tokens();
+                volt.fail_oauth(1, http::StatusCode::SERVICE_UNAVAILABLE, "{}");
+                assert_eq!(
+                    get_banks(&api, tower.as_deref_mut(), &banks).await,
+                    StatusCode::UNAUTHORIZED,
+                    "{case}"
+                );
+                assert_eq!(volt.oauth_calls(), 2, "{case}");
+                assert_eq!((count(NO_TOKEN), count(TOO_SOON)), (1, 0), "{case}");
+            } else {
+                // One replay, then the renewals are throttled: each 401
+                // goes back.
+                volt.reject_all_tokens(true);
+                for _ in 0..3 {
+                    assert_eq!(
+                        get_banks(&api, tower.as_deref_mut(), &banks).await,
+                        StatusCode::UNAUTHORIZED,
+                        "{case}"
+                    );
+                }
+                assert_eq!(volt.oauth_calls(), 2, "{case}");
+                assert_eq!((count(NO_TOKEN), count(TOO_SOON)), (0, 2), "{case}");
+            }
+            assert_eq!(auth.stats().replays, u64::from(!fail), "{case}");
+        }
+    }
+}
+
+/// A URL reqwest sends otherwise than it was written (a fragment, which is
+/// not sent), or with an empty query or escapes, is not taken for a
+/// redirect: the 401 to a payment (not idempotent, so checked for one) is
+/// renewed and replayed once, as any other. (A layer each, as forced
+/// refreshes are throttled.)
+#[tokio::test]
+async fn a_401_to_a_url_with_a_fragment_or_escapes_is_replayed() {
+    for query in ["#list", "?", "?q=%2F%c3%A9#x", "?a%20b=&c"] {
+        let s = setup().await;
+        assert_eq!(s.banks().await, StatusCode::OK);
+        s.volt.revoke_access_tokens();
+        let response = s
+            .api
+            .post(s.url(&format!("/v2/payments{query}")))
+            .header(CONTENT_TYPE, "application/json")
+            .body(PAYMENT)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "{query}");
+        assert_eq!(s.auth.stats().replays, 1, "{query}");
+        assert_eq!(s.volt.unauthorized(), 1, "{query}");
+        assert_eq!(s.volt.payment_bodies(), vec![Bytes::from(PAYMENT); 2]);
+        assert_eq!(s.volt.oauth_calls(), 2, "{query}");
+    }
 }

@@ -313,3 +313,84 @@ async fn a_redirect_chain_back_to_the_origin_costs_one_refresh_and_one_replay() 
     assert_eq!(volt.oauth_calls(), 2);
     assert_eq!(auth.stats().replays, 1);
 }
+
+/// A payment (a POST, not idempotent) answered `303 See Other` (the server
+/// acted on it) whose target, on the same origin, answers 401 to the token
+/// reqwest carried there: the 401 is the token's, but it is not the
+/// payment's answer, so the payment is not sent again. The token is dropped,
+/// and the next request carries a new one; through the middleware as through
+/// `VoltAuth` over `ReqwestTransport`. (A GET is replayed after a redirect, as
+/// in the chain above.)
+#[tokio::test]
+async fn a_request_answered_by_a_redirect_is_not_replayed_after_its_targets_401() {
+    for middleware in [true, false] {
+        let volt = MockVolt::start().await.unwrap();
+        let origin = Redirector::answering(|path| match path {
+            "/v2/payments" => (
+                "HTTP/1.1 303 See Other\r\nLocation: /v2/payments/1\r\n".to_owned(),
+                String::new(),
+            ),
+            "/v2/payments/1" => ("HTTP/1.1 401 Unauthorized\r\n".to_owned(), String::new()),
+            _ => ("HTTP/1.1 200 OK\r\n".to_owned(), String::new()),
+        });
+        let client = reqwest::Client::new();
+        let auth = VoltAuthLayer::builder(volt.credentials())
+            .base_url(&volt.url())
+            .allow_origin(&origin.url)
+            .build(ReqwestTransport::new(client.clone()))
+            .unwrap();
+        let api = reqwest_middleware::ClientBuilder::new(client.clone())
+            .with(auth.middleware())
+            .build();
+        let mut tower = ServiceBuilder::new()
+            .layer(auth.clone())
+            .service(ReqwestTransport::new(client));
+        let mut send = async |method: http::Method, path: &str, body: &'static str| {
+            let url = format!("{}{path}", origin.url);
+            if middleware {
+                let request = api.request(method, url).body(body);
+                request.send().await.unwrap().status()
+            } else {
+                let request = http::Request::builder()
+                    .method(method)
+                    .uri(url)
+                    .body(reqwest::Body::from(body))
+                    .unwrap();
+                let service = tower.ready().await.unwrap();
+                service.call(request).await.unwrap().status()
+            }
+        };
+
+        let status = send(http::Method::POST, "/v2/payments", "{\"amount\":1}").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "middleware: {middleware}");
+        let status = send(http::Method::GET, "/banks", "").await;
+        assert_eq!(status, StatusCode::OK, "middleware: {middleware}");
+
+        let tokens = volt.issued_access_tokens();
+        assert_eq!(tokens.len(), 2, "middleware: {middleware}");
+        let bearer = |token: &str| Some(format!("Bearer {token}"));
+        let lines: Vec<_> = origin
+            .heads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|head| head.lines().next().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "POST /v2/payments HTTP/1.1",
+                "GET /v2/payments/1 HTTP/1.1",
+                "GET /banks HTTP/1.1"
+            ],
+            "middleware: {middleware}"
+        );
+        assert_eq!(
+            origin.authorizations(),
+            [bearer(&tokens[0]), bearer(&tokens[0]), bearer(&tokens[1])],
+            "middleware: {middleware}"
+        );
+        assert_eq!(auth.stats().replays, 0, "middleware: {middleware}");
+        assert_eq!(volt.oauth_calls(), 2, "middleware: {middleware}");
+    }
+}

@@ -67,6 +67,13 @@ impl Shared {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct AnsweredElsewhere;
 
+/// A response extension set on a 401 to a request that is not idempotent, by
+/// a transport that followed a redirect within the origin on its own
+/// (keeping the token): the 401 is the token's, but the server may have acted
+/// on the request (a payment answered 303, say), so it is not sent again.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Redirected;
+
 impl Ticket {
     /// Reports the response to the request this ticket went with. A 401 that
     /// may be `replayable` returns the cache to renew the token through
@@ -82,7 +89,7 @@ impl Ticket {
     }
 
     /// [`Ticket::settle`] with `response`, unless it is marked
-    /// [`AnsweredElsewhere`].
+    /// [`AnsweredElsewhere`]; one marked [`Redirected`] is not replayable.
     #[inline]
     pub(crate) fn settle_response<B>(
         self,
@@ -94,6 +101,7 @@ impl Ticket {
         {
             return None;
         }
+        let replayable = replayable && response.extensions().get::<Redirected>().is_none();
         self.settle_rare(response.status(), replayable)
     }
 
