@@ -261,8 +261,9 @@ impl<P> From<VoltAuthLayer<P>> for VoltAuthMiddleware {
 /// or 308 answer comes back as it is instead of being followed with the same
 /// body, so the `/oauth` form (client secret, password) never goes where a
 /// redirect points. An empty body is left clonable, so that reqwest sends a
-/// request without one again when an HTTP/2 server refused it unprocessed. An answer that comes from another origin after a redirect
-/// the client followed (which removed the token on the way) is marked so that
+/// request without one again when an HTTP/2 server refused it unprocessed.
+/// An answer that comes from another origin after a redirect the client
+/// followed (which removed the token on the way) is marked so that
 /// [`VoltAuth`](crate::VoltAuth) does not take its 401 for the token's, nor
 /// the layer a token from it for Volt's
 /// ([`Error::InvalidResponse`](crate::Error::InvalidResponse)); a 401 after a
