@@ -36,7 +36,7 @@ use http::header::AUTHORIZATION;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::error::{Error, GrantType};
 use crate::oauth::{Grant, Token, TokenSource};
@@ -65,9 +65,9 @@ pub(crate) struct Settings {
     pub(crate) expiry_margin: Duration,
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
-    /// How long a waiter waits for a refresh before it takes the refresh
-    /// for stranded on a runtime nothing drives, and starts another on its
-    /// own: longer than a refresh takes on a runtime that runs.
+    /// How long after a refresh started a waiter takes it for stranded on a
+    /// runtime nothing drives, and starts another on its own: longer than a
+    /// refresh takes on a runtime that runs.
     pub(crate) stranded_after: Duration,
 }
 
@@ -145,6 +145,9 @@ struct Flight {
     /// The number of the latest refresh started: a refresh given up on
     /// (see [`Settings::stranded_after`]) publishes nothing when it ends.
     flight: u64,
+    /// When the latest refresh started: its waiters give it up
+    /// [`Settings::stranded_after`] later.
+    started_at: Option<Instant>,
     generation: u64,
     failures: u32,
     retry_at: Option<Instant>,
@@ -174,8 +177,9 @@ struct Flight {
 enum Begin {
     Ready(Lease),
     Keep,
-    /// For the refresh of this number.
-    Wait(u64),
+    /// For the refresh of this number, until it is taken for stranded at
+    /// this deadline.
+    Wait(u64, Instant),
 }
 
 impl TokenCache {
@@ -376,15 +380,17 @@ impl TokenCache {
     async fn acquire(&self, rejected: Option<u64>) -> Result<Option<Lease>, Error> {
         loop {
             let mut done = self.shared.done.subscribe();
-            let flight = match Shared::begin(&self.shared, rejected)? {
+            let (flight, deadline) = match Shared::begin(&self.shared, rejected)? {
                 Begin::Ready(lease) => return Ok(Some(lease)),
                 Begin::Keep => return Ok(None),
-                Begin::Wait(flight) => flight,
+                Begin::Wait(flight, deadline) => (flight, deadline),
             };
             // A refresh spawned on a runtime that nothing drives (a sync
             // worker's `current_thread` runtime between `block_on` calls)
-            // would hold up every waiter on other runtimes.
-            match timeout(self.shared.settings.stranded_after, done.changed()).await {
+            // would hold up every waiter on other runtimes. Counted from the
+            // refresh's start, not the waiter's: a refresh-ahead stranded
+            // minutes ago holds up no request at the token's expiry.
+            match timeout_at(deadline, done.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(Error::Interrupted),
                 Err(_) => {
@@ -520,7 +526,7 @@ impl Shared {
                         // Throttled: this 401 starts nothing, but a refresh
                         // already running brings a newer token at no cost.
                         if flight.running {
-                            return Ok(Begin::Wait(flight.flight));
+                            return Ok(self.wait(&flight, now));
                         }
                         return Ok(Begin::Keep);
                     }
@@ -539,7 +545,7 @@ impl Shared {
             }
         }
         if flight.running {
-            return Ok(Begin::Wait(flight.flight));
+            return Ok(self.wait(&flight, now));
         }
         if let (Some(retry_at), Some(error)) = (flight.retry_at, &flight.last_error) {
             if now < retry_at {
@@ -547,7 +553,14 @@ impl Shared {
             }
         }
         self.start(&mut flight)?;
-        Ok(Begin::Wait(flight.flight))
+        Ok(self.wait(&flight, now))
+    }
+
+    /// Waiting for the running refresh, until `stranded_after` after it
+    /// started (after `now` if it is not known when).
+    fn wait(&self, flight: &Flight, now: Instant) -> Begin {
+        let started = flight.started_at.unwrap_or(now);
+        Begin::Wait(flight.flight, started + self.settings.stranded_after)
     }
 
     /// Ends the running refresh if its task was dropped with its runtime.
@@ -562,6 +575,7 @@ impl Shared {
         let handle = Handle::try_current().map_err(|_| Error::NoRuntime)?;
         flight.running = true;
         flight.flight += 1;
+        flight.started_at = Some(Instant::now());
         flight.presenting = 0;
         // Made before spawning: a task dropped before its first poll (its
         // runtime shut down) still ends the refresh.

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use http::{HeaderValue, StatusCode};
 use secrecy::ExposeSecret;
-use tokio::time::sleep;
+use tokio::time::{sleep, timeout};
 
 use super::*;
 use crate::error::ErrorResponse;
@@ -1644,4 +1644,41 @@ fn a_replay_goes_with_a_valid_token_whose_timer_is_gone() {
     assert_eq!(headers[http::header::AUTHORIZATION], "Bearer at-1");
     assert_eq!(replay, lease.ticket);
     assert_eq!((cache.stats().replays, script.count()), (1, 1));
+}
+
+/// A refresh that has not ended `stranded_after` after it started is taken
+/// for stranded as soon as a caller waits for it, not `stranded_after` after
+/// that caller began to wait: a refresh-ahead spawned on a runtime nothing
+/// drives (a sync worker's, between `block_on` calls) minutes before the
+/// token expired held up every request at the expiry for `stranded_after`.
+#[tokio::test(start_paused = true)]
+async fn a_refresh_stranded_long_ago_holds_up_no_waiter() {
+    let secs = Duration::from_secs;
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    // Stale: a read starts the refresh-ahead, which never ends (its
+    // runtime is not driven again).
+    sleep(HOUR - secs(250)).await;
+    script.close();
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+    tokio::task::yield_now().await;
+    assert_eq!(script.count(), 2);
+    // Past the margin, minutes after the refresh-ahead started: the first
+    // request to wait takes it for stranded at once and starts another.
+    sleep(secs(230)).await;
+    assert_eq!(header(&cache), None);
+    let waiter = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.token().await.map(|lease| secret(&lease).to_owned()) }
+    });
+    sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
+    assert_eq!(
+        script.count(),
+        3,
+        "the waiter started another refresh at once"
+    );
+    script.open();
+    assert_eq!(waiter.await.unwrap().unwrap(), "at-3");
+    assert_eq!(script.count(), 3);
 }
