@@ -571,25 +571,28 @@ async fn mock_oauth_request_debug_hides_secrets() {
     );
 }
 
+/// A transport's error with a cause, as clients nest them: its own text,
+/// and the I/O error under it.
+#[derive(Debug)]
+struct Outer(&'static str, std::io::Error);
+
+impl std::fmt::Display for Outer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for Outer {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.1)
+    }
+}
+
 /// A transport error says why `/oauth` could not be reached only in its
 /// causes: the attempt's warning carries them, scrubbed, as the transport
 /// is any service and may describe the request it failed to send.
 #[tokio::test]
 async fn a_transport_errors_causes_are_logged_without_the_secrets() {
-    /// An error with a cause, as clients nest them.
-    #[derive(Debug)]
-    struct Outer(std::io::Error);
-    impl std::fmt::Display for Outer {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("client error (Connect)")
-        }
-    }
-    impl std::error::Error for Outer {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            Some(&self.0)
-        }
-    }
-
     capture();
     let transport = tower::service_fn(|request: Request<Full<Bytes>>| async move {
         let body = request.into_body().collect().await.unwrap().to_bytes();
@@ -597,7 +600,10 @@ async fn a_transport_errors_causes_are_logged_without_the_secrets() {
             "tcp connect error 7f3e: refused, sent {}",
             String::from_utf8_lossy(&body)
         );
-        Err::<Response<Full<Bytes>>, _>(Outer(std::io::Error::other(careless)))
+        Err::<Response<Full<Bytes>>, _>(Outer(
+            "client error (Connect)",
+            std::io::Error::other(careless),
+        ))
     });
     let auth = VoltAuthLayer::builder(Credentials::new("id", CLIENT_SECRET, "user", PASSWORD))
         .base_url("http://127.0.0.1:9")
@@ -683,20 +689,6 @@ async fn a_transport_errors_causes_are_scrubbed_of_the_credentials_they_were_sen
 /// token too, on a refresh grant).
 #[tokio::test]
 async fn the_causes_logged_when_a_grant_is_sent_again_are_scrubbed() {
-    /// An error with a cause, as clients nest them.
-    #[derive(Debug)]
-    struct Outer(std::io::Error);
-    impl std::fmt::Display for Outer {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("client error (SendRequest)")
-        }
-    }
-    impl std::error::Error for Outer {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            Some(&self.0)
-        }
-    }
-
     capture();
     // The first grant gets a token with a refresh token; every later request
     // meets a reset whose text carries the body it was sent with.
@@ -723,10 +715,10 @@ async fn the_causes_logged_when_a_grant_is_sent_again_are_scrubbed() {
                 "connection reset 5e2a, sent {}",
                 String::from_utf8_lossy(&body)
             );
-            Err(Outer(std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                careless,
-            )))
+            Err(Outer(
+                "client error (SendRequest)",
+                std::io::Error::new(std::io::ErrorKind::ConnectionReset, careless),
+            ))
         }
     });
     let auth = VoltAuthLayer::builder(Credentials::new("id", CLIENT_SECRET, "user", PASSWORD))
