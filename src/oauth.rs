@@ -309,13 +309,9 @@ fn failure_response(status: StatusCode, body: &[u8], secrets: &[&str]) -> (Error
             None => joined,
         });
     }
-    let response = ErrorResponse {
-        status,
-        code: code.map(|code| scrub(&code, secrets)),
-        message: message.map(|message| scrub(&message, secrets)),
-        retry_after: None,
-    };
-    let code_rejects = response.code.as_deref().is_some_and(|code| {
+    // Read before it is scrubbed: a secret too short to find hides the code
+    // shown, not what it means.
+    let code_rejects = code.as_deref().is_some_and(|code| {
         matches!(
             code.to_ascii_lowercase().as_str(),
             "invalid_grant"
@@ -330,6 +326,12 @@ fn failure_response(status: StatusCode, body: &[u8], secrets: &[&str]) -> (Error
                 | "403"
         )
     });
+    let response = ErrorResponse {
+        status,
+        code: code.map(|code| scrub(&code, secrets)),
+        message: message.map(|message| scrub(&message, secrets)),
+        retry_after: None,
+    };
     (response, code_rejects)
 }
 
@@ -994,6 +996,35 @@ mod tests {
         assert_eq!(response.code.as_deref(), Some("[redacted]"));
         assert_eq!(response.message.as_deref(), Some("[redacted]"));
         assert!(!format!("{err} {err:?}").contains("x1"));
+    }
+
+    /// A secret too short to find hides the code shown, but not the
+    /// code's meaning: a refusing code still refuses the grant under a status
+    /// that does not (422, or a 2xx), so a refused refresh token still falls
+    /// back to the password grant.
+    #[test]
+    fn a_code_hidden_for_a_short_secret_still_refuses_the_grant() {
+        for (status, body) in [
+            (
+                422,
+                r#"{"error":"invalid_grant","error_description":"bad x1"}"#,
+            ),
+            (200, r#"{"code":401,"message":"Invalid credentials"}"#),
+            (200, r#"{"code":"UNAUTHORISED","message":"Unauthorised."}"#),
+        ] {
+            let status = StatusCode::from_u16(status).unwrap();
+            let err = parse(
+                GrantType::RefreshToken,
+                status,
+                body.as_bytes(),
+                &["client-secret", "x1"],
+            )
+            .unwrap_err();
+            let Error::Rejected { response, .. } = &err else {
+                panic!("{status} {body}: expected a rejection, got {err:?}");
+            };
+            assert_eq!(response.code.as_deref(), Some("[redacted]"), "{body}");
+        }
     }
 
     #[test]
