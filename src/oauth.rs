@@ -142,6 +142,9 @@ pub(crate) fn parse(
     body: &[u8],
     secrets: &[&str],
 ) -> Result<Token, Error> {
+    // A byte order mark, which JSON parsers may ignore (RFC 8259, section
+    // 8.1): one a PHP file saved with it prints before the JSON.
+    let body = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
     if !status.is_success() {
         return Err(parse_failure(grant, status, body, secrets));
     }
@@ -765,6 +768,45 @@ mod tests {
                 assert_eq!(reason, "the body is not JSON");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A body that begins with a UTF-8 byte order mark (a PHP file saved
+    /// with one, before the JSON it prints) is read without it, as RFC 8259
+    /// (section 8.1) lets parsers do: a token, and an error's code.
+    #[test]
+    fn a_byte_order_mark_before_the_json_is_ignored() {
+        let token = parse(
+            GrantType::Password,
+            StatusCode::OK,
+            b"\xef\xbb\xbf{\"access_token\":\"abc\",\"expires_in\":60}",
+            SECRETS,
+        )
+        .unwrap();
+        assert_eq!(token.secret(), "abc");
+        assert_eq!(token.lifetime(), Duration::from_secs(60));
+        for status in [401, 200] {
+            let status = StatusCode::from_u16(status).unwrap();
+            let err = parse(
+                GrantType::RefreshToken,
+                status,
+                b"\xef\xbb\xbf{\"error\":\"invalid_grant\"}",
+                SECRETS,
+            )
+            .unwrap_err();
+            let Error::Rejected { response, .. } = &err else {
+                panic!("{status}: expected a rejection, got {err:?}");
+            };
+            assert_eq!(response.code.as_deref(), Some("invalid_grant"));
+        }
+        // Only one, and only first.
+        for body in [&b"\xef\xbb\xbf\xef\xbb\xbf{}"[..], b" \xef\xbb\xbf{}"] {
+            match parse(GrantType::Password, StatusCode::OK, body, SECRETS) {
+                Err(Error::InvalidResponse { reason, .. }) => {
+                    assert_eq!(reason, "the body is not JSON")
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 
