@@ -37,7 +37,10 @@ impl fmt::Display for GrantType {
 /// Why no access token could be had.
 ///
 /// Cheap to clone: one failed refresh is shared by every request that waited
-/// for it. Neither `Display` nor `Debug` ever contains a secret or a token.
+/// for it. Neither `Display` nor `Debug` ever contains a secret or a token,
+/// but for [`Transport`](Self::Transport)'s `Debug`, which shows the
+/// transport's own error as it is (hyper's and reqwest's never hold the
+/// request's body; a transport of your own should not either).
 ///
 /// Errors from [`VoltAuth`](crate::VoltAuth) arrive as a `BoxError`; downcast
 /// to tell them from the inner service's errors:
@@ -127,7 +130,9 @@ pub enum Error {
     Transport {
         /// The grant that was attempted.
         grant: GrantType,
-        /// The transport's error.
+        /// The transport's error, as it is: kept for downcasting (to
+        /// `hyper_util`'s or `reqwest`'s error, say), so not scrubbed. The
+        /// warning logged for the failed attempt carries its text scrubbed.
         #[source]
         source: Arc<dyn StdError + Send + Sync>,
     },
