@@ -1261,6 +1261,56 @@ async fn a_third_party_server_over_tcp_never_sees_the_token() {
     assert_eq!(auth.stats().replays, 0);
 }
 
+/// An IPv6 origin is one address, however it is written: a client that
+/// parses URLs (the `url` crate, reqwest's `Url`) writes it in its canonical
+/// form whatever the configuration said. Anything else about the authority
+/// still has to match as before.
+#[tokio::test]
+async fn an_ipv6_origin_gets_the_token_however_its_address_is_spelled() {
+    let mock = MockVolt::builder().in_process();
+    let auth = builder(&mock)
+        .allow_origin("http://[0:0:0:0:0:0:0:1]:9")
+        .allow_origin("https://[::1:2]")
+        .build(mock.service())
+        .expect("layer");
+    let recorder = Recorder::new(&mock);
+    let mut api = auth.layer(recorder.clone());
+    let cases = [
+        ("http://[::1]:9/banks", true),
+        ("http://[0::1]:9/banks", true),
+        ("http://[0:0:0:0:0:0:0:1]:9/banks", true),
+        ("http://[::0:1]:9/banks", true),
+        ("https://[0:0::1:2]/banks", true),
+        ("https://[0:0::1:2]:/banks", true),
+        ("https://[0:0::1:2]:443/banks", true),
+        ("http://[::1]/banks", false),
+        ("http://[::1]:/banks", false),
+        ("http://[::1]:10/banks", false),
+        ("http://[::1]:09/banks", false),
+        ("https://[::1]:9/banks", false),
+        ("http://[::2]:9/banks", false),
+        ("http://user@[::1]:9/banks", false),
+        ("https://[0:0::1:2]:8443/banks", false),
+        ("https://[0:0::1:2]:0443/banks", false),
+        ("http://[0:0::1:2]/banks", false),
+    ];
+    for (uri, _) in cases {
+        send(&mut api, to(uri)).await;
+    }
+    let issued = mock.issued_access_tokens();
+    assert_eq!(issued.len(), 1);
+    let sent: Vec<_> = mock.api_authorizations();
+    let expected: Vec<_> = cases
+        .iter()
+        .map(|(_, allowed)| allowed.then(|| format!("Bearer {}", issued[0])))
+        .collect();
+    for ((uri, _), (sent, expected)) in cases.iter().zip(sent.iter().zip(&expected)) {
+        assert_eq!(sent, expected, "{uri}");
+    }
+    assert_eq!(sent.len(), cases.len());
+    assert_eq!(mock.oauth_calls(), 1);
+}
+
 #[tokio::test]
 async fn allowed_origins_get_the_token_and_no_others() {
     let mock = MockVolt::builder().in_process();
