@@ -331,9 +331,9 @@ impl TokenCache {
         shared.start_with_new_credentials(&mut flight);
     }
 
-    /// A response other than 401 to a request that carried `generation`: a
-    /// token from a forced refresh that the server accepts ends the throttle's
-    /// escalation.
+    /// A response other than 401 to a request that carried `generation`, one
+    /// a token check stands behind (not a gateway's 5xx, say): a token from a
+    /// forced refresh that the server accepts ends the throttle's escalation.
     pub(crate) fn accepted(&self, generation: u64) {
         let shared = &self.shared;
         if generation == 0 {

@@ -464,8 +464,8 @@ impl Origin {
                 || self.matches_folded(authority))
     }
 
-    /// [`Origin::matches`] for other spellings: another case, or an empty
-    /// port (the scheme's default).
+    /// [`Origin::matches`] for other spellings: another case, an empty port
+    /// (the scheme's default), or another spelling of an IPv6 address.
     #[cold]
     fn matches_folded(&self, authority: &str) -> bool {
         let default_port = authority.strip_suffix(':').unwrap_or(authority);
@@ -474,6 +474,32 @@ impl Origin {
                 .without_port
                 .as_deref()
                 .is_some_and(|host| default_port.eq_ignore_ascii_case(host))
+            || self.same_ipv6_authority(authority)
+    }
+
+    /// Whether `authority` is `[address]` and a port spelled as above, the
+    /// address being this origin's IPv6 literal written otherwise (`[::1]`
+    /// for `[0:0:0:0:0:0:0:1]`): clients that parse URLs write it in its
+    /// canonical form, whatever the configuration said. No user info: the
+    /// address must open the authority.
+    fn same_ipv6_authority(&self, authority: &str) -> bool {
+        let Some(ours) = ipv6_literal(&self.host) else {
+            return false;
+        };
+        let Some(end) = authority.find(']') else {
+            return false;
+        };
+        let (host, port) = authority.split_at(end + 1);
+        if ipv6_literal(host) != Some(ours) {
+            return false;
+        }
+        match port.strip_prefix(':') {
+            None if port.is_empty() => self.without_port.is_some(),
+            None => false,
+            Some("") => self.without_port.is_some(),
+            // `with_port` is `host:port`.
+            Some(port) => self.with_port.get(self.host.len() + 1..) == Some(port),
+        }
     }
 
     /// Whether `scheme://host[:port]` is this origin; `port` is `None` for the
@@ -502,7 +528,6 @@ impl Origin {
 }
 
 /// The address of `[…]`, an IPv6 literal host.
-#[cfg(feature = "reqwest")]
 fn ipv6_literal(host: &str) -> Option<std::net::Ipv6Addr> {
     host.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
 }

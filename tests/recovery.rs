@@ -550,6 +550,81 @@ async fn a_server_rejecting_every_token_costs_one_forced_refresh_per_backoff_per
     assert_eq!(mock.oauth_calls(), 4);
 }
 
+/// An answer no token check stands behind: a 5xx from a gateway, a 429 or a
+/// 408 from the edge, a 407 from a proxy. `/busy` gets the first, without
+/// reaching the mock; everything else goes to the mock.
+fn with_edge_answers(
+    mock: &MockVolt,
+    status: StatusCode,
+) -> impl Service<Request<Body>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone + use<>
+{
+    let inner = mock.service();
+    tower::service_fn(move |request: Request<Body>| {
+        let mut inner = inner.clone();
+        Box::pin(async move {
+            if request.uri().path() == "/busy" {
+                let mut answer = Response::new(Full::default());
+                *answer.status_mut() = status;
+                return Ok(answer);
+            }
+            inner.call(request).await
+        }) as BoxFuture<_>
+    })
+}
+
+/// While Volt rejects every new token, a gateway's 503 (or an edge's 429,
+/// 408, a proxy's 407) to a request carrying a forced token says nothing
+/// about the token: it must not end the throttle's escalation, or forced
+/// refreshes fall back to one per backoff minimum for as long as the
+/// rejections last.
+#[tokio::test(start_paused = true)]
+async fn an_answer_no_token_check_stands_behind_does_not_end_the_throttles_escalation() {
+    for status in [
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::BAD_GATEWAY,
+        StatusCode::TOO_MANY_REQUESTS,
+        StatusCode::REQUEST_TIMEOUT,
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+    ] {
+        let mock = MockVolt::builder().in_process();
+        mock.reject_all_tokens(true);
+        let auth = builder(&mock)
+            .backoff(Duration::from_secs(1), Duration::from_secs(60))
+            .build(mock.service())
+            .expect("layer");
+        let mut api = auth.layer(with_edge_answers(&mock, status));
+        let t0 = Instant::now();
+
+        assert_unchanged_401(send(&mut api, payment(&mock, b"first")).await).await;
+        assert_eq!(mock.oauth_calls(), 2, "{status}");
+        sleep_until(t0 + ms(1000)).await;
+        assert_unchanged_401(send(&mut api, get(&mock, "/banks")).await).await;
+        assert_eq!(mock.oauth_calls(), 3, "{status}");
+
+        // The forced token meets the gateway, not Volt's token check.
+        let busy = send(&mut api, get(&mock, "/busy")).await;
+        assert_eq!(busy.status(), status);
+
+        // The period doubled to 2 s, and stays doubled.
+        sleep_until(t0 + ms(2999)).await;
+        assert_unchanged_401(send(&mut api, get(&mock, "/banks")).await).await;
+        assert_eq!(mock.oauth_calls(), 3, "{status}: the escalation was ended");
+        sleep_until(t0 + ms(3000)).await;
+        assert_unchanged_401(send(&mut api, get(&mock, "/banks")).await).await;
+        assert_eq!(mock.oauth_calls(), 4, "{status}");
+        assert_eq!(auth.stats().replays, 3, "{status}");
+
+        // A 200 to a forced token still ends it: the next 401 waits the
+        // minimum again.
+        mock.reject_all_tokens(false);
+        banks_ok(&mut api, &mock).await;
+        mock.reject_all_tokens(true);
+        sleep_until(t0 + ms(4000)).await;
+        assert_unchanged_401(send(&mut api, get(&mock, "/banks")).await).await;
+        assert_eq!(mock.oauth_calls(), 5, "{status}");
+    }
+}
+
 /// The 401 throttle is for a server that rejects every token. A token the
 /// server accepted and later revoked is renewed and the request replayed, however
 /// many such revocations came before (here one every 10 s).
@@ -1184,6 +1259,56 @@ async fn a_third_party_server_over_tcp_never_sees_the_token() {
     assert_eq!(volt.api_authorizations(), [bearer(&issued[0])]);
     assert_eq!(volt.oauth_calls(), 1);
     assert_eq!(auth.stats().replays, 0);
+}
+
+/// An IPv6 origin is one address, however it is written: a client that
+/// parses URLs (the `url` crate, reqwest's `Url`) writes it in its canonical
+/// form whatever the configuration said. Anything else about the authority
+/// still has to match as before.
+#[tokio::test]
+async fn an_ipv6_origin_gets_the_token_however_its_address_is_spelled() {
+    let mock = MockVolt::builder().in_process();
+    let auth = builder(&mock)
+        .allow_origin("http://[0:0:0:0:0:0:0:1]:9")
+        .allow_origin("https://[::1:2]")
+        .build(mock.service())
+        .expect("layer");
+    let recorder = Recorder::new(&mock);
+    let mut api = auth.layer(recorder.clone());
+    let cases = [
+        ("http://[::1]:9/banks", true),
+        ("http://[0::1]:9/banks", true),
+        ("http://[0:0:0:0:0:0:0:1]:9/banks", true),
+        ("http://[::0:1]:9/banks", true),
+        ("https://[0:0::1:2]/banks", true),
+        ("https://[0:0::1:2]:/banks", true),
+        ("https://[0:0::1:2]:443/banks", true),
+        ("http://[::1]/banks", false),
+        ("http://[::1]:/banks", false),
+        ("http://[::1]:10/banks", false),
+        ("http://[::1]:09/banks", false),
+        ("https://[::1]:9/banks", false),
+        ("http://[::2]:9/banks", false),
+        ("http://user@[::1]:9/banks", false),
+        ("https://[0:0::1:2]:8443/banks", false),
+        ("https://[0:0::1:2]:0443/banks", false),
+        ("http://[0:0::1:2]/banks", false),
+    ];
+    for (uri, _) in cases {
+        send(&mut api, to(uri)).await;
+    }
+    let issued = mock.issued_access_tokens();
+    assert_eq!(issued.len(), 1);
+    let sent: Vec<_> = mock.api_authorizations();
+    let expected: Vec<_> = cases
+        .iter()
+        .map(|(_, allowed)| allowed.then(|| format!("Bearer {}", issued[0])))
+        .collect();
+    for ((uri, _), (sent, expected)) in cases.iter().zip(sent.iter().zip(&expected)) {
+        assert_eq!(sent, expected, "{uri}");
+    }
+    assert_eq!(sent.len(), cases.len());
+    assert_eq!(mock.oauth_calls(), 1);
 }
 
 #[tokio::test]

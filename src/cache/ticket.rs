@@ -74,11 +74,23 @@ pub(crate) struct AnsweredElsewhere;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Redirected;
 
+/// Whether an answer other than 401 shows that the server took the token: not
+/// one a gateway, the edge or a proxy may give without checking it (a 5xx, a
+/// 429 or 408, a 407), which must not end the throttle's escalation while
+/// Volt keeps rejecting new tokens.
+fn vouches(status: StatusCode) -> bool {
+    !(status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::PROXY_AUTHENTICATION_REQUIRED)
+}
+
 impl Ticket {
     /// Reports the response to the request this ticket went with. A 401 that
     /// may be `replayable` returns the cache to renew the token through
     /// ([`TokenCache::renew`]); any other 401 invalidates the token, and any
-    /// other status confirms a token a 401 forced.
+    /// other status a token check stands behind (see [`vouches`]) confirms a
+    /// token a 401 forced.
     #[cfg(any(feature = "reqwest", test))]
     #[inline]
     pub(crate) fn settle(self, status: StatusCode, replayable: bool) -> Option<TokenCache> {
@@ -114,8 +126,10 @@ impl Ticket {
     #[cold]
     fn settle_rare(self, status: StatusCode, replayable: bool) -> Option<TokenCache> {
         if status != StatusCode::UNAUTHORIZED {
-            if let Some(cache) = self.cache() {
-                cache.accepted(self.generation);
+            if vouches(status) {
+                if let Some(cache) = self.cache() {
+                    cache.accepted(self.generation);
+                }
             }
             return None;
         }
