@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use volt_auth::mock::{self, MockFuture, MockService, MockVolt};
-use volt_auth::{ConfigError, DefaultReplay, NoReplay, VoltAuth};
+use volt_auth::{ConfigError, DefaultReplay, NoReplay, VoltAuth, VoltAuthLayer};
 
 mod common;
 
@@ -1273,8 +1273,6 @@ async fn an_ipv6_origin_gets_the_token_however_its_address_is_spelled() {
         .allow_origin("https://[::1:2]")
         .build(mock.service())
         .expect("layer");
-    let recorder = Recorder::new(&mock);
-    let mut api = auth.layer(recorder.clone());
     let cases = [
         ("http://[::1]:9/banks", true),
         ("http://[0::1]:9/banks", true),
@@ -1294,20 +1292,24 @@ async fn an_ipv6_origin_gets_the_token_however_its_address_is_spelled() {
         ("https://[0:0::1:2]:0443/banks", false),
         ("http://[0:0::1:2]/banks", false),
     ];
+    token_goes_to(&mock, &auth, &cases).await;
+}
+
+/// Sends a request to each URI through `auth`'s layer over the mock, and
+/// checks that exactly those marked `true` carried the one token issued.
+async fn token_goes_to(mock: &MockVolt, auth: &VoltAuthLayer, cases: &[(&str, bool)]) {
+    let mut api = auth.layer(Recorder::new(mock));
     for (uri, _) in cases {
         send(&mut api, to(uri)).await;
     }
     let issued = mock.issued_access_tokens();
     assert_eq!(issued.len(), 1);
-    let sent: Vec<_> = mock.api_authorizations();
-    let expected: Vec<_> = cases
-        .iter()
-        .map(|(_, allowed)| allowed.then(|| format!("Bearer {}", issued[0])))
-        .collect();
-    for ((uri, _), (sent, expected)) in cases.iter().zip(sent.iter().zip(&expected)) {
-        assert_eq!(sent, expected, "{uri}");
-    }
+    let sent = mock.api_authorizations();
     assert_eq!(sent.len(), cases.len());
+    for ((uri, allowed), sent) in cases.iter().zip(&sent) {
+        let expected = allowed.then(|| format!("Bearer {}", issued[0]));
+        assert_eq!(sent, &expected, "{uri}");
+    }
     assert_eq!(mock.oauth_calls(), 1);
 }
 
@@ -1319,8 +1321,6 @@ async fn allowed_origins_get_the_token_and_no_others() {
         .allow_origin("https://api.example.com/some/path")
         .build(mock.service())
         .expect("layer");
-    let recorder = Recorder::new(&mock);
-    let mut api = auth.layer(recorder.clone());
     let cases = [
         ("http://127.0.0.2:9/banks", true),
         ("https://api.example.com/banks", true),
@@ -1331,17 +1331,7 @@ async fn allowed_origins_get_the_token_and_no_others() {
         ("http://127.0.0.3:9/banks", false),
         ("http://127.0.0.2:10/banks", false),
     ];
-    for (uri, _) in cases {
-        send(&mut api, to(uri)).await;
-    }
-    let issued = mock.issued_access_tokens();
-    assert_eq!(issued.len(), 1);
-    let expected: Vec<_> = cases
-        .iter()
-        .map(|(_, allowed)| allowed.then(|| format!("Bearer {}", issued[0])))
-        .collect();
-    assert_eq!(mock.api_authorizations(), expected);
-    assert_eq!(mock.oauth_calls(), 1);
+    token_goes_to(&mock, &auth, &cases).await;
 
     let refused = builder(&mock)
         .allow_origin("not a url")
