@@ -73,36 +73,15 @@ fn echo(echo: Echo, body: &[u8]) -> String {
 /// A `/oauth` that issues one token (with a refresh token), then answers
 /// every grant with a 400 whose every message field echoes the request.
 fn layer(api: Api, how: Echo) -> VoltAuthLayer {
-    let calls = Arc::new(Mutex::new(0usize));
-    let transport = tower::service_fn(move |request: Request<Full<Bytes>>| {
-        let calls = calls.clone();
-        async move {
-            let body = request.into_body().collect().await.unwrap().to_bytes();
-            let first = {
-                let mut calls = calls.lock().unwrap();
-                *calls += 1;
-                *calls == 1
-            };
-            let (status, answer) = if first {
-                let token = serde_json::json!({
-                    "access_token": ACCESS_TOKEN,
-                    "token_type": "Bearer",
-                    "expires_in": 3600,
-                    "refresh_token": REFRESH_TOKEN,
-                });
-                (StatusCode::OK, token.to_string())
-            } else {
-                let echoed = echo(how, &body);
-                let answer = serde_json::json!({
-                    "error": "invalid_grant",
-                    "error_description": format!("bad request: {echoed}"),
-                });
-                (StatusCode::BAD_REQUEST, answer.to_string())
-            };
-            let mut response = Response::new(Full::new(Bytes::from(answer)));
-            *response.status_mut() = status;
-            Ok::<_, std::convert::Infallible>(response)
-        }
+    let transport = token_then(move |body| {
+        let echoed = echo(how, &body);
+        let answer = serde_json::json!({
+            "error": "invalid_grant",
+            "error_description": format!("bad request: {echoed}"),
+        });
+        let mut response = Response::new(Full::new(Bytes::from(answer.to_string())));
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+        Ok(response)
     });
     VoltAuthLayer::builder(Credentials::new("cid", CLIENT_SECRET, "user", PASSWORD))
         .endpoint(
@@ -112,6 +91,46 @@ fn layer(api: Api, how: Echo) -> VoltAuthLayer {
         )
         .build(transport)
         .unwrap()
+}
+
+/// A `/oauth` transport that answers the first grant with a token (and a
+/// refresh token), and every later one with `later` of the grant's body.
+fn token_then<F>(
+    later: F,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = Outer,
+    Future: Send,
+> + Clone
++ Send
++ Sync
++ 'static
+where
+    F: Fn(Bytes) -> Result<Response<Full<Bytes>>, Outer> + Clone + Send + Sync + 'static,
+{
+    let calls = Arc::new(Mutex::new(0usize));
+    tower::service_fn(move |request: Request<Full<Bytes>>| {
+        let (calls, later) = (calls.clone(), later.clone());
+        async move {
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            let first = {
+                let mut calls = calls.lock().unwrap();
+                *calls += 1;
+                *calls == 1
+            };
+            if !first {
+                return later(body);
+            }
+            let token = serde_json::json!({
+                "access_token": ACCESS_TOKEN,
+                "token_type": "Bearer",
+                "expires_in": 3600,
+                "refresh_token": REFRESH_TOKEN,
+            });
+            Ok(Response::new(Full::new(Bytes::from(token.to_string()))))
+        }
+    })
 }
 
 /// Every spelling of `secret` that gives it away.
@@ -692,34 +711,15 @@ async fn the_causes_logged_when_a_grant_is_sent_again_are_scrubbed() {
     capture();
     // The first grant gets a token with a refresh token; every later request
     // meets a reset whose text carries the body it was sent with.
-    let calls = Arc::new(Mutex::new(0usize));
-    let transport = tower::service_fn(move |request: Request<Full<Bytes>>| {
-        let calls = calls.clone();
-        async move {
-            let body = request.into_body().collect().await.unwrap().to_bytes();
-            let first = {
-                let mut calls = calls.lock().unwrap();
-                *calls += 1;
-                *calls == 1
-            };
-            if first {
-                let token = serde_json::json!({
-                    "access_token": ACCESS_TOKEN,
-                    "token_type": "Bearer",
-                    "expires_in": 3600,
-                    "refresh_token": REFRESH_TOKEN,
-                });
-                return Ok(Response::new(Full::new(Bytes::from(token.to_string()))));
-            }
-            let careless = format!(
-                "connection reset 5e2a, sent {}",
-                String::from_utf8_lossy(&body)
-            );
-            Err(Outer(
-                "client error (SendRequest)",
-                std::io::Error::new(std::io::ErrorKind::ConnectionReset, careless),
-            ))
-        }
+    let transport = token_then(|body| {
+        let careless = format!(
+            "connection reset 5e2a, sent {}",
+            String::from_utf8_lossy(&body)
+        );
+        Err(Outer(
+            "client error (SendRequest)",
+            std::io::Error::new(std::io::ErrorKind::ConnectionReset, careless),
+        ))
     });
     let auth = VoltAuthLayer::builder(Credentials::new("id", CLIENT_SECRET, "user", PASSWORD))
         .base_url("http://127.0.0.1:9")
