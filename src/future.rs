@@ -137,7 +137,7 @@ where
             ticket: None,
             replay,
             wait: Some(Box::new(Wait {
-                token: Some(Box::pin(async move { cache.token().await.map(Some) })),
+                token: Some(token(cache)),
                 service: ready_service,
                 ready: true,
                 request,
@@ -241,13 +241,11 @@ where
             // No newer token may be had yet, or none at all: the 401 goes
             // back as it came.
             (Ok(None), Some(held)) => {
-                tracing::debug!("a 401 came too soon after the last forced refresh; returning it");
+                unrenewed(None);
                 return Poll::Ready(Err(Ok(held)));
             }
-            // Debug, as every request in flight with the rejected token
-            // comes here: the failed refresh itself was warned of once.
             (Err(error), Some(held)) => {
-                tracing::debug!(%error, "no new token after a 401; returning the 401");
+                unrenewed(Some(&error));
                 return Poll::Ready(Err(Ok(held)));
             }
             (Ok(None), None) => return Poll::Ready(Err(Err(interrupted()))),
@@ -271,7 +269,7 @@ where
         // ready; if none comes, the caller gets the refresh's error.
         if let Some(ticket) = this.ticket.as_mut() {
             if let Err(cache) = ticket.replaying(wait.request.headers_mut()) {
-                wait.token = Some(Box::pin(async move { cache.token().await.map(Some) }));
+                wait.token = Some(token(cache));
                 return Poll::Ready(Ok(()));
             }
         }
@@ -286,6 +284,22 @@ where
     } = *wait;
     this.call.set(Some(service.call(request)));
     Poll::Ready(Ok(()))
+}
+
+/// A valid token from `cache`, waiting for the one refresh if needed.
+fn token(cache: TokenCache) -> TokenFuture {
+    Box::pin(async move { cache.token().await.map(Some) })
+}
+
+/// Logs why a 401 goes back to its caller as it came: no newer token may be
+/// had yet (`None`), or the refresh failed. Debug, as every request in flight
+/// with the rejected token comes here: the failed refresh itself was warned
+/// of once.
+pub(crate) fn unrenewed(error: Option<&Error>) {
+    match error {
+        None => tracing::debug!("a 401 came too soon after the last forced refresh; returning it"),
+        Some(error) => tracing::debug!(%error, "no new token after a 401; returning the 401"),
+    }
 }
 
 fn interrupted() -> BoxError {

@@ -54,6 +54,7 @@ use reqwest_middleware::{Middleware, Next};
 use tower::Service;
 
 use crate::cache::{AnsweredElsewhere, Redirected};
+use crate::future::unrenewed;
 use crate::layer::{Auth, VoltAuthLayer};
 use crate::replay::{DefaultReplay, ReplayPolicy};
 
@@ -129,18 +130,14 @@ impl VoltAuthMiddleware {
             // token on the way: the answer says nothing about the token.
             return Ok(response);
         }
-        // Answered by a redirect within the origin, which kept the token: a
-        // 401 is the token's, but a request that is not idempotent may have
-        // been acted on (a payment answered 303, say), and is not sent again.
-        let replayable = match &copy {
-            Some(copy)
-                if response.status() == StatusCode::UNAUTHORIZED
-                    && !copy.method().is_idempotent() =>
-            {
-                !redirected(copy.url(), response.url())
-            }
-            copy => copy.is_some(),
-        };
+        let replayable = copy.as_ref().is_some_and(|copy| {
+            !acted_on(
+                copy.method().is_idempotent(),
+                response.status(),
+                copy.url(),
+                response.url(),
+            )
+        });
         let Some(cache) = ticket.settle(response.status(), replayable) else {
             return Ok(response);
         };
@@ -152,11 +149,11 @@ impl VoltAuthMiddleware {
         let lease = match cache.renew(ticket.generation).await {
             Ok(Some(lease)) => lease,
             Ok(None) => {
-                tracing::debug!("a 401 came too soon after the last forced refresh; returning it");
+                unrenewed(None);
                 return Ok(response);
             }
             Err(error) => {
-                tracing::debug!(%error, "no new token after a 401; returning the 401");
+                unrenewed(Some(&error));
                 return Ok(response);
             }
         };
@@ -181,6 +178,16 @@ fn same_origin(sent: &Url, answered: &Url) -> bool {
     sent.scheme() == answered.scheme()
         && sent.host_str() == answered.host_str()
         && sent.port_or_known_default() == answered.port_or_known_default()
+}
+
+/// Whether an answer of `status` is a 401 that a request which is not
+/// `idempotent`, sent to `sent`, got after reqwest followed a redirect within
+/// the origin (keeping the token) to `answered`: the 401 is the token's, but
+/// the server may have acted on the request (a payment answered 303, say), so
+/// it is not sent again.
+#[inline]
+fn acted_on(idempotent: bool, status: StatusCode, sent: &Url, answered: &Url) -> bool {
+    status == StatusCode::UNAUTHORIZED && !idempotent && redirected(sent, answered)
 }
 
 /// Whether reqwest followed a redirect from `sent` to `answered`: the answer
@@ -363,9 +370,7 @@ impl Future for ResponseFuture {
                 // the token on the way, or one within the origin (see
                 // `VoltAuthMiddleware`).
                 let elsewhere = !same_origin(sent_to, response.url());
-                let redirected = response.status() == StatusCode::UNAUTHORIZED
-                    && !*idempotent
-                    && redirected(sent_to, response.url());
+                let redirected = acted_on(*idempotent, response.status(), sent_to, response.url());
                 let mut response = http::Response::from(response);
                 if elsewhere {
                     response.extensions_mut().insert(AnsweredElsewhere);
