@@ -483,14 +483,11 @@ impl Origin {
     /// canonical form, whatever the configuration said. No user info: the
     /// address must open the authority.
     fn same_ipv6_authority(&self, authority: &str) -> bool {
-        let Some(ours) = ipv6_literal(&self.host) else {
-            return false;
-        };
         let Some(end) = authority.find(']') else {
             return false;
         };
         let (host, port) = authority.split_at(end + 1);
-        if ipv6_literal(host) != Some(ours) {
+        if !self.same_ipv6(host) {
             return false;
         }
         match port.strip_prefix(':') {
@@ -520,7 +517,6 @@ impl Origin {
     /// Whether `host` is this origin's IPv6 literal host spelled otherwise:
     /// clients that parse URLs (reqwest's `Url`) write the address in its
     /// canonical form, whatever the spelling.
-    #[cfg(feature = "reqwest")]
     #[cold]
     fn same_ipv6(&self, host: &str) -> bool {
         ipv6_literal(&self.host).is_some_and(|ours| ipv6_literal(host) == Some(ours))
