@@ -467,9 +467,10 @@ impl<P> Builder<P> {
     /// How long one `/oauth` grant may take, its request sent again once if
     /// it went unanswered included (default 5 seconds; checked when the layer
     /// is built: positive and at most 5 minutes, so that a hung token endpoint
-    /// holds the one refresh for no longer than that). Keep it well under [`refresh_ahead`](Self::refresh_ahead) minus
-    /// the [`expiry_margin`](Self::expiry_margin) for a hung background
-    /// refresh to be given up on and retried while the token is still served.
+    /// holds the one refresh for no longer than that). Keep it well under
+    /// [`refresh_ahead`](Self::refresh_ahead) minus the
+    /// [`expiry_margin`](Self::expiry_margin) for a hung background refresh
+    /// to be given up on and retried while the token is still served.
     pub fn token_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -535,9 +536,9 @@ impl<P> Builder<P> {
     ///
     /// # Errors
     /// A [`ConfigError`] for an invalid base URL or origin, an empty
-    /// credential, or settings out of range (a zero token timeout or one over 5 minutes, a zero backoff, a
-    /// backoff minimum over its maximum, a backoff maximum over a day, a
-    /// margin larger than the refresh-ahead window).
+    /// credential, or settings out of range (a zero token timeout or one over
+    /// 5 minutes, a zero backoff, a backoff minimum over its maximum, a backoff
+    /// maximum over a day, a margin larger than the refresh-ahead window).
     pub fn build<T, ReqBody, ResBody>(self, transport: T) -> Result<VoltAuthLayer<P>, ConfigError>
     where
         T: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,
