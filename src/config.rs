@@ -210,15 +210,20 @@ impl Endpoint {
     /// # Errors
     /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
     /// with a host and without user info or a query (and with a port from 0 to 65535, if any,
-    /// written in digits without a sign or leading zeros), and
+    /// written in digits without a sign or leading zeros), or one ending in
+    /// `/oauth` (the token endpoint itself, not the base URL), and
     /// [`ConfigError::InsecureUrl`] for `http` to a host that is not loopback
     /// (see [`Endpoint::custom_insecure`]).
     pub fn custom(url: &str) -> Result<Self, ConfigError> {
-        let endpoint = Self::custom_insecure(url)?;
-        if endpoint.base.scheme() == Some(&Scheme::HTTP) && !is_loopback(endpoint.host()) {
-            return Err(ConfigError::InsecureUrl(endpoint.host().to_owned()));
+        Self::custom_insecure(url)?.secure()
+    }
+
+    /// Refuses plain `http` to a host that is not loopback.
+    fn secure(self) -> Result<Self, ConfigError> {
+        if self.base.scheme() == Some(&Scheme::HTTP) && !is_loopback(self.host()) {
+            return Err(ConfigError::InsecureUrl(self.host().to_owned()));
         }
-        Ok(endpoint)
+        Ok(self)
     }
 
     /// Like [`Endpoint::custom`], but also accepts plain `http` to any host.
@@ -228,8 +233,28 @@ impl Endpoint {
     /// # Errors
     /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
     /// with a host and without user info or a query (and with a port from 0 to 65535, if any,
-    /// written in digits without a sign or leading zeros).
+    /// written in digits without a sign or leading zeros), or one ending in
+    /// `/oauth`.
     pub fn custom_insecure(url: &str) -> Result<Self, ConfigError> {
+        let endpoint = Self::parse(url)?;
+        // `…/oauth` is the token endpoint itself: `…/oauth/oauth` would 404.
+        let path = endpoint.base.path().trim_end_matches('/');
+        if path
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| last.eq_ignore_ascii_case("oauth"))
+        {
+            return Err(ConfigError::InvalidUrl {
+                url: redact_url(url),
+                reason: "give the API's base URL, without /oauth: the token endpoint's path is added to it",
+            });
+        }
+        Ok(endpoint)
+    }
+
+    /// An absolute `http`/`https` URL as [`Endpoint::custom_insecure`] takes it,
+    /// whatever its path.
+    fn parse(url: &str) -> Result<Self, ConfigError> {
         let invalid = |reason: &'static str| ConfigError::InvalidUrl {
             url: redact_url(url),
             reason,
@@ -435,7 +460,8 @@ impl Origin {
     /// An origin added with [`Builder::allow_origin`](crate::Builder::allow_origin):
     /// the URLs [`Endpoint::custom`] takes, and their origin.
     pub(crate) fn allowed(url: &str) -> Result<Self, ConfigError> {
-        Endpoint::custom(url)?
+        Endpoint::parse(url)?
+            .secure()?
             .origin()
             .ok_or_else(|| ConfigError::InvalidUrl {
                 url: redact_url(url),
@@ -1044,6 +1070,37 @@ mod tests {
             Endpoint::from_lookup(&lookup(&[])).unwrap_err(),
             ConfigError::MissingVariable("VOLT_ENVIRONMENT")
         );
+    }
+
+    #[test]
+    fn a_base_url_that_is_already_the_token_endpoint_is_refused() {
+        // Given the token endpoint's own URL, requests for a token went to
+        // `…/oauth/oauth`, and every one failed as a 404 that did not point
+        // at the URL.
+        for url in [
+            "https://api.sandbox.volt.io/oauth",
+            "https://api.sandbox.volt.io/oauth/",
+            "https://proxy.example/volt/OAuth",
+            "http://127.0.0.1:8080/oauth",
+        ] {
+            assert_eq!(
+                Endpoint::custom(url),
+                Err(ConfigError::InvalidUrl {
+                    url: url.to_owned(),
+                    reason: "give the API's base URL, without /oauth: the token endpoint's path is added to it",
+                }),
+                "{url}"
+            );
+        }
+        // Only an origin is taken from an allowed URL: its path may be anything.
+        assert!(Origin::allowed("https://gateway.volt.io/oauth").is_ok());
+        for url in [
+            "https://proxy.example/oauth2",
+            "https://proxy.example/myoauth",
+        ] {
+            let endpoint = Endpoint::custom(url).unwrap();
+            assert_eq!(endpoint.token_uri(), format!("{url}/oauth").as_str());
+        }
     }
 
     #[test]
