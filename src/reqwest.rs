@@ -7,9 +7,9 @@
 //! tower stack and a reqwest client from one [`VoltAuthLayer`] asks `/oauth`
 //! for one token at a time. It attaches the token only to the layer's origins,
 //! and after a 401 it renews the token once and replays the request once when
-//! [`reqwest::Request::try_clone`] can copy it (bodies made from bytes or
-//! strings). A streaming body is sent once; its 401 goes back to the caller,
-//! and the next request carries the new token.
+//! the layer's [`ReplayPolicy`] copies its body (by default, bodies made from
+//! bytes or strings, up to 1 MiB). A streaming body is sent once; its 401 goes
+//! back to the caller, and the next request carries the new token.
 //!
 //! Errors from the token cache arrive as
 //! [`reqwest_middleware::Error::Middleware`], wrapping a
@@ -62,11 +62,17 @@ use crate::replay::{DefaultReplay, ReplayPolicy};
 /// and recovers from a 401, backed by the token cache of the
 /// [`VoltAuthLayer`] it was made from.
 ///
-/// Made with [`VoltAuthLayer::middleware`] or `From<VoltAuthLayer>`. Requests
-/// are replayed after a 401 when [`reqwest::Request::try_clone`] can copy them,
-/// regardless of the layer's [`ReplayPolicy`] (which governs `http` bodies),
-/// unless they are not idempotent and the 401 came after a redirect reqwest
-/// followed (the server may have acted on them);
+/// Made with [`VoltAuthLayer::middleware`] or `From<VoltAuthLayer>`, for a
+/// layer whose [`ReplayPolicy`] takes [`reqwest::Body`] ([`DefaultReplay`],
+/// [`NoReplay`](crate::NoReplay), or a closure). A request is replayed after a
+/// 401 when that policy copies its body, as [`VoltAuth`](crate::VoltAuth)
+/// replays: `DefaultReplay` copies bodies made from bytes or strings up to its
+/// size limit, and a request without a body is asked about as an empty one
+/// (so `NoReplay` replays nothing). The replay carries the policy's copy, and
+/// the method, URL, headers, version, timeout and extensions as
+/// [`reqwest::Request::try_clone`] copies them. A request that is not
+/// idempotent is not replayed when the 401 came after a redirect reqwest
+/// followed (the server may have acted on it);
 /// [`VoltAuthMiddleware::replay`] turns replays off.
 ///
 /// # Panics
@@ -77,7 +83,11 @@ use crate::replay::{DefaultReplay, ReplayPolicy};
 pub struct VoltAuthMiddleware {
     auth: Arc<Auth>,
     replay: bool,
+    policy: Arc<CloneBody>,
 }
+
+/// The layer's [`ReplayPolicy::clone_body`], with the policy's type erased.
+type CloneBody = dyn Fn(&Body) -> Option<Body> + Send + Sync;
 
 impl VoltAuthMiddleware {
     /// Whether to replay a request once after a 401 (on by default). Off, a
@@ -99,12 +109,8 @@ impl VoltAuthMiddleware {
         if !allows(&self.auth, request.url()) {
             return next.run(request, extensions).await;
         }
-        // Copied before sending, as tower's retry does; `None` for streams.
-        let copy = if self.replay {
-            request.try_clone()
-        } else {
-            None
-        };
+        // Copied before sending, as tower's retry does.
+        let copy = self.copy(&mut request);
         let ticket = match self.auth.cache.attach(request.headers_mut()) {
             Some(ticket) => ticket,
             None => {
@@ -169,6 +175,31 @@ impl VoltAuthMiddleware {
             lease.ticket.settle(response.status(), false);
         }
         Ok(response)
+    }
+
+    /// A copy of `request` to replay after a 401, if replays are on and the
+    /// policy copies its body (a request without one is asked about as an
+    /// empty body, as `VoltAuth` asks about a GET's): the policy's copy of the
+    /// body, the rest as [`Request::try_clone`] copies it.
+    fn copy(&self, request: &mut Request) -> Option<Request> {
+        if !self.replay {
+            return None;
+        }
+        let body = match request.body() {
+            Some(body) => Some((self.policy)(body)?),
+            // Nothing to copy, but the policy may refuse all the same.
+            None => {
+                (self.policy)(&Body::default())?;
+                None
+            }
+        };
+        // Without its body, a request always clones.
+        let taken = request.body_mut().take();
+        let copy = request.try_clone();
+        *request.body_mut() = taken;
+        let mut copy = copy?;
+        *copy.body_mut() = body;
+        Some(copy)
     }
 }
 
@@ -239,18 +270,20 @@ impl fmt::Debug for VoltAuthMiddleware {
     }
 }
 
-impl<P> VoltAuthLayer<P> {
-    /// A [`reqwest_middleware::Middleware`] sharing this layer's token cache
-    /// and origins.
+impl<P: ReplayPolicy<Body> + Send + Sync + 'static> VoltAuthLayer<P> {
+    /// A [`reqwest_middleware::Middleware`] sharing this layer's token cache,
+    /// origins and [`ReplayPolicy`].
     pub fn middleware(&self) -> VoltAuthMiddleware {
+        let policy = self.replay.clone();
         VoltAuthMiddleware {
             auth: self.auth.clone(),
             replay: true,
+            policy: Arc::new(move |body| policy.clone_body(body)),
         }
     }
 }
 
-impl<P> From<VoltAuthLayer<P>> for VoltAuthMiddleware {
+impl<P: ReplayPolicy<Body> + Send + Sync + 'static> From<VoltAuthLayer<P>> for VoltAuthMiddleware {
     fn from(layer: VoltAuthLayer<P>) -> Self {
         layer.middleware()
     }
@@ -480,6 +513,29 @@ mod tests {
         assert!(policy.clone_body(&Body::from("fives")).is_none());
         let stream = Body::wrap(Full::new(Bytes::from_static(b"x")));
         assert!(policy.clone_body(&stream).is_none());
+    }
+
+    #[test]
+    fn the_copy_carries_the_policy_s_body_and_the_rest_as_try_clone_copies_it() {
+        let mut request = Request::new(
+            http::Method::PUT,
+            Url::parse("https://api.volt.io/v2/payments/1").unwrap(),
+        );
+        request
+            .headers_mut()
+            .insert("idempotency-key", "k1".parse().unwrap());
+        *request.version_mut() = http::Version::HTTP_2;
+        *request.timeout_mut() = Some(std::time::Duration::from_secs(7));
+        *request.body_mut() = Some(Body::from("four"));
+        let copy = layer().middleware().copy(&mut request).unwrap();
+        assert_eq!(copy.method(), http::Method::PUT);
+        assert_eq!(copy.url(), request.url());
+        assert_eq!(copy.headers(), request.headers());
+        assert_eq!(copy.version(), http::Version::HTTP_2);
+        assert_eq!(copy.timeout(), request.timeout());
+        assert_eq!(copy.body().and_then(Body::as_bytes), Some(&b"four"[..]));
+        // The request keeps its own body.
+        assert_eq!(request.body().and_then(Body::as_bytes), Some(&b"four"[..]));
     }
 
     #[test]

@@ -17,16 +17,16 @@ use tower::ServiceExt;
 use volt_auth::mock::{MockVolt, payment_digest};
 use volt_auth::reqwest::ReqwestTransport;
 
-use volt_auth::{Builder, GrantType, VoltAuthLayer};
+use volt_auth::{Builder, DefaultReplay, GrantType, NoReplay, ReplayPolicy, VoltAuthLayer};
 
 mod common;
 
 const PAYMENT: &str =
     r#"{"amount":12345,"currencyCode":"EUR","type":"SERVICES","uniqueReference":"order-42"}"#;
 
-struct Setup {
+struct Setup<P = DefaultReplay> {
     volt: MockVolt,
-    auth: VoltAuthLayer,
+    auth: VoltAuthLayer<P>,
     api: ClientWithMiddleware,
 }
 
@@ -34,7 +34,10 @@ async fn setup() -> Setup {
     setup_with(|builder| builder).await
 }
 
-async fn setup_with(configure: impl FnOnce(Builder) -> Builder) -> Setup {
+async fn setup_with<P>(configure: impl FnOnce(Builder) -> Builder<P>) -> Setup<P>
+where
+    P: ReplayPolicy<reqwest::Body> + Send + Sync + 'static,
+{
     let volt = MockVolt::start().await.unwrap();
     let client = reqwest::Client::new();
     let auth = configure(VoltAuthLayer::builder(volt.credentials()).base_url(&volt.url()))
@@ -50,7 +53,7 @@ fn bearer(token: &str) -> Option<String> {
     Some(format!("Bearer {token}"))
 }
 
-impl Setup {
+impl<P> Setup<P> {
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.volt.url())
     }
@@ -68,6 +71,17 @@ impl Setup {
             .send()
             .await
             .unwrap()
+    }
+
+    /// After a first `GET /banks` and the revocation of its token: a
+    /// payment with `body`, or `GET /banks` without one; its status.
+    async fn after_revoking(&self, body: Option<&'static str>) -> StatusCode {
+        assert_eq!(self.banks().await, StatusCode::OK);
+        self.volt.revoke_access_tokens();
+        match body {
+            Some(body) => self.pay(reqwest::Body::from(body)).await.status(),
+            None => self.banks().await,
+        }
     }
 }
 
@@ -249,6 +263,90 @@ async fn replay_can_be_turned_off() {
     assert_eq!(volt.payment_bodies().len(), 3);
     assert_eq!(volt.oauth_calls(), 2);
     assert_eq!(auth.stats().replays, 0);
+}
+
+/// A layer built with `NoReplay` makes a middleware that replays nothing,
+/// not even a request without a body: the 401 goes back as it came, the
+/// server saw the request once, and the next request carries a new token.
+/// (A layer each, as forced refreshes are throttled.)
+#[tokio::test]
+async fn a_no_replay_layer_s_middleware_replays_nothing() {
+    for body in [Some(PAYMENT), None] {
+        let s = setup_with(|builder| builder.replay(NoReplay)).await;
+        assert_eq!(
+            s.after_revoking(body).await,
+            StatusCode::UNAUTHORIZED,
+            "{body:?}"
+        );
+        assert_eq!(s.volt.api_calls(), 2, "{body:?}");
+        assert_eq!(s.volt.unauthorized(), 1, "{body:?}");
+        let payments: Vec<_> = body.map(Bytes::from).into_iter().collect();
+        assert_eq!(s.volt.payment_bodies(), payments, "{body:?}");
+        assert_eq!(s.volt.oauth_calls(), 1, "{body:?}");
+        assert_eq!(s.auth.stats().replays, 0, "{body:?}");
+
+        assert_eq!(s.banks().await, StatusCode::OK, "{body:?}");
+        assert_eq!(s.volt.oauth_calls(), 2, "{body:?}");
+        assert_eq!(s.volt.refresh_grants(), 1, "{body:?}");
+    }
+}
+
+/// The default layer's middleware replays a request without a body, and one
+/// with a body of bytes, once each with the renewed token.
+#[tokio::test]
+async fn a_default_layer_s_middleware_replays_with_and_without_a_body() {
+    for body in [Some(PAYMENT), None] {
+        let s = setup().await;
+        let status = if body.is_some() {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(s.after_revoking(body).await, status, "{body:?}");
+        assert_eq!(s.volt.api_calls(), 3, "{body:?}");
+        assert_eq!(s.volt.unauthorized(), 1, "{body:?}");
+        let payments: Vec<_> = body.map(Bytes::from).into_iter().collect();
+        assert_eq!(s.volt.payment_bodies(), [&payments[..], &payments].concat());
+        assert_eq!(s.volt.oauth_calls(), 2, "{body:?}");
+        assert_eq!(s.volt.refresh_grants(), 1, "{body:?}");
+        assert_eq!(s.auth.stats().replays, 1, "{body:?}");
+    }
+}
+
+/// The layer's size limit bounds what the middleware keeps: with
+/// `max_size(4)`, a 5-byte body is sent once and its 401 goes back; a 4-byte
+/// one is replayed, and the server receives the same bytes twice.
+#[tokio::test]
+async fn the_layer_s_size_limit_bounds_the_middleware_s_replays() {
+    for (body, replayed) in [("fives", false), ("four", true)] {
+        let s = setup_with(|builder| builder.replay(DefaultReplay::new().max_size(4))).await;
+        let status = if replayed {
+            StatusCode::CREATED
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        assert_eq!(s.after_revoking(Some(body)).await, status, "{body}");
+        let sent = 1 + usize::from(replayed);
+        assert_eq!(s.volt.payment_bodies(), vec![Bytes::from(body); sent]);
+        assert_eq!(s.volt.unauthorized(), 1, "{body}");
+        assert_eq!(s.volt.oauth_calls(), sent, "{body}");
+        assert_eq!(s.auth.stats().replays, u64::from(replayed), "{body}");
+    }
+}
+
+/// The replay carries the body the layer's policy made, not another copy of
+/// the request's.
+#[tokio::test]
+async fn the_middleware_replays_the_policy_s_copy() {
+    let s =
+        setup_with(|builder| builder.replay(|_: &reqwest::Body| Some(reqwest::Body::from("copy"))))
+            .await;
+    assert_eq!(s.after_revoking(Some(PAYMENT)).await, StatusCode::CREATED);
+    assert_eq!(
+        s.volt.payment_bodies(),
+        vec![Bytes::from(PAYMENT), Bytes::from("copy")]
+    );
+    assert_eq!(s.auth.stats().replays, 1);
 }
 
 #[tokio::test]
