@@ -7,8 +7,9 @@ use http_body_util::{Empty, Full};
 
 /// Decides whether, and how, a request body can be reproduced for a replay.
 ///
-/// [`VoltAuth`](crate::VoltAuth) asks for a copy of every request that gets
-/// the token, *before* sending it, as tower's `retry` does. A body it cannot
+/// [`VoltAuth`](crate::VoltAuth) (and, for `reqwest::Body`, the reqwest
+/// middleware) asks for a copy of every request that gets the token, *before*
+/// sending it, as tower's `retry` does. A body it cannot
 /// copy is sent once; a 401 to it goes back to the caller unchanged, and the
 /// next request carries the new token. Set it with
 /// [`Builder::replay`](crate::Builder::replay): [`DefaultReplay`] (the
