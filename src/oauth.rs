@@ -571,8 +571,9 @@ impl OAuthClient {
             ]),
         }
         let (content_type, body) = match self.api {
+            // As Volt documents it (FACTS.md).
             Api::Gateway => (
-                "application/x-www-form-urlencoded",
+                "application/x-www-form-urlencoded;charset=UTF-8",
                 serde_urlencoded::to_string(&fields)
                     .unwrap_or_default()
                     .into_bytes(),
@@ -1155,9 +1156,10 @@ mod tests {
         let request = &seen[0];
         assert_eq!(request.method(), Method::POST);
         assert_eq!(request.uri(), "https://api.sandbox.volt.io/oauth");
+        // As FACTS.md documents it, charset included.
         assert_eq!(
             request.headers()[CONTENT_TYPE],
-            "application/x-www-form-urlencoded"
+            "application/x-www-form-urlencoded;charset=UTF-8"
         );
         assert_eq!(request.headers()[ACCEPT], "application/json");
         let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(request.body()).unwrap();
