@@ -44,6 +44,10 @@ const SEC: Duration = Duration::from_secs(1);
 const HOUR: Duration = Duration::from_secs(3600);
 
 type Api = VoltAuth<MockService>;
+
+/// What a WAF or CDN in front of Volt answers a request it blocks, with a 403.
+const BLOCKED_PAGE: &str =
+    "<html><head><title>403 Forbidden</title></head><body>Request blocked.</body></html>";
 type Outcome = Result<StatusCode, Error>;
 
 /// A layer on the in-process mock: `/oauth` goes through `mock.service()`.
@@ -267,6 +271,8 @@ impl Service<Request<Full<Bytes>>> for Flaky {
 #[derive(Clone, Copy, Debug)]
 enum Fault {
     ServerError,
+    /// A WAF's or CDN's 403 page, from in front of Volt.
+    Blocked,
     Timeout,
     Broken(Broken),
     Refused,
@@ -311,6 +317,10 @@ async fn background_refresh_fault(fault: Fault) {
                 StatusCode::SERVICE_UNAVAILABLE,
                 r#"{"code":503,"message":"Service Unavailable"}"#,
             );
+            Duration::ZERO
+        }
+        Fault::Blocked => {
+            mock.fail_oauth(2, StatusCode::FORBIDDEN, BLOCKED_PAGE);
             Duration::ZERO
         }
         Fault::Timeout => {
@@ -406,6 +416,13 @@ async fn background_refresh_fault(fault: Fault) {
 #[tokio::test(start_paused = true)]
 async fn server_error_on_background_refresh_is_invisible_while_the_token_is_valid() {
     background_refresh_fault(Fault::ServerError).await;
+}
+
+/// Not Volt refusing the refresh token: it is kept, and no password grant is
+/// sent to whatever blocked it.
+#[tokio::test(start_paused = true)]
+async fn a_403_page_on_background_refresh_is_invisible_while_the_token_is_valid() {
+    background_refresh_fault(Fault::Blocked).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -850,6 +867,26 @@ async fn rejected_password_grant_is_permanent_shared_and_retried_only_at_the_cap
         assert_eq!(stats.refreshes, 0);
         assert_eq!(stats.remaining, None);
     }
+}
+
+/// A WAF's or CDN's 403 page on the password grant is no refusal of the
+/// credentials: `Error::Failed`, retried after the ordinary backoff rather
+/// than the capped one.
+#[tokio::test(start_paused = true)]
+async fn a_403_page_on_the_password_grant_fails_with_the_ordinary_backoff() {
+    let mock = MockVolt::builder().in_process();
+    let auth = layer(&mock, |b| b.backoff(SEC, 60 * SEC));
+    let api = auth.layer(mock.service());
+    mock.fail_oauth(1, StatusCode::FORBIDDEN, BLOCKED_PAGE);
+    let started = Instant::now();
+    let err = one_shared_error(&burst(&api, &mock, 20).await);
+    assert_failed(&err, GrantType::Password, 403);
+    assert_eq!(counts(auth.stats().password), (0, 0, 1));
+    // The first window: 1 s, jittered to [0.5 s, 1 s).
+    sleep_until(started + SEC).await;
+    assert_all_ok(&burst(&api, &mock, 20).await, "after the first window");
+    assert_eq!(mock.oauth_calls(), 2);
+    assert_eq!(counts(auth.stats().password), (1, 0, 1));
 }
 
 // ---------------------------------------------------------------------------------------------
