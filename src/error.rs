@@ -100,8 +100,9 @@ pub enum Error {
     /// A 2xx answer could not be understood: not JSON, truncated, too large,
     /// missing the token, or an unsupported token type. (An error status is a
     /// [`Rejected`](Self::Rejected) or [`Failed`](Self::Failed) whatever its
-    /// body.) Also any answer from another origin than the token endpoint's,
-    /// reached by a redirect the transport followed on its own.
+    /// body.) Also any answer reached by a redirect the transport followed on
+    /// its own (from another origin, or within the token endpoint's, whose
+    /// target got a GET without the form).
     #[error("unusable answer to the {grant} grant (HTTP {status}): {reason}")]
     #[non_exhaustive]
     InvalidResponse {

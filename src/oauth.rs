@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::cache::AnsweredElsewhere;
+use crate::cache::{AnsweredElsewhere, Redirected};
 use crate::config::{Api, Credentials, secret};
 
 mod bearer;
@@ -503,6 +503,15 @@ impl OAuthClient {
                 grant: kind,
                 status: response.status(),
                 reason: "the answer came from another origin, after a redirect",
+            });
+        }
+        if response.extensions().get::<Redirected>().is_some() {
+            // One within the origin: whatever answered the GET did not
+            // answer the grant (a 401 there refuses no credentials).
+            return Err(Error::InvalidResponse {
+                grant: kind,
+                status: response.status(),
+                reason: "the answer came after a redirect",
             });
         }
         let secrets = secrets(grant, credentials);
