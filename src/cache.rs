@@ -43,9 +43,7 @@ use crate::oauth::{Grant, Token, TokenSource};
 
 mod ticket;
 
-#[cfg(feature = "reqwest")]
-pub(crate) use ticket::Redirected;
-pub(crate) use ticket::{AnsweredElsewhere, Ticket};
+pub(crate) use ticket::{AnsweredElsewhere, Redirected, Ticket};
 
 const FRESH: u8 = 0;
 const STALE: u8 = 1;

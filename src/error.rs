@@ -72,10 +72,12 @@ impl fmt::Display for GrantType {
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Volt refused the credentials or the refresh token (HTTP 400/401/403 from
-    /// `/oauth`, or another 4xx but 429 with a code such as `invalid_client`
-    /// or `401`, or a 2xx whose body is such an error instead of a token).
-    /// Retrying the same grant will not help.
+    /// Volt refused the credentials or the refresh token (HTTP 400/401 from
+    /// `/oauth`, a 403 whose body is a JSON object, or another 4xx but 429
+    /// with a code such as `invalid_client` or `401`, or a 2xx whose body is
+    /// such an error instead of a token). Retrying the same grant will not
+    /// help. A 403 that is not JSON (a WAF's or CDN's page) is
+    /// [`Failed`](Self::Failed).
     #[error("Volt rejected the {grant} grant: {response}")]
     #[non_exhaustive]
     Rejected {
@@ -98,8 +100,9 @@ pub enum Error {
     /// A 2xx answer could not be understood: not JSON, truncated, too large,
     /// missing the token, or an unsupported token type. (An error status is a
     /// [`Rejected`](Self::Rejected) or [`Failed`](Self::Failed) whatever its
-    /// body.) Also any answer from another origin than the token endpoint's,
-    /// reached by a redirect the transport followed on its own.
+    /// body.) Also any answer reached by a redirect the transport followed on
+    /// its own (from another origin, or within the token endpoint's, whose
+    /// target got a GET without the form).
     #[error("unusable answer to the {grant} grant (HTTP {status}): {reason}")]
     #[non_exhaustive]
     InvalidResponse {

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::cache::AnsweredElsewhere;
+use crate::cache::{AnsweredElsewhere, Redirected};
 use crate::config::{Api, Credentials, secret};
 
 mod bearer;
@@ -250,11 +250,14 @@ fn seconds(raw: &str) -> Option<Duration> {
 
 fn parse_failure(grant: GrantType, status: StatusCode, body: &[u8], secrets: &[&str]) -> Error {
     let (response, code_rejects) = failure_response(status, body, secrets);
-    let rejected =
-        matches!(
-            status,
-            StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-        ) || (status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS && code_rejects);
+    let rejected = match status {
+        StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED => true,
+        // Volt answers in JSON: a 403 that is not (a WAF's or CDN's page in
+        // front of Volt, or nothing) does not say the grant is refused.
+        StatusCode::FORBIDDEN => members(body).is_some(),
+        StatusCode::TOO_MANY_REQUESTS => false,
+        _ => status.is_client_error() && code_rejects,
+    };
     if rejected {
         Error::Rejected { grant, response }
     } else {
@@ -502,6 +505,15 @@ impl OAuthClient {
                 reason: "the answer came from another origin, after a redirect",
             });
         }
+        if response.extensions().get::<Redirected>().is_some() {
+            // One within the origin: whatever answered the GET did not
+            // answer the grant (a 401 there refuses no credentials).
+            return Err(Error::InvalidResponse {
+                grant: kind,
+                status: response.status(),
+                reason: "the answer came after a redirect",
+            });
+        }
         let secrets = secrets(grant, credentials);
         let status = response.status();
         match parse(kind, status, response.body(), &secrets) {
@@ -571,8 +583,9 @@ impl OAuthClient {
             ]),
         }
         let (content_type, body) = match self.api {
+            // As Volt documents it (FACTS.md).
             Api::Gateway => (
-                "application/x-www-form-urlencoded",
+                "application/x-www-form-urlencoded;charset=UTF-8",
                 serde_urlencoded::to_string(&fields)
                     .unwrap_or_default()
                     .into_bytes(),
@@ -916,7 +929,6 @@ mod tests {
     fn classifies_rejections_and_failures_by_status_and_code() {
         // Some servers answer an expired refresh token with invalid_request.
         assert!(fail(400, r#"{"error":"invalid_request"}"#).is_rejected());
-        assert!(fail(403, "").is_rejected());
         assert!(fail(422, r#"{"error":"invalid_grant"}"#).is_rejected());
         for (status, body) in [
             (500, r#"{"error":"server_error"}"#),
@@ -938,6 +950,38 @@ mod tests {
             panic!()
         };
         assert_eq!(response.code, None);
+    }
+
+    /// A 403 whose body is not a JSON object (the page of a WAF or CDN in
+    /// front of Volt, or nothing) is not Volt refusing the grant: it fails,
+    /// so a refresh token is not given up for it nor a password grant backed
+    /// off as refused. A 403 in JSON, Volt's, still refuses it.
+    #[test]
+    fn a_403_without_a_json_object_fails_rather_than_rejects() {
+        for body in [
+            "<html><head><title>403 Forbidden</title></head><body>Request blocked</body></html>",
+            "",
+            "Forbidden",
+            r#""Forbidden""#,
+            r#"[{"code":403}]"#,
+            r#"{"code":403,"#,
+        ] {
+            let err = fail(403, body);
+            let Error::Failed { response, .. } = &err else {
+                panic!("{body:?}: expected Failed, got {err:?}");
+            };
+            assert_eq!(response.status, StatusCode::FORBIDDEN);
+            assert_eq!((&response.code, &response.message), (&None, &None));
+        }
+        for body in [
+            r#"{"code":403,"message":"Forbidden"}"#,
+            r#"{"error":"access_denied"}"#,
+            r#"{"code":"FORBIDDEN","message":"Forbidden."}"#,
+            "\u{feff}{}",
+        ] {
+            let err = fail(403, body);
+            assert!(err.is_rejected(), "{body}: {err:?}");
+        }
     }
 
     fn retry_after_of(values: &[&'static str], date: Option<&'static str>) -> Option<Duration> {
@@ -1155,9 +1199,10 @@ mod tests {
         let request = &seen[0];
         assert_eq!(request.method(), Method::POST);
         assert_eq!(request.uri(), "https://api.sandbox.volt.io/oauth");
+        // As FACTS.md documents it, charset included.
         assert_eq!(
             request.headers()[CONTENT_TYPE],
-            "application/x-www-form-urlencoded"
+            "application/x-www-form-urlencoded;charset=UTF-8"
         );
         assert_eq!(request.headers()[ACCEPT], "application/json");
         let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(request.body()).unwrap();

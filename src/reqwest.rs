@@ -224,7 +224,8 @@ fn acted_on(idempotent: bool, status: StatusCode, sent: &Url, answered: &Url) ->
 /// Whether reqwest followed a redirect from `sent` to `answered`: the answer
 /// is not the one to the request sent. `sent` is compared as reqwest reports
 /// it when it follows none, through the `http::Uri` it sent (without the
-/// fragment); that allocates, so only a 401 is checked.
+/// fragment); that allocates, so only a 401 is checked (or, by
+/// [`ReqwestTransport`], a changed URL).
 #[cold]
 fn redirected(sent: &Url, answered: &Url) -> bool {
     let unredirected = sent
@@ -308,7 +309,9 @@ impl<P: ReplayPolicy<Body> + Send + Sync + 'static> From<VoltAuthLayer<P>> for V
 /// the layer a token from it for Volt's
 /// ([`Error::InvalidResponse`](crate::Error::InvalidResponse)); a 401 after a
 /// redirect within the origin is the token's, but a request that is not
-/// idempotent is not replayed.
+/// idempotent is not replayed, and no answer after one (a 301, 302 or 303
+/// followed with a GET) is taken for the token endpoint's answer to a grant
+/// (`Error::InvalidResponse` too).
 #[derive(Clone, Debug, Default)]
 pub struct ReqwestTransport {
     client: Client,
@@ -400,10 +403,15 @@ impl Future for ResponseFuture {
                 idempotent,
             } => future.poll(cx).map_ok(|response| {
                 // reqwest followed a redirect to another origin and removed
-                // the token on the way, or one within the origin (see
-                // `VoltAuthMiddleware`).
+                // the token on the way, or, for a request that is not
+                // idempotent, one within the origin: a 401 is the token's but
+                // not replayed (see `VoltAuthMiddleware`), and no answer is
+                // the token endpoint's to a grant. (The URL compared first,
+                // so that only a changed one costs `redirected`'s parse.)
                 let elsewhere = !same_origin(sent_to, response.url());
-                let redirected = acted_on(*idempotent, response.status(), sent_to, response.url());
+                let redirected = !*idempotent
+                    && sent_to != response.url()
+                    && redirected(sent_to, response.url());
                 let mut response = http::Response::from(response);
                 if elsewhere {
                     response.extensions_mut().insert(AnsweredElsewhere);

@@ -9,6 +9,7 @@
 //! | Oversized body (over 64 KiB) | `Error::InvalidResponse { status: 200, reason: "the body is larger than 64 KiB" }` | one per backoff window: 2 oversized + 1 successful |
 //! | Connection refused (server stopped), then restarted | `Error::Transport { grant: Password }` (source: connection refused) until the backoff after the restart ends, then success; while a valid token is cached a stopped server costs no `/oauth` call | 0 reach the server while it is down; exactly 1 password grant after the restart |
 //! | `invalid_grant` / `invalid_request` / 401 on the refresh grant (refresh due, expired token, or a 401 replay) | nothing: the request succeeds (a replayed request is answered once, with the new token) | 1 refresh (rejected) + exactly 1 password grant |
+//! | A 403 page (not JSON) from a WAF or CDN in front of Volt | as a 5xx: nothing while the token is valid (the refresh token kept, no password grant); without one, `Error::Failed { status: 403 }` | one per backoff window: on the refresh, 2 failed + 1 successful refresh; on the password grant, the next after the first, uncapped window |
 //! | `invalid_client` (or a wrong password) on the password grant | `Error::Rejected { grant: Password, status 401/400 }` (`is_rejected()`), one error shared by every waiter, returned at once within the backoff | 1, then 1 per capped backoff window (`backoff max`, jittered to [max/2, max)), never more |
 //! | Recovery after an outage: no valid token, 5 × 503, then healthy | `Error::Failed { status: 503 }` per window (the same error to every caller of a window), then success on the first request after the last backoff | 6 (5 failed + 1 successful) |
 //! | 500 concurrent requests, no valid token, `/oauth` failing | the same `Error::Failed` for all 500 | 1 |
@@ -44,6 +45,10 @@ const SEC: Duration = Duration::from_secs(1);
 const HOUR: Duration = Duration::from_secs(3600);
 
 type Api = VoltAuth<MockService>;
+
+/// What a WAF or CDN in front of Volt answers a request it blocks, with a 403.
+const BLOCKED_PAGE: &str =
+    "<html><head><title>403 Forbidden</title></head><body>Request blocked.</body></html>";
 type Outcome = Result<StatusCode, Error>;
 
 /// A layer on the in-process mock: `/oauth` goes through `mock.service()`.
@@ -267,6 +272,8 @@ impl Service<Request<Full<Bytes>>> for Flaky {
 #[derive(Clone, Copy, Debug)]
 enum Fault {
     ServerError,
+    /// A WAF's or CDN's 403 page, from in front of Volt.
+    Blocked,
     Timeout,
     Broken(Broken),
     Refused,
@@ -311,6 +318,10 @@ async fn background_refresh_fault(fault: Fault) {
                 StatusCode::SERVICE_UNAVAILABLE,
                 r#"{"code":503,"message":"Service Unavailable"}"#,
             );
+            Duration::ZERO
+        }
+        Fault::Blocked => {
+            mock.fail_oauth(2, StatusCode::FORBIDDEN, BLOCKED_PAGE);
             Duration::ZERO
         }
         Fault::Timeout => {
@@ -406,6 +417,13 @@ async fn background_refresh_fault(fault: Fault) {
 #[tokio::test(start_paused = true)]
 async fn server_error_on_background_refresh_is_invisible_while_the_token_is_valid() {
     background_refresh_fault(Fault::ServerError).await;
+}
+
+/// Not Volt refusing the refresh token: it is kept, and no password grant is
+/// sent to whatever blocked it.
+#[tokio::test(start_paused = true)]
+async fn a_403_page_on_background_refresh_is_invisible_while_the_token_is_valid() {
+    background_refresh_fault(Fault::Blocked).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -850,6 +868,26 @@ async fn rejected_password_grant_is_permanent_shared_and_retried_only_at_the_cap
         assert_eq!(stats.refreshes, 0);
         assert_eq!(stats.remaining, None);
     }
+}
+
+/// A WAF's or CDN's 403 page on the password grant is no refusal of the
+/// credentials: `Error::Failed`, retried after the ordinary backoff rather
+/// than the capped one.
+#[tokio::test(start_paused = true)]
+async fn a_403_page_on_the_password_grant_fails_with_the_ordinary_backoff() {
+    let mock = MockVolt::builder().in_process();
+    let auth = layer(&mock, |b| b.backoff(SEC, 60 * SEC));
+    let api = auth.layer(mock.service());
+    mock.fail_oauth(1, StatusCode::FORBIDDEN, BLOCKED_PAGE);
+    let started = Instant::now();
+    let err = one_shared_error(&burst(&api, &mock, 20).await);
+    assert_failed(&err, GrantType::Password, 403);
+    assert_eq!(counts(auth.stats().password), (0, 0, 1));
+    // The first window: 1 s, jittered to [0.5 s, 1 s).
+    sleep_until(started + SEC).await;
+    assert_all_ok(&burst(&api, &mock, 20).await, "after the first window");
+    assert_eq!(mock.oauth_calls(), 2);
+    assert_eq!(counts(auth.stats().password), (1, 0, 1));
 }
 
 // ---------------------------------------------------------------------------------------------

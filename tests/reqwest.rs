@@ -114,7 +114,7 @@ async fn one_password_grant_serves_sequential_and_concurrent_requests() {
     assert_eq!(oauth.len(), 1);
     assert_eq!(
         oauth[0].content_type.as_deref(),
-        Some("application/x-www-form-urlencoded")
+        Some("application/x-www-form-urlencoded;charset=UTF-8")
     );
     assert_eq!(s.auth.stats().password.succeeded, 1);
     assert_eq!(s.auth.stats().replays, 0);

@@ -9,9 +9,9 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use volt_auth::VoltAuthLayer;
 use volt_auth::mock::MockVolt;
 use volt_auth::reqwest::ReqwestTransport;
+use volt_auth::{Credentials, GrantType, VoltAuthLayer};
 
 /// A server on 127.0.0.1 that answers every request with `status` and
 /// `Location: {location}{path}`, recording each request's head.
@@ -220,6 +220,68 @@ async fn a_token_from_another_origin_after_a_redirect_is_not_taken() {
     assert_eq!(redirector.heads.lock().unwrap().len(), 1);
     let stats = auth.stats();
     assert_eq!((stats.password.failed, stats.failures), (1, 1));
+}
+
+/// `/oauth` answers 301, 302 or 303 to a path of its own origin, which
+/// reqwest follows with a GET, without the form. Whatever answers that GET
+/// did not answer the grant: a 401 is no refusal of the credentials (the GET
+/// carried none), nor a 405 a failure of the token endpoint; the grant gets
+/// `Error::InvalidResponse`, backed off as any failure.
+#[tokio::test]
+async fn an_answer_after_a_redirect_within_the_origin_is_not_the_grants() {
+    let answers = [
+        (
+            "401 Unauthorized",
+            r#"{"code":401,"message":"Unauthorized"}"#,
+        ),
+        (
+            "405 Method Not Allowed",
+            r#"{"code":405,"message":"Method Not Allowed"}"#,
+        ),
+    ];
+    for (status, body) in answers {
+        for redirect in ["301 Moved Permanently", "302 Found", "303 See Other"] {
+            let origin = Redirector::answering(move |path| match path {
+                "/oauth" => (
+                    format!("HTTP/1.1 {redirect}\r\nLocation: /login\r\n"),
+                    String::new(),
+                ),
+                _ => (
+                    format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"),
+                    body.to_owned(),
+                ),
+            });
+            let credentials = Credentials::new("id", "the-client-secret", "user", "the-password");
+            let auth = VoltAuthLayer::builder(credentials)
+                .base_url(&origin.url)
+                .build(ReqwestTransport::new(reqwest::Client::new()))
+                .unwrap();
+
+            let error = auth.access_token().await.unwrap_err();
+            let case = format!("{redirect}, then {status}");
+            assert!(
+                matches!(
+                    error,
+                    volt_auth::Error::InvalidResponse {
+                        grant: GrantType::Password,
+                        reason: "the answer came after a redirect",
+                        ..
+                    }
+                ),
+                "{case}: {error:?}"
+            );
+            let heads = origin.heads.lock().unwrap().clone();
+            assert_eq!(heads.len(), 2, "{case}");
+            assert!(heads[0].starts_with("POST /oauth "), "{case}: {}", heads[0]);
+            assert!(heads[1].starts_with("GET /login "), "{case}: {}", heads[1]);
+            let stats = auth.stats();
+            assert_eq!(
+                (stats.password.rejected, stats.password.failed),
+                (0, 1),
+                "{case}"
+            );
+        }
+    }
 }
 
 /// `ReqwestTransport` over a default `reqwest::Client` (as in the README and

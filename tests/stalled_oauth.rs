@@ -467,7 +467,7 @@ async fn the_grant_sent_over_tcp_is_exactly_the_form() {
     let mut expected = vec![
         "accept: application/json".to_owned(),
         format!("content-length: {}", body.len()),
-        "content-type: application/x-www-form-urlencoded".to_owned(),
+        "content-type: application/x-www-form-urlencoded;charset=utf-8".to_owned(),
         host,
     ];
     expected.sort();

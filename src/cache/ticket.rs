@@ -67,10 +67,12 @@ impl Shared {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct AnsweredElsewhere;
 
-/// A response extension set on a 401 to a request that is not idempotent, by
-/// a transport that followed a redirect within the origin on its own
-/// (keeping the token): the 401 is the token's, but the server may have acted
-/// on the request (a payment answered 303, say), so it is not sent again.
+/// A response extension set on the answer to a request that is not
+/// idempotent, by a transport that followed a redirect within the origin on
+/// its own (keeping the token): a 401 is the token's, but the server may have
+/// acted on the request (a payment answered 303, say), so it is not sent
+/// again; and no answer is the token endpoint's to a grant (the form was not
+/// sent to where the redirect pointed).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Redirected;
 
