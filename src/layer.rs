@@ -258,7 +258,20 @@ impl<P> VoltAuthLayer<P> {
             tracing::warn!(problem, "new credentials ignored; those in use stay");
             return;
         }
-        self.auth.credentials.store(Arc::new(credentials));
+        // Compared and replaced in one step: of two callers handing over the
+        // same new credentials at once, one replaces them and starts the
+        // grant, the other finds them in use.
+        let new = Arc::new(credentials);
+        let previous = self.auth.credentials.rcu(|current| {
+            if current.same_as(&new) {
+                current.clone()
+            } else {
+                new.clone()
+            }
+        });
+        if previous.same_as(&new) {
+            return;
+        }
         tracing::info!("credentials replaced; the next grant authenticates with them");
         self.auth.cache.credentials_replaced();
     }
