@@ -211,7 +211,9 @@ impl<P> VoltAuthLayer<P> {
     ///   runtime; outside one, at the next request that needs a token), and
     ///   a backoff earned by failures of the old credentials is ended, so
     ///   that wrong new credentials show in [`stats`](Self::stats) and the
-    ///   log at once, while the token held serves on.
+    ///   log at once, while the token held serves on. A wait the server
+    ///   asked for (a `Retry-After` on a 429 or 503 from `/oauth`) is not
+    ///   ended: the refresh starts, by itself, when it is over.
     /// - If a refresh is already running (with the old credentials), no
     ///   second one starts alongside: its token, if it brings one, is used,
     ///   and as it ends the password grant with the new credentials starts
