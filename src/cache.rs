@@ -172,8 +172,9 @@ struct Flight {
     /// runtime, the next one must not present it too, while Volt may be
     /// rotating it.
     presenting: u64,
-    /// The credentials were replaced while the running refresh ran: when it
-    /// ends, a password grant with the new ones starts.
+    /// The credentials were replaced while the running refresh ran, after
+    /// it sent them (or a refresh token): when it ends, a password grant
+    /// with the new ones starts.
     rotated: bool,
     timer: Option<AbortHandle>,
     /// The task that rearms `may_kick` when the backoff ends; aborted with
@@ -324,7 +325,8 @@ impl TokenCache {
     /// one password grant with the new credentials starts in the background,
     /// whatever backoff the old ones earned, once a `Retry-After` the server
     /// asked for is over. If a refresh is running, it starts when that one
-    /// ends instead: never two at once.
+    /// ends instead (never two at once), unless that one's password grant
+    /// sends the new credentials.
     pub(crate) fn credentials_replaced(&self) {
         let shared = &self.shared;
         let mut flight = shared.lock();
@@ -654,6 +656,10 @@ impl Shared {
                 .and_then(|t| t.refresh_token().cloned());
             if refresh_token.is_some() {
                 flight.presenting = previous.generation;
+            } else {
+                // The password grant below reads the credentials replaced
+                // so far: none need follow it for them.
+                flight.rotated = false;
             }
             (previous, refresh_token)
         };
@@ -677,6 +683,8 @@ impl Shared {
                             // Not presented again should the password grant fail.
                             flight.refused_refresh = previous.generation;
                             flight.presenting = 0;
+                            // As above: it sends the credentials replaced so far.
+                            flight.rotated = false;
                         }
                         tracing::info!("the refresh token was rejected; authenticating again");
                         self.attempt(Grant::Password).await

@@ -218,7 +218,8 @@ impl<P> VoltAuthLayer<P> {
     ///   second one starts alongside: its token, if it brings one, is used,
     ///   and as it ends the password grant with the new credentials starts
     ///   (requests waiting for it get its outcome, or that grant's if it is in
-    ///   by the time they wake).
+    ///   by the time they wake), unless that refresh sent a password grant
+    ///   of its own after the replacement, which carried them.
     ///
     /// The old credentials are dropped, their secret and password wiped,
     /// once no `/oauth` call in flight still uses them. Each call costs at

@@ -1430,6 +1430,43 @@ async fn replaced_credentials_during_a_refresh_wait_for_it_then_start_one() {
     assert_eq!(script.count(), 3);
 }
 
+/// Credentials replaced while a refresh runs that has not sent its password
+/// grant yet (its refresh token is then refused, or it has not started):
+/// that grant reads the new credentials, so none follows it.
+#[tokio::test(start_paused = true)]
+async fn replaced_credentials_cost_no_grant_after_one_that_sent_them() {
+    let ms = Duration::from_millis;
+    let password = (GrantType::Password, None);
+    // The refresh-ahead's refresh grant, held at /oauth, is refused.
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    sleep(HOUR - Duration::from_secs(250)).await;
+    script.close();
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+    tokio::task::yield_now().await;
+    assert_eq!(script.count(), 2);
+    cache.credentials_replaced();
+    script.fail_next(rejected(GrantType::RefreshToken, "invalid_grant"));
+    script.open();
+    sleep(ms(1)).await; // idle barrier (paused clock)
+    let refresh = (GrantType::RefreshToken, Some("rt-1".into()));
+    assert_eq!(
+        script.calls(),
+        [password.clone(), refresh, password.clone()]
+    );
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-3"));
+    // A refresh forced by a 401, replaced before it ran.
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    let first = cache.token().await.unwrap().ticket.generation;
+    cache.invalidate(first);
+    cache.credentials_replaced();
+    sleep(ms(1)).await;
+    assert_eq!(script.calls(), [password.clone(), password.clone()]);
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-2"));
+}
+
 /// Replacing the credentials ends the backoff for the one password grant it
 /// starts, not the escalation ordinary failures earned: during an outage
 /// (503s), the failures after it keep backing off as long as before, so that
@@ -1522,7 +1559,8 @@ async fn replaced_credentials_wait_out_the_servers_retry_after() {
 /// new ones: as when no refresh ran, the next caller starts it at once.
 #[tokio::test(start_paused = true)]
 async fn replaced_credentials_during_a_refresh_end_the_old_backoff_too() {
-    struct Hang(Mutex<usize>);
+    /// Calls made; the first is held until the gate opens, then refused.
+    struct Hang(Mutex<usize>, watch::Sender<bool>);
     impl TokenSource for Arc<Hang> {
         fn fetch<'a>(&'a self, _: &'a Grant) -> Fetched<'a> {
             uncaused(async move {
@@ -1532,23 +1570,27 @@ async fn replaced_credentials_during_a_refresh_end_the_old_backoff_too() {
                     *calls
                 };
                 if n == 1 {
+                    let _ = self.1.subscribe().wait_for(|open| *open).await;
                     return Err(rejected(GrantType::Password, "invalid_grant"));
                 }
                 std::future::pending().await
             })
         }
     }
-    let source = Arc::new(Hang(Mutex::new(0)));
+    let source = Arc::new(Hang(Mutex::new(0), watch::Sender::new(false)));
     let calls = || *source.0.lock().unwrap();
     let cache = TokenCache::new(source.clone(), settings());
-    // Refresh 1 is started, then the credentials are replaced while it runs.
+    // Refresh 1 is at /oauth when the credentials are replaced.
     let mut first = Box::pin(cache.token());
     std::future::poll_fn(|cx| {
         assert!(first.as_mut().poll(cx).is_pending());
         Poll::Ready(())
     })
     .await;
+    tokio::task::yield_now().await;
+    assert_eq!(calls(), 1);
     cache.credentials_replaced();
+    source.1.send_replace(true);
     // It is refused (a backoff of 30 to 60 s); the password grant follows at
     // once.
     assert!(first.await.is_err());
