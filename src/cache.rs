@@ -149,6 +149,13 @@ struct Flight {
     generation: u64,
     failures: u32,
     retry_at: Option<Instant>,
+    /// When the `Retry-After` the server asked for with the last failure
+    /// ends (capped as in [`Settings::backoff`]): new credentials end the
+    /// backoff, but not this.
+    asked_until: Option<Instant>,
+    /// A password grant with new credentials waits for `asked_until`: the
+    /// end of the backoff starts it (see [`Shared::start_deferred`]).
+    deferred: bool,
     last_error: Option<Error>,
     forced_at: Option<Instant>,
     forced_streak: u32,
@@ -163,8 +170,9 @@ struct Flight {
     /// runtime, the next one must not present it too, while Volt may be
     /// rotating it.
     presenting: u64,
-    /// The credentials were replaced while the running refresh ran: when it
-    /// ends, a password grant with the new ones starts.
+    /// The credentials were replaced while the running refresh ran, after
+    /// it sent them (or a refresh token): when it ends, a password grant
+    /// with the new ones starts.
     rotated: bool,
     timer: Option<AbortHandle>,
     /// The task that rearms `may_kick` when the backoff ends; aborted with
@@ -313,8 +321,10 @@ impl TokenCache {
     /// The credentials were replaced: the token held keeps serving, its
     /// refresh token (of the old credentials' session) is not presented, and
     /// one password grant with the new credentials starts in the background,
-    /// whatever backoff the old ones earned. If a refresh is running, it
-    /// starts when that one ends instead: never two at once.
+    /// whatever backoff the old ones earned, once a `Retry-After` the server
+    /// asked for is over. If a refresh is running, it starts when that one
+    /// ends instead (never two at once), unless that one's password grant
+    /// sends the new credentials.
     pub(crate) fn credentials_replaced(&self) {
         let shared = &self.shared;
         let mut flight = shared.lock();
@@ -456,8 +466,9 @@ impl Shared {
 
     /// Lets a stale token's readers start a refresh again at `at`, the end
     /// of a backoff (or as soon as this runtime shuts down), replacing the
-    /// task that was to do it. Outside a runtime, at once: the next stale
-    /// read tries again.
+    /// task that was to do it; at `at`, starts the grant with new
+    /// credentials the backoff deferred, if any. Outside a runtime, at once:
+    /// the next stale read tries again.
     fn rearm(self: &Arc<Self>, flight: &mut Flight, at: Instant) {
         // Before the abort: the task replaced must not set the flag as it is
         // dropped, which would let the next stale read in to replace this one.
@@ -475,6 +486,9 @@ impl Shared {
         };
         let task = handle.spawn(async move {
             sleep_until(at).await;
+            if let Some(shared) = rearm.shared.upgrade() {
+                shared.start_deferred(rearm.number);
+            }
             drop(rearm);
         });
         flight.rearm = Some(task.abort_handle());
@@ -483,13 +497,39 @@ impl Shared {
     /// After the credentials were replaced, with no refresh running: the
     /// token held is refused its refresh token (of the old credentials'
     /// session), and a password grant with the new credentials starts. The
-    /// backoff the old ones earned ends for it; its escalation stays, so that
-    /// ordinary failures after it keep backing off as long as before.
+    /// backoff the old ones earned ends for it, but for a `Retry-After` the
+    /// server asked for: then it starts when that ends. The backoff's
+    /// escalation stays, so that ordinary failures after it keep backing off
+    /// as long as before.
     fn start_with_new_credentials(self: &Arc<Self>, flight: &mut Flight) {
         flight.refused_refresh = self.current.load().generation;
-        flight.retry_at = None;
-        // Outside a runtime, the next request that needs a token starts it.
-        let _ = self.start(flight);
+        match flight.asked_until.filter(|&until| Instant::now() < until) {
+            Some(until) => {
+                flight.retry_at = Some(until);
+                flight.deferred = true;
+                self.rearm(flight, until);
+            }
+            None => {
+                flight.retry_at = None;
+                // Outside a runtime, the next request that needs a token
+                // starts it.
+                let _ = self.start(flight);
+            }
+        }
+    }
+
+    /// At the end of the backoff of the [`Rearm`] numbered `number`: starts
+    /// the grant with new credentials it held back, unless a later backoff
+    /// took its place (whose end starts it) or a refresh has started since.
+    fn start_deferred(self: &Arc<Self>, number: u64) {
+        let mut flight = self.lock();
+        if !flight.deferred || self.rearms.load(Ordering::Acquire) != number {
+            return;
+        }
+        self.reclaim(&mut flight);
+        if !flight.running {
+            let _ = self.start(&mut flight);
+        }
     }
 
     /// Decides, under the lock, whether a caller has a token, must wait for a
@@ -572,6 +612,9 @@ impl Shared {
     fn start(self: &Arc<Self>, flight: &mut Flight) -> Result<(), Error> {
         let handle = Handle::try_current().map_err(|_| Error::NoRuntime)?;
         flight.running = true;
+        // Any refresh now is the password grant a rotation deferred (the
+        // token held is refused its refresh token): none need follow.
+        flight.deferred = false;
         flight.flight += 1;
         flight.started_at = Some(Instant::now());
         flight.presenting = 0;
@@ -611,6 +654,10 @@ impl Shared {
                 .and_then(|t| t.refresh_token().cloned());
             if refresh_token.is_some() {
                 flight.presenting = previous.generation;
+            } else {
+                // The password grant below reads the credentials replaced
+                // so far: none need follow it for them.
+                flight.rotated = false;
             }
             (previous, refresh_token)
         };
@@ -634,6 +681,8 @@ impl Shared {
                             // Not presented again should the password grant fail.
                             flight.refused_refresh = previous.generation;
                             flight.presenting = 0;
+                            // As above: it sends the credentials replaced so far.
+                            flight.rotated = false;
                         }
                         tracing::info!("the refresh token was rejected; authenticating again");
                         self.attempt(Grant::Password).await
@@ -701,6 +750,7 @@ impl Shared {
                 Ok(token) => {
                     flight.failures = 0;
                     flight.retry_at = None;
+                    flight.asked_until = None;
                     flight.last_error = None;
                     flight.generation += 1;
                     let (stale_at, expired_at) = self.settings.phases(&token);
@@ -738,6 +788,7 @@ impl Shared {
                         .filter(|left| !left.is_zero());
                     let delay = self.settings.backoff(flight.failures, &error, serving);
                     flight.retry_at = Some(now + delay);
+                    flight.asked_until = self.settings.asked(&error).map(|wait| now + wait);
                     flight.last_error = Some(error.clone());
                     // Let a stale token's readers start the next attempt once
                     // the backoff is over (or at once if the runtime goes).
@@ -997,13 +1048,16 @@ impl Settings {
     /// if given. No less than the server's `Retry-After`, itself capped at
     /// `backoff_max` so that a hostile value cannot stall refreshes.
     fn backoff(&self, failures: u32, error: &Error, serving: Option<Duration>) -> Duration {
-        let asked = error
-            .retry_after()
-            .map_or(Duration::ZERO, |wait| wait.min(self.backoff_max));
+        let asked = self.asked(error).unwrap_or_default();
         let ordinary = self.jittered_backoff(failures, error);
         serving
             .map_or(ordinary, |left| ordinary.min(left))
             .max(asked)
+    }
+
+    /// The server's `Retry-After` on `error`, capped at `backoff_max`.
+    fn asked(&self, error: &Error) -> Option<Duration> {
+        error.retry_after().map(|wait| wait.min(self.backoff_max))
     }
 
     fn jittered_backoff(&self, failures: u32, error: &Error) -> Duration {

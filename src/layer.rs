@@ -211,12 +211,15 @@ impl<P> VoltAuthLayer<P> {
     ///   runtime; outside one, at the next request that needs a token), and
     ///   a backoff earned by failures of the old credentials is ended, so
     ///   that wrong new credentials show in [`stats`](Self::stats) and the
-    ///   log at once, while the token held serves on.
+    ///   log at once, while the token held serves on. A wait the server
+    ///   asked for (a `Retry-After` on a 429 or 503 from `/oauth`) is not
+    ///   ended: the refresh starts, by itself, when it is over.
     /// - If a refresh is already running (with the old credentials), no
     ///   second one starts alongside: its token, if it brings one, is used,
     ///   and as it ends the password grant with the new credentials starts
     ///   (requests waiting for it get its outcome, or that grant's if it is in
-    ///   by the time they wake).
+    ///   by the time they wake), unless that refresh sent a password grant
+    ///   of its own after the replacement, which carried them.
     ///
     /// The old credentials are dropped, their secret and password wiped,
     /// once no `/oauth` call in flight still uses them. Each call costs at
@@ -258,7 +261,20 @@ impl<P> VoltAuthLayer<P> {
             tracing::warn!(problem, "new credentials ignored; those in use stay");
             return;
         }
-        self.auth.credentials.store(Arc::new(credentials));
+        // Compared and replaced in one step: of two callers handing over the
+        // same new credentials at once, one replaces them and starts the
+        // grant, the other finds them in use.
+        let new = Arc::new(credentials);
+        let previous = self.auth.credentials.rcu(|current| {
+            if current.same_as(&new) {
+                current.clone()
+            } else {
+                new.clone()
+            }
+        });
+        if previous.same_as(&new) {
+            return;
+        }
         tracing::info!("credentials replaced; the next grant authenticates with them");
         self.auth.cache.credentials_replaced();
     }

@@ -204,6 +204,48 @@ async fn a_rotation_during_a_held_refresh_waits_for_it_then_sends_the_new_passwo
     assert_eq!(mock.oauth_calls(), 2);
 }
 
+/// Two threads that hand the layer the same new credentials at the same
+/// moment (two watchers of one secret file, say) cost one password grant:
+/// each call used to find the old credentials in use before either stored
+/// the new ones, and both started a grant. Many rounds, each released at once
+/// to threads spinning on a flag; between rounds the runtime, blocked until
+/// both calls return, runs the grants (paused clock).
+#[tokio::test(start_paused = true)]
+async fn the_same_credentials_set_by_two_threads_at_once_cost_one_grant() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    const THREADS: usize = 2;
+    let mock = MockVolt::builder().in_process();
+    let auth = layer(&mock);
+    auth.access_token().await.expect("the first token");
+    let runtime = tokio::runtime::Handle::current();
+    for round in 0..200 {
+        let before = mock.password_grants();
+        let password = format!("rotated-{round}");
+        let (ready, go) = (AtomicUsize::new(0), AtomicBool::new(false));
+        std::thread::scope(|scope| {
+            for _ in 0..THREADS {
+                scope.spawn(|| {
+                    let _runtime = runtime.enter();
+                    let credentials = with_password(&password);
+                    ready.fetch_add(1, SeqCst);
+                    while !go.load(SeqCst) {
+                        std::hint::spin_loop();
+                    }
+                    auth.set_credentials(credentials);
+                });
+            }
+            while ready.load(SeqCst) < THREADS {
+                std::hint::spin_loop();
+            }
+            go.store(true, SeqCst);
+        });
+        sleep(ms(1)).await; // idle barrier (paused clock)
+        let grants = mock.password_grants() - before;
+        assert_eq!(grants, 1, "round {round}: grants for one change");
+    }
+    assert_eq!(mock.max_oauth_in_flight(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn after_a_rotation_neither_debug_nor_the_log_shows_a_secret() {
     capture();

@@ -1430,6 +1430,43 @@ async fn replaced_credentials_during_a_refresh_wait_for_it_then_start_one() {
     assert_eq!(script.count(), 3);
 }
 
+/// Credentials replaced while a refresh runs that has not sent its password
+/// grant yet (its refresh token is then refused, or it has not started):
+/// that grant reads the new credentials, so none follows it.
+#[tokio::test(start_paused = true)]
+async fn replaced_credentials_cost_no_grant_after_one_that_sent_them() {
+    let ms = Duration::from_millis;
+    let password = (GrantType::Password, None);
+    // The refresh-ahead's refresh grant, held at /oauth, is refused.
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    sleep(HOUR - Duration::from_secs(250)).await;
+    script.close();
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+    tokio::task::yield_now().await;
+    assert_eq!(script.count(), 2);
+    cache.credentials_replaced();
+    script.fail_next(rejected(GrantType::RefreshToken, "invalid_grant"));
+    script.open();
+    sleep(ms(1)).await; // idle barrier (paused clock)
+    let refresh = (GrantType::RefreshToken, Some("rt-1".into()));
+    assert_eq!(
+        script.calls(),
+        [password.clone(), refresh, password.clone()]
+    );
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-3"));
+    // A refresh forced by a 401, replaced before it ran.
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    let first = cache.token().await.unwrap().ticket.generation;
+    cache.invalidate(first);
+    cache.credentials_replaced();
+    sleep(ms(1)).await;
+    assert_eq!(script.calls(), [password.clone(), password.clone()]);
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-2"));
+}
+
 /// Replacing the credentials ends the backoff for the one password grant it
 /// starts, not the escalation ordinary failures earned: during an outage
 /// (503s), the failures after it keep backing off as long as before, so that
@@ -1462,13 +1499,68 @@ async fn replaced_credentials_during_an_outage_cost_one_call() {
     assert_eq!(cache.stats().failures, 8);
 }
 
+/// New credentials end the backoff the old ones earned, but not a
+/// `Retry-After` the server asked for on `/oauth` (a 429 or 503): their
+/// password grant starts when it ends, by itself, the token held serving
+/// meanwhile; whether the credentials were replaced during that backoff or
+/// while the refresh that was throttled ran.
+#[tokio::test(start_paused = true)]
+async fn replaced_credentials_wait_out_the_servers_retry_after() {
+    let secs = Duration::from_secs;
+    let ms = Duration::from_millis;
+    for during_the_refresh in [false, true] {
+        let script = Script::new(HOUR);
+        let cache = script.cache();
+        cache.token().await.unwrap();
+        // Stale: the refresh-ahead is answered 429, Retry-After 30 s.
+        sleep(HOUR - secs(250)).await;
+        script.fail_next(throttled(secs(30)));
+        if during_the_refresh {
+            script.close();
+        }
+        let throttled_at = Instant::now();
+        assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
+        tokio::task::yield_now().await;
+        assert_eq!(script.count(), 2);
+        if during_the_refresh {
+            cache.credentials_replaced();
+            script.open();
+        }
+        sleep(ms(1)).await; // idle barrier (paused clock)
+        if !during_the_refresh {
+            cache.credentials_replaced();
+            sleep(ms(1)).await;
+        }
+        let what = format!("replaced during the refresh: {during_the_refresh}");
+        assert_eq!(script.count(), 2, "a call within the Retry-After; {what}");
+        let left = cache.stats().retry_in;
+        assert_eq!(
+            left,
+            Some(throttled_at + secs(30) - Instant::now()),
+            "{what}"
+        );
+        sleep_until(throttled_at + secs(30) - ms(1)).await;
+        assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"), "{what}");
+        assert!(cache.token().await.is_ok(), "{what}");
+        assert_eq!(script.count(), 2, "{what}");
+        // Its end starts the password grant, without a request.
+        sleep(ms(2)).await;
+        assert_eq!(script.count(), 3, "{what}");
+        assert_eq!(script.calls()[2], (GrantType::Password, None), "{what}");
+        assert_eq!(header(&cache).as_deref(), Some("Bearer at-3"), "{what}");
+        sleep(HOUR / 2).await;
+        assert_eq!(script.count(), 3, "{what}");
+    }
+}
+
 /// The refresh running when the credentials were replaced fails with a long
 /// backoff, and the password grant that follows it is given up (stranded).
 /// The old credentials' backoff must not hold back the next grant with the
 /// new ones: as when no refresh ran, the next caller starts it at once.
 #[tokio::test(start_paused = true)]
 async fn replaced_credentials_during_a_refresh_end_the_old_backoff_too() {
-    struct Hang(Mutex<usize>);
+    /// Calls made; the first is held until the gate opens, then refused.
+    struct Hang(Mutex<usize>, watch::Sender<bool>);
     impl TokenSource for Arc<Hang> {
         fn fetch<'a>(&'a self, _: &'a Grant) -> Fetched<'a> {
             uncaused(async move {
@@ -1478,24 +1570,29 @@ async fn replaced_credentials_during_a_refresh_end_the_old_backoff_too() {
                     *calls
                 };
                 if n == 1 {
-                    return Err(throttled(Duration::from_secs(60)));
+                    let _ = self.1.subscribe().wait_for(|open| *open).await;
+                    return Err(rejected(GrantType::Password, "invalid_grant"));
                 }
                 std::future::pending().await
             })
         }
     }
-    let source = Arc::new(Hang(Mutex::new(0)));
+    let source = Arc::new(Hang(Mutex::new(0), watch::Sender::new(false)));
     let calls = || *source.0.lock().unwrap();
     let cache = TokenCache::new(source.clone(), settings());
-    // Refresh 1 is started, then the credentials are replaced while it runs.
+    // Refresh 1 is at /oauth when the credentials are replaced.
     let mut first = Box::pin(cache.token());
     std::future::poll_fn(|cx| {
         assert!(first.as_mut().poll(cx).is_pending());
         Poll::Ready(())
     })
     .await;
+    tokio::task::yield_now().await;
+    assert_eq!(calls(), 1);
     cache.credentials_replaced();
-    // It fails, asking for 60 s; the password grant follows at once.
+    source.1.send_replace(true);
+    // It is refused (a backoff of 30 to 60 s); the password grant follows at
+    // once.
     assert!(first.await.is_err());
     sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
     assert_eq!(calls(), 2);
@@ -1592,17 +1689,19 @@ async fn a_replaced_backoff_keeps_stale_reads_on_the_hot_path() {
     let script = Script::new(HOUR);
     let cache = script.cache();
     cache.token().await.unwrap();
-    // Stale: the refresh-ahead is throttled for 60 s.
+    // Stale: the refresh-ahead's refresh token and password are refused (a
+    // backoff of 30 to 60 s).
     sleep(HOUR - secs(250)).await;
-    script.fail_next(throttled(secs(60)));
+    script.fail_next(rejected(GrantType::RefreshToken, "invalid_grant"));
+    script.fail_next(rejected(GrantType::Password, "invalid_grant"));
     assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
     sleep(Duration::from_millis(1)).await; // idle barrier (paused clock)
-    assert_eq!(script.count(), 2);
-    // New credentials: their grant, at once, is throttled for 30 s too.
+    assert_eq!(script.count(), 3);
+    // New credentials: their grant, at once, is throttled for 30 s.
     script.fail_next(throttled(secs(30)));
     cache.credentials_replaced();
     sleep(Duration::from_millis(1)).await;
-    assert_eq!(script.count(), 3);
+    assert_eq!(script.count(), 4);
     for _ in 0..100 {
         assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
         sleep(Duration::from_millis(10)).await;
@@ -1611,13 +1710,13 @@ async fn a_replaced_backoff_keeps_stale_reads_on_the_hot_path() {
             "a stale read during the backoff may start the slow path"
         );
     }
-    assert_eq!(script.count(), 3);
+    assert_eq!(script.count(), 4);
     // The backoff's end lets the next stale read start one refresh.
     sleep(secs(30)).await;
     assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
     sleep(Duration::from_millis(1)).await;
-    assert_eq!(script.count(), 4);
-    assert_eq!(header(&cache).as_deref(), Some("Bearer at-4"));
+    assert_eq!(script.count(), 5);
+    assert_eq!(header(&cache).as_deref(), Some("Bearer at-5"));
 }
 
 /// A token whose timer went with its runtime is served by the clock: a
