@@ -656,7 +656,8 @@ impl AccessToken {
         self.token.header()
     }
 
-    /// When Volt said the token expires (on tokio's clock).
+    /// When Volt said the token expires (on tokio's clock): `expires_in`
+    /// after the grant was sent.
     pub fn expires_at(&self) -> Instant {
         self.token.expires_at()
     }

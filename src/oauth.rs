@@ -67,7 +67,9 @@ pub(crate) struct Token {
     access: SecretString,
     refresh: Option<SecretString>,
     header: Bearer,
-    received_at: Instant,
+    /// When the grant was sent (the first time, if sent again): `expires_in`
+    /// counts from Volt's answer, which came later.
+    sent_at: Instant,
     lifetime: Duration,
 }
 
@@ -98,7 +100,7 @@ impl Token {
     }
 
     pub(crate) fn expires_at(&self) -> Instant {
-        self.received_at + self.lifetime
+        self.sent_at + self.lifetime
     }
 
     /// A token for tests: `Bearer <access>`, living `lifetime` from now.
@@ -223,7 +225,7 @@ fn parse_success(grant: GrantType, status: StatusCode, body: &[u8]) -> Result<To
         access: secret(access_token),
         refresh: refresh.map(secret),
         header,
-        received_at: Instant::now(),
+        sent_at: Instant::now(),
         lifetime,
     })
 }
@@ -470,6 +472,7 @@ impl OAuthClient {
     /// Sends `grant` with `credentials` and parses the answer.
     async fn send(&self, grant: &Grant, credentials: &Credentials) -> Result<Token, Error> {
         let kind = grant.kind();
+        let sent_at = Instant::now();
         let sent = tokio::time::timeout(self.timeout, self.exchange(grant, credentials));
         let response = match sent.await {
             Err(_) => {
@@ -531,7 +534,7 @@ impl OAuthClient {
                     response: failure,
                 })
             }
-            result => result,
+            result => result.map(|token| Token { sent_at, ..token }),
         }
     }
 
@@ -1189,6 +1192,31 @@ mod tests {
 
     const GOOD: &str =
         r#"{"access_token":"at1","token_type":"Bearer","expires_in":60,"refresh_token":"rt1"}"#;
+
+    /// `expires_in` counts from when Volt answered, which is some time after
+    /// the grant was sent: counted from the answer's arrival, a token that
+    /// took long to come (within a token timeout of up to 5 minutes) was
+    /// taken for valid past its expiry, beyond the expiry margin.
+    #[tokio::test(start_paused = true)]
+    async fn a_token_s_lifetime_counts_from_when_the_grant_was_sent() {
+        let slow = tower::service_fn(|_: Request<Bytes>| async {
+            tokio::time::sleep(Duration::from_secs(40)).await;
+            Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                Bytes::from(GOOD),
+            )))
+        });
+        let client = OAuthClient::new(
+            transport(slow),
+            "https://api.sandbox.volt.io/oauth".parse().unwrap(),
+            Api::Gateway,
+            Credentials::new("cid", "the-client-secret", "user name", "the-password"),
+            Duration::from_secs(300),
+        );
+        let sent_at = Instant::now();
+        let token = client.fetch(&Grant::Password).await.0.unwrap();
+        assert_eq!(Instant::now() - sent_at, Duration::from_secs(40));
+        assert_eq!(token.expires_at(), sent_at + Duration::from_secs(60));
+    }
 
     #[tokio::test]
     async fn password_grant_is_form_encoded_as_documented() {
