@@ -17,7 +17,9 @@
 //!
 //! Refreshes are spawned, so a caller that gives up does not cancel the refresh
 //! others wait for. A refresh presents the refresh token, and falls back to the
-//! password grant when Volt rejects it. A failed refresh is retried after an
+//! password grant when Volt rejects it; after a refresh grant that failed
+//! otherwise, the next attempt is the password grant, and the one after that
+//! presents the refresh token again. A failed refresh is retried after an
 //! exponential, jittered backoff, cut short to end when the current token
 //! stops being served, or after the server's `Retry-After` if longer (at most
 //! the backoff maximum); until then, requests keep the token while it is
@@ -165,6 +167,12 @@ struct Flight {
     /// up or dropped at /oauth may have presented: later refreshes of that token go
     /// straight to the password grant (0: none).
     refused_refresh: u64,
+    /// The generation whose refresh token the last refresh presented and
+    /// failed with otherwise than by a refusal (a 5xx, a timeout, an
+    /// unreadable answer): the next refresh uses the password grant instead,
+    /// in case the refresh path is what is broken, and the one after it
+    /// presents that refresh token again (0: none).
+    failed_refresh: u64,
     /// The generation whose refresh token the running refresh presents (0:
     /// none, or not yet): if the refresh is given up or dropped with its
     /// runtime, the next one must not present it too, while Volt may be
@@ -637,9 +645,9 @@ impl Shared {
     }
 
     /// One refresh, numbered `number`: the refresh grant when there is a
-    /// refresh token, the password grant when there is none or Volt rejects
-    /// it. A refresh given up on sends nothing more (its answer would be
-    /// discarded).
+    /// refresh token, the password grant when there is none, Volt rejects
+    /// it, or the last refresh presented it and failed. A refresh given up
+    /// on sends nothing more (its answer would be discarded).
     async fn refresh(self: Arc<Self>, number: u64) -> Result<Token, Error> {
         let (previous, refresh_token) = {
             let mut flight = self.lock();
@@ -647,10 +655,12 @@ impl Shared {
                 return Err(Error::Interrupted);
             }
             let previous = self.current.load_full();
+            // Taken whichever grant goes: attempts alternate while both fail.
+            let failed = std::mem::take(&mut flight.failed_refresh) == previous.generation;
             let refresh_token = previous
                 .token
                 .as_ref()
-                .filter(|_| previous.generation != flight.refused_refresh)
+                .filter(|_| !failed && previous.generation != flight.refused_refresh)
                 .and_then(|t| t.refresh_token().cloned());
             if refresh_token.is_some() {
                 flight.presenting = previous.generation;
@@ -687,7 +697,13 @@ impl Shared {
                         tracing::info!("the refresh token was rejected; authenticating again");
                         self.attempt(Grant::Password).await
                     }
-                    Err(error) => Err(error),
+                    Err(error) => {
+                        let mut flight = self.lock();
+                        if flight.is_running(number) {
+                            flight.failed_refresh = previous.generation;
+                        }
+                        Err(error)
+                    }
                 }
             }
             None => self.attempt(Grant::Password).await,

@@ -3,13 +3,13 @@
 //!
 //! | Fault | What callers see | `/oauth` calls |
 //! |---|---|---|
-//! | 5xx (or timeout, broken body, refused connection) on the background refresh while the token is valid | nothing: every request succeeds with the current token; the new token is attached once `/oauth` answers again | one refresh attempt per backoff window, none in between: 2 failed + 1 successful refresh |
+//! | 5xx (or timeout, broken body, refused connection) on the background refresh while the token is valid | nothing: every request succeeds with the current token; the new token is attached once `/oauth` answers again | one attempt per backoff window, none in between, alternating grants: a failed refresh, a failed password grant, a successful refresh |
 //! | `/oauth` slower than `token_timeout`, no valid token | `Error::Timeout { grant: Password, timeout }` after the timeout, shared by every waiter; requests within the backoff get it at once; success once `/oauth` answers in time | one per backoff window: 2 timed out + 1 successful |
 //! | Broken body: empty, HTML, truncated JSON, not JSON | `Error::InvalidResponse { status: 200, reason }` (`"the body is empty"` / `"the body is not JSON"`), no panic | one per backoff window: 2 broken + 1 successful |
 //! | Oversized body (over 64 KiB) | `Error::InvalidResponse { status: 200, reason: "the body is larger than 64 KiB" }` | one per backoff window: 2 oversized + 1 successful |
 //! | Connection refused (server stopped), then restarted | `Error::Transport { grant: Password }` (source: connection refused) until the backoff after the restart ends, then success; while a valid token is cached a stopped server costs no `/oauth` call | 0 reach the server while it is down; exactly 1 password grant after the restart |
 //! | `invalid_grant` / `invalid_request` / 401 on the refresh grant (refresh due, expired token, or a 401 replay) | nothing: the request succeeds (a replayed request is answered once, with the new token) | 1 refresh (rejected) + exactly 1 password grant |
-//! | A 403 page (not JSON) from a WAF or CDN in front of Volt | as a 5xx: nothing while the token is valid (the refresh token kept, no password grant); without one, `Error::Failed { status: 403 }` | one per backoff window: on the refresh, 2 failed + 1 successful refresh; on the password grant, the next after the first, uncapped window |
+//! | A 403 page (not JSON) from a WAF or CDN in front of Volt | as a 5xx: nothing while the token is valid (the refresh token kept; the password grant a window later); without one, `Error::Failed { status: 403 }` | one per backoff window: on the refresh, as a 5xx; on the password grant, the next after the first, uncapped window |
 //! | `invalid_client` (or a wrong password) on the password grant | `Error::Rejected { grant: Password, status 401/400 }` (`is_rejected()`), one error shared by every waiter, returned at once within the backoff | 1, then 1 per capped backoff window (`backoff max`, jittered to [max/2, max)), never more |
 //! | Recovery after an outage: no valid token, 5 × 503, then healthy | `Error::Failed { status: 503 }` per window (the same error to every caller of a window), then success on the first request after the last backoff | 6 (5 failed + 1 successful) |
 //! | 500 concurrent requests, no valid token, `/oauth` failing | the same `Error::Failed` for all 500 | 1 |
@@ -280,9 +280,10 @@ enum Fault {
 }
 
 /// The token is valid (inside the refresh-ahead window) and the background
-/// refresh fails twice with `fault`: no caller sees an error; no `/oauth` call
-/// within a backoff window, exactly one after each; the third refresh succeeds
-/// and its token is used.
+/// refresh fails twice with `fault`, first presenting the refresh token, then
+/// with the password grant: no caller sees an error; no `/oauth` call within
+/// a backoff window, exactly one after each; the third attempt (the refresh
+/// token, kept after failures) succeeds and its token is used.
 async fn background_refresh_fault(fault: Fault) {
     let timeout = 5 * SEC;
     let mock = MockVolt::builder().in_process();
@@ -339,7 +340,7 @@ async fn background_refresh_fault(fault: Fault) {
     };
 
     // Two failed attempts, each followed by a backoff window without calls.
-    for (failure, window) in [(1u64, SEC), (2, 2 * SEC)] {
+    for (failure, window, failed) in [(1u64, SEC, (1, 0)), (2, 2 * SEC, (1, 1))] {
         let before = calls();
         let kicked = Instant::now();
         // The first request to see the stale token starts the refresh in the
@@ -356,7 +357,9 @@ async fn background_refresh_fault(fault: Fault) {
         sleep_until(kicked + attempt).await;
         settle().await;
         assert_eq!(calls(), before + 1, "{fault:?}: failure {failure}");
-        assert_eq!(auth.stats().refresh.failed, failure, "{fault:?}");
+        let stats = auth.stats();
+        let grants = (stats.refresh.failed, stats.password.failed);
+        assert_eq!(grants, failed, "{fault:?}: failure {failure}");
         let failed_at = kicked + attempt;
         // The backoff is `window` jittered down to half: no call before half.
         let quiet_until = failed_at + window / 2 - MS;
@@ -396,15 +399,16 @@ async fn background_refresh_fault(fault: Fault) {
     assert_eq!(issued.len(), 2, "{fault:?}");
     assert_eq!(last_authorization(&mock), bearer(&issued[1]));
 
-    // Exact /oauth cost: 1 password grant, 3 refresh grants (2 failed).
-    let refused = if let Fault::Refused = fault { 2 } else { 0 };
+    // Exact /oauth cost: 2 password grants (the second failed), 2 refresh
+    // grants (the first failed).
+    let refused = usize::from(matches!(fault, Fault::Refused));
     assert_eq!(calls(), 4, "{fault:?}");
-    assert_eq!(mock.oauth_calls(), 4 - refused, "{fault:?}");
-    assert_eq!(mock.password_grants(), 1, "{fault:?}");
-    assert_eq!(mock.refresh_grants(), 3 - refused, "{fault:?}");
+    assert_eq!(mock.oauth_calls(), 4 - 2 * refused, "{fault:?}");
+    assert_eq!(mock.password_grants(), 2 - refused, "{fault:?}");
+    assert_eq!(mock.refresh_grants(), 2 - refused, "{fault:?}");
     let stats = auth.stats();
-    assert_eq!(counts(stats.password), (1, 0, 0), "{fault:?}");
-    assert_eq!(counts(stats.refresh), (1, 0, 2), "{fault:?}");
+    assert_eq!(counts(stats.password), (1, 0, 1), "{fault:?}");
+    assert_eq!(counts(stats.refresh), (1, 0, 1), "{fault:?}");
     assert_eq!(stats.refreshes, 2);
     assert_eq!(stats.replays, 0);
     assert_eq!(
@@ -419,8 +423,9 @@ async fn server_error_on_background_refresh_is_invisible_while_the_token_is_vali
     background_refresh_fault(Fault::ServerError).await;
 }
 
-/// Not Volt refusing the refresh token: it is kept, and no password grant is
-/// sent to whatever blocked it.
+/// Not Volt refusing the refresh token: it is kept (presented again after the
+/// password grant fails too), and the password grant comes a backoff window
+/// later rather than in the same flight.
 #[tokio::test(start_paused = true)]
 async fn a_403_page_on_background_refresh_is_invisible_while_the_token_is_valid() {
     background_refresh_fault(Fault::Blocked).await;
@@ -961,11 +966,11 @@ async fn recovery_after_an_outage_counts_one_attempt_per_backoff_window() {
     sleep_until(started + min).await;
     assert_eq!(get(&api, &mock).await.unwrap(), StatusCode::OK);
     assert_ne!(last_authorization(&mock), bearer(token.expose_secret()));
-    // refresh (rejected: the refresh token was revoked) + password.
-    assert_eq!(mock.oauth_calls(), FAILURES as usize + 4);
+    // The refresh grant failed last: the password grant, alone.
+    assert_eq!(mock.oauth_calls(), FAILURES as usize + 3);
     let stats = auth.stats();
     assert_eq!(counts(stats.password), (2, 0, FAILURES as u64));
-    assert_eq!(counts(stats.refresh), (0, 1, 1));
+    assert_eq!(counts(stats.refresh), (0, 0, 1));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -753,15 +753,16 @@ async fn a_failed_renewal_returns_the_401_unchanged() {
     assert_eq!(mock.oauth_calls(), 2);
     assert_eq!(mock.api_calls(), 2);
 
-    // After the first backoff (at most 1 s): renewed, and the request succeeds.
+    // After the first backoff (at most 1 s): renewed with the password grant
+    // (the refresh grant failed last), and the request succeeds.
     sleep_until(t0 + ms(1001)).await;
     assert_eq!(
         send(&mut api, payment(&mock, b"again")).await.status(),
         StatusCode::CREATED
     );
     assert_eq!(mock.oauth_calls(), 3);
-    assert_eq!(mock.refresh_grants(), 2);
-    assert_eq!(mock.password_grants(), 1);
+    assert_eq!(mock.refresh_grants(), 1);
+    assert_eq!(mock.password_grants(), 2);
     let issued = mock.issued_access_tokens();
     assert_eq!(mock.api_authorizations().last(), Some(&bearer(&issued[1])));
 }

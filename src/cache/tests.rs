@@ -31,6 +31,8 @@ fn settings() -> Settings {
 struct Script {
     calls: Mutex<Vec<(GrantType, Option<String>)>>,
     failures: Mutex<VecDeque<Error>>,
+    /// Every call of this error's grant fails with it (see [`Script::break_grant`]).
+    broken: Mutex<Option<Error>>,
     open: watch::Sender<bool>,
     lifetime: Duration,
 }
@@ -40,6 +42,7 @@ impl Script {
         Arc::new(Self {
             calls: Mutex::new(Vec::new()),
             failures: Mutex::new(VecDeque::new()),
+            broken: Mutex::new(None),
             open: watch::Sender::new(true),
             lifetime,
         })
@@ -51,6 +54,12 @@ impl Script {
 
     fn fail_next(&self, error: Error) {
         self.failures.lock().unwrap().push_back(error);
+    }
+
+    /// Fails every call of `error`'s grant with it from now on, after the
+    /// scripted failures.
+    fn break_grant(&self, error: Error) {
+        *self.broken.lock().unwrap() = Some(error);
     }
 
     /// Holds every call from now on until `open`.
@@ -96,6 +105,11 @@ impl TokenSource for Arc<Script> {
             let _ = self.open.subscribe().wait_for(|open| *open).await;
             if let Some(error) = self.failures.lock().unwrap().pop_front() {
                 return Err(error);
+            }
+            if let Some(error) = self.broken.lock().unwrap().clone() {
+                if error.grant() == Some(grant.kind()) {
+                    return Err(error);
+                }
             }
             Ok(Token::for_test(
                 &format!("at-{n}"),
@@ -321,6 +335,171 @@ async fn a_server_failure_on_refresh_is_not_a_rejection() {
     let error = cache.token().await.unwrap_err();
     assert!(matches!(error, Error::Failed { .. }));
     assert_eq!(script.count(), 2, "no password grant after a 503");
+}
+
+/// The refresh path broken while the password grant works (a 503 to every
+/// refresh, as a server bug on one refresh token or a WAF rule on refresh
+/// requests would answer): the attempt after a failed refresh, one backoff
+/// later, is the password grant, so the token is replaced before it expires.
+/// It is served throughout; the new token's refresh token is presented next.
+#[tokio::test(start_paused = true)]
+async fn a_failing_refresh_grant_is_followed_by_a_password_grant() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    script.break_grant(server_error(GrantType::RefreshToken));
+    for (old, new) in [(1, 3), (3, 5)] {
+        let calls = script.count();
+        // Stale (300 s before expiry at the latest), not expired: the read
+        // starts the refresh in the background, which fails.
+        sleep(HOUR - Duration::from_secs(230)).await;
+        assert_eq!(header(&cache), Some(format!("Bearer at-{old}")));
+        sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            script.calls()[calls..],
+            [(GrantType::RefreshToken, Some(format!("rt-{old}")))]
+        );
+        let wait = cache.stats().retry_in.unwrap();
+        assert!(wait <= Duration::from_secs(1), "{wait:?}");
+        // During the backoff: the token serves, nothing is sent.
+        for _ in 0..100 {
+            assert_eq!(header(&cache), Some(format!("Bearer at-{old}")));
+            assert_eq!(secret(&cache.token().await.unwrap()), format!("at-{old}"));
+        }
+        assert_eq!(script.count(), calls + 1);
+        // After it: the next stale read starts the password grant.
+        sleep(wait + Duration::from_millis(1)).await;
+        assert_eq!(header(&cache), Some(format!("Bearer at-{old}")));
+        sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            script.calls()[calls..],
+            [
+                (GrantType::RefreshToken, Some(format!("rt-{old}"))),
+                (GrantType::Password, None),
+            ]
+        );
+        assert_eq!(header(&cache), Some(format!("Bearer at-{new}")));
+    }
+    let stats = cache.stats();
+    assert_eq!(
+        stats.refresh,
+        GrantStats {
+            succeeded: 0,
+            rejected: 0,
+            failed: 2
+        }
+    );
+    assert_eq!(
+        stats.password,
+        GrantStats {
+            succeeded: 3,
+            rejected: 0,
+            failed: 0
+        }
+    );
+    assert_eq!((stats.refreshes, stats.failures), (3, 0));
+}
+
+/// The same once the token has expired: a request after one backoff window
+/// gets the password grant's token, rather than the refresh grant's error
+/// after every window for ever.
+#[tokio::test(start_paused = true)]
+async fn past_expiry_a_failing_refresh_grant_is_followed_by_a_password_grant() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    script.break_grant(server_error(GrantType::RefreshToken));
+    sleep(HOUR).await;
+    let error = cache.token().await.unwrap_err();
+    assert_eq!(error.grant(), Some(GrantType::RefreshToken));
+    let wait = cache.stats().retry_in.unwrap();
+    assert!(cache.token().await.is_err());
+    assert_eq!(script.count(), 2);
+    sleep(wait).await;
+    // Requests that wait for the next attempt get its token.
+    let waiters: Vec<_> = (0..100)
+        .map(|_| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.token().await })
+        })
+        .collect();
+    for waiter in waiters {
+        let lease = waiter.await.unwrap();
+        assert_eq!(lease.as_ref().map(secret).ok(), Some("at-3"), "{lease:?}");
+    }
+    assert_eq!(
+        script.calls(),
+        [
+            (GrantType::Password, None),
+            (GrantType::RefreshToken, Some("rt-1".into())),
+            (GrantType::Password, None),
+        ]
+    );
+}
+
+/// An outage where every grant fails: one attempt per backoff window, as
+/// when every attempt was a refresh grant, and the same escalation; the
+/// attempts alternate, presenting the refresh token (kept: a failure is no
+/// refusal) and then the password, until one succeeds.
+#[tokio::test(start_paused = true)]
+async fn an_outage_costs_one_attempt_per_backoff_window_alternating_grants() {
+    const WINDOWS: u32 = 8;
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    cache.token().await.unwrap();
+    for _ in 0..WINDOWS {
+        script.fail_next(server_error(GrantType::RefreshToken));
+    }
+    sleep(HOUR).await;
+    let mut calls = Vec::new();
+    for window in 1..=WINDOWS {
+        assert!(cache.token().await.is_err());
+        calls.push(script.count() - 1);
+        let stats = cache.stats();
+        assert_eq!(stats.failures, window);
+        // The backoff escalates as before: 1 s doubling, jittered to half.
+        let full = Duration::from_secs(1 << (window - 1)).min(Duration::from_secs(60));
+        let wait = stats.retry_in.unwrap();
+        assert!(full / 2 <= wait && wait <= full, "{window}: {wait:?}");
+        // Nothing more within the window.
+        sleep(wait - Duration::from_millis(1)).await;
+        assert!(cache.token().await.is_err());
+        sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(calls, (1..=WINDOWS as usize).collect::<Vec<_>>());
+    assert_eq!(secret(&cache.token().await.unwrap()), "at-10");
+    let presented: Vec<_> = script.calls()[1..]
+        .iter()
+        .map(|(grant, _)| *grant)
+        .collect();
+    let alternating: Vec<_> = [GrantType::RefreshToken, GrantType::Password]
+        .into_iter()
+        .cycle()
+        .take(WINDOWS as usize + 1)
+        .collect();
+    assert_eq!(presented, alternating);
+    assert!(
+        script.calls()[1..]
+            .iter()
+            .all(|call| call.1.as_deref().is_none_or(|token| token == "rt-1"))
+    );
+    let stats = cache.stats();
+    assert_eq!(
+        stats.refresh,
+        GrantStats {
+            succeeded: 1,
+            rejected: 0,
+            failed: 4
+        }
+    );
+    assert_eq!(
+        stats.password,
+        GrantStats {
+            succeeded: 1,
+            rejected: 0,
+            failed: 4
+        }
+    );
 }
 
 #[tokio::test(start_paused = true)]
