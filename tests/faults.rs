@@ -502,6 +502,39 @@ async fn slow_oauth_times_out_once_per_backoff_window() {
     assert_eq!(stats.remaining, Some(HOUR - (timeout - SEC)));
 }
 
+/// `expires_in` counts from when the grant was sent: a token whose answer
+/// took nearly all of its lifetime (here 9.5 s of 10, with a margin of 1 s)
+/// arrives expired. Taken, it served no request, and each waiter started the
+/// next grant at once, with no backoff (the grant succeeded), for ever.
+#[tokio::test(start_paused = true)]
+async fn a_token_expired_on_arrival_is_an_invalid_response_with_a_backoff() {
+    let mock = MockVolt::builder()
+        .access_token_lifetime(10 * SEC)
+        .in_process();
+    let auth = layer(&mock, |b| b.token_timeout(30 * SEC).backoff(SEC, 60 * SEC));
+    mock.set_oauth_delay(9 * SEC + SEC / 2);
+    let outcome = tokio::time::timeout(HOUR, auth.access_token())
+        .await
+        .expect("an outcome within an hour, not one grant after another");
+    let error = outcome.expect_err("a token expired on arrival");
+    assert!(
+        matches!(
+            &error,
+            Error::InvalidResponse { grant: GrantType::Password, status, reason, .. }
+                if *status == StatusCode::OK && *reason == "the token expired before its answer arrived"
+        ),
+        "{error:?}"
+    );
+    assert_eq!(mock.oauth_calls(), 1);
+    assert_eq!(counts(auth.stats().password), (0, 0, 1));
+    assert!(auth.stats().retry_in.is_some(), "a backoff");
+    // A timely answer is taken.
+    mock.set_oauth_delay(SEC);
+    sleep(SEC).await;
+    assert!(auth.access_token().await.is_ok());
+    assert_eq!(mock.oauth_calls(), 2);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Broken and oversized bodies
 // ---------------------------------------------------------------------------------------------
