@@ -713,6 +713,19 @@ impl Shared {
     async fn attempt(&self, grant: Grant) -> Result<Token, Error> {
         let started = Instant::now();
         let (result, causes) = self.source.fetch(&grant).await;
+        // `expires_in` counts from when the grant was sent: a token whose
+        // answer took about that long would be expired on arrival, serve
+        // nothing, and start the next grant at once, with no backoff.
+        let result = result.and_then(|token| {
+            if self.settings.expired_at(&token) <= Instant::now() {
+                return Err(Error::InvalidResponse {
+                    grant: grant.kind(),
+                    status: http::StatusCode::OK,
+                    reason: "the token expired before its answer arrived",
+                });
+            }
+            Ok(token)
+        });
         let elapsed_ms = started.elapsed().as_millis() as u64;
         self.counters.record(grant.kind(), &result);
         match &result {
@@ -1050,11 +1063,21 @@ impl Settings {
     /// per request.
     fn phases(&self, token: &Token) -> (Instant, Instant) {
         let lifetime = token.lifetime();
-        let margin = self.expiry_margin.min(lifetime / 10);
+        let margin = self.margin(lifetime);
         let ahead = self.refresh_ahead.min(lifetime / 3).max(margin);
         let jitter = ahead.mul_f64(JITTER * fastrand::f64());
         let expires_at = token.expires_at();
         (expires_at - ahead - jitter, expires_at - margin)
+    }
+
+    /// When `token` stops being served: the second of [`Settings::phases`].
+    fn expired_at(&self, token: &Token) -> Instant {
+        token.expires_at() - self.margin(token.lifetime())
+    }
+
+    /// How long before its expiry a token of `lifetime` stops being served.
+    fn margin(&self, lifetime: Duration) -> Duration {
+        self.expiry_margin.min(lifetime / 10)
     }
 
     /// How long to wait after the `failures`-th failure in a row: exponential

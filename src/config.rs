@@ -238,11 +238,7 @@ impl Endpoint {
     pub fn custom_insecure(url: &str) -> Result<Self, ConfigError> {
         let endpoint = Self::parse(url)?;
         // `…/oauth` is the token endpoint itself: `…/oauth/oauth` would 404.
-        let path = endpoint.base.path().trim_end_matches('/');
-        if path
-            .rsplit('/')
-            .next()
-            .is_some_and(|last| last.eq_ignore_ascii_case("oauth"))
+        if last_segment(endpoint.base.path()).is_some_and(|last| last.eq_ignore_ascii_case("oauth"))
         {
             return Err(ConfigError::InvalidUrl {
                 url: redact_url(url),
@@ -552,6 +548,26 @@ impl Origin {
 /// The address of `[…]`, an IPv6 literal host.
 fn ipv6_literal(host: &str) -> Option<std::net::Ipv6Addr> {
     host.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
+/// The last segment of `path` that is not empty once its dot segments are
+/// resolved, as reqwest and most servers resolve them (RFC 3986, section
+/// 5.2.4; `%2e` is a dot too).
+fn last_segment(path: &str) -> Option<&str> {
+    let mut segments = Vec::new();
+    for segment in path.split('/') {
+        match segment.to_ascii_lowercase().replace("%2e", ".").as_str() {
+            "." => {}
+            ".." => {
+                segments.pop();
+            }
+            _ => segments.push(segment),
+        }
+    }
+    segments
+        .into_iter()
+        .rev()
+        .find(|segment| !segment.is_empty())
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -1082,6 +1098,11 @@ mod tests {
             "https://api.sandbox.volt.io/oauth/",
             "https://proxy.example/volt/OAuth",
             "http://127.0.0.1:8080/oauth",
+            // Dot segments, which reqwest resolves (`%2e` is a dot too):
+            // `…/oauth/./oauth` went to `…/oauth/oauth`.
+            "https://proxy.example/oauth/.",
+            "https://proxy.example/oauth/%2E/",
+            "https://proxy.example/oauth/v/..",
         ] {
             assert_eq!(
                 Endpoint::custom(url),
@@ -1097,6 +1118,7 @@ mod tests {
         for url in [
             "https://proxy.example/oauth2",
             "https://proxy.example/myoauth",
+            "https://proxy.example/v/oauth/..",
         ] {
             let endpoint = Endpoint::custom(url).unwrap();
             assert_eq!(endpoint.token_uri(), format!("{url}/oauth").as_str());

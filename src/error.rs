@@ -98,9 +98,10 @@ pub enum Error {
         response: ErrorResponse,
     },
     /// A 2xx answer could not be understood: not JSON, truncated, too large,
-    /// missing the token, or an unsupported token type. (An error status is a
-    /// [`Rejected`](Self::Rejected) or [`Failed`](Self::Failed) whatever its
-    /// body.) Also any answer reached by a redirect the transport followed on
+    /// missing the token, an unsupported token type, or a token already past
+    /// its expiry margin when it arrived (status 200, for any 2xx). (An error
+    /// status is a [`Rejected`](Self::Rejected) or [`Failed`](Self::Failed)
+    /// whatever its body.) Also any answer reached by a redirect the transport followed on
     /// its own (from another origin, or within the token endpoint's, whose
     /// target got a GET without the form).
     #[error("unusable answer to the {grant} grant (HTTP {status}): {reason}")]

@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | 5xx (or timeout, broken body, refused connection) on the background refresh while the token is valid | nothing: every request succeeds with the current token; the new token is attached once `/oauth` answers again | one attempt per backoff window, none in between, alternating grants: a failed refresh, a failed password grant, a successful refresh |
 //! | `/oauth` slower than `token_timeout`, no valid token | `Error::Timeout { grant: Password, timeout }` after the timeout, shared by every waiter; requests within the backoff get it at once; success once `/oauth` answers in time | one per backoff window: 2 timed out + 1 successful |
+//! | `/oauth` so slow that its token arrives past the expiry margin (10 s token, 9.5 s answer) | `Error::InvalidResponse { status: 200, reason: "the token expired before its answer arrived" }`, backed off | 1, then success once answers are timely |
 //! | Broken body: empty, HTML, truncated JSON, not JSON | `Error::InvalidResponse { status: 200, reason }` (`"the body is empty"` / `"the body is not JSON"`), no panic | one per backoff window: 2 broken + 1 successful |
 //! | Oversized body (over 64 KiB) | `Error::InvalidResponse { status: 200, reason: "the body is larger than 64 KiB" }` | one per backoff window: 2 oversized + 1 successful |
 //! | Connection refused (server stopped), then restarted | `Error::Transport { grant: Password }` (source: connection refused) until the backoff after the restart ends, then success; while a valid token is cached a stopped server costs no `/oauth` call | 0 reach the server while it is down; exactly 1 password grant after the restart |
@@ -505,6 +506,39 @@ async fn slow_oauth_times_out_once_per_backoff_window() {
     assert_eq!(stats.refreshes, 1);
     // The hour counts from when the grant was sent, `timeout - SEC` ago.
     assert_eq!(stats.remaining, Some(HOUR - (timeout - SEC)));
+}
+
+/// `expires_in` counts from when the grant was sent: a token whose answer
+/// took nearly all of its lifetime (here 9.5 s of 10, with a margin of 1 s)
+/// arrives expired. Taken, it served no request, and each waiter started the
+/// next grant at once, with no backoff (the grant succeeded), for ever.
+#[tokio::test(start_paused = true)]
+async fn a_token_expired_on_arrival_is_an_invalid_response_with_a_backoff() {
+    let mock = MockVolt::builder()
+        .access_token_lifetime(10 * SEC)
+        .in_process();
+    let auth = layer(&mock, |b| b.token_timeout(30 * SEC).backoff(SEC, 60 * SEC));
+    mock.set_oauth_delay(9 * SEC + SEC / 2);
+    let outcome = tokio::time::timeout(HOUR, auth.access_token())
+        .await
+        .expect("an outcome within an hour, not one grant after another");
+    let error = outcome.expect_err("a token expired on arrival");
+    assert!(
+        matches!(
+            &error,
+            Error::InvalidResponse { grant: GrantType::Password, status, reason, .. }
+                if *status == StatusCode::OK && *reason == "the token expired before its answer arrived"
+        ),
+        "{error:?}"
+    );
+    assert_eq!(mock.oauth_calls(), 1);
+    assert_eq!(counts(auth.stats().password), (0, 0, 1));
+    assert!(auth.stats().retry_in.is_some(), "a backoff");
+    // A timely answer is taken.
+    mock.set_oauth_delay(SEC);
+    sleep(SEC).await;
+    assert!(auth.access_token().await.is_ok());
+    assert_eq!(mock.oauth_calls(), 2);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ use volt_auth::{Credentials, Error, VoltAuthLayer};
 
 mod common;
 
-use common::log::{capture, log_text};
+use common::log::{capture, log_text, scoped};
 use common::{Body, GUARD, banks_ok, bearer, get, layer};
 
 const NEW_PASSWORD: &str = "rotated-Pa55/+&=";
@@ -205,10 +205,12 @@ async fn a_rotation_during_a_held_refresh_waits_for_it_then_sends_the_new_passwo
 }
 
 /// Two threads that hand the layer the same new credentials at the same
-/// moment (two watchers of one secret file, say) cost one password grant:
-/// each call used to find the old credentials in use before either stored
-/// the new ones, and both started a grant. Many rounds, each released at once
-/// to threads spinning on a flag; between rounds the runtime, blocked until
+/// moment (two watchers of one secret file, say) replace them once, and cost
+/// one password grant: each call used to find the old credentials in use
+/// before either stored the new ones, and both replaced them (two
+/// "credentials replaced" events; a second grant had the first one read them
+/// before the second call's turn). Many rounds, each released at once to
+/// threads spinning on a flag; between rounds the runtime, blocked until
 /// both calls return, runs the grants (paused clock).
 #[tokio::test(start_paused = true)]
 async fn the_same_credentials_set_by_two_threads_at_once_cost_one_grant() {
@@ -218,8 +220,13 @@ async fn the_same_credentials_set_by_two_threads_at_once_cost_one_grant() {
     let auth = layer(&mock);
     auth.access_token().await.expect("the first token");
     let runtime = tokio::runtime::Handle::current();
+    // The calls' events, from their threads.
+    let (log, _guard) = scoped();
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    let replacements = || log.text().matches("credentials replaced").count();
     for round in 0..200 {
         let before = mock.password_grants();
+        let replaced = replacements();
         let password = format!("rotated-{round}");
         let (ready, go) = (AtomicUsize::new(0), AtomicBool::new(false));
         std::thread::scope(|scope| {
@@ -231,7 +238,9 @@ async fn the_same_credentials_set_by_two_threads_at_once_cost_one_grant() {
                     while !go.load(SeqCst) {
                         std::hint::spin_loop();
                     }
-                    auth.set_credentials(credentials);
+                    tracing::dispatcher::with_default(&dispatch, || {
+                        auth.set_credentials(credentials);
+                    });
                 });
             }
             while ready.load(SeqCst) < THREADS {
@@ -242,6 +251,7 @@ async fn the_same_credentials_set_by_two_threads_at_once_cost_one_grant() {
         sleep(ms(1)).await; // idle barrier (paused clock)
         let grants = mock.password_grants() - before;
         assert_eq!(grants, 1, "round {round}: grants for one change");
+        assert_eq!(replacements() - replaced, 1, "round {round}: replacements");
     }
     assert_eq!(mock.max_oauth_in_flight(), 1);
 }

@@ -1576,17 +1576,23 @@ async fn replaced_credentials_end_the_backoff_the_old_ones_earned() {
     assert!(cache.stats().retry_in.is_some());
 }
 
-#[tokio::test(start_paused = true)]
-async fn replaced_credentials_during_a_refresh_wait_for_it_then_start_one() {
+/// A cache whose token is in its refresh-ahead window, and that refresh's
+/// grant (the second call) held at /oauth, the script closed.
+async fn held_refresh_ahead() -> (Arc<Script>, TokenCache) {
     let script = Script::new(HOUR);
     let cache = script.cache();
     cache.token().await.unwrap();
-    // Into the refresh-ahead window: the refresh grant is held at /oauth.
     sleep(HOUR - Duration::from_secs(250)).await;
     script.close();
     assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
     tokio::task::yield_now().await;
     assert_eq!(script.count(), 2);
+    (script, cache)
+}
+
+#[tokio::test(start_paused = true)]
+async fn replaced_credentials_during_a_refresh_wait_for_it_then_start_one() {
+    let (script, cache) = held_refresh_ahead().await;
     cache.credentials_replaced();
     cache.credentials_replaced();
     sleep(Duration::from_millis(1)).await;
@@ -1617,14 +1623,7 @@ async fn replaced_credentials_cost_no_grant_after_one_that_sent_them() {
     let ms = Duration::from_millis;
     let password = (GrantType::Password, None);
     // The refresh-ahead's refresh grant, held at /oauth, is refused.
-    let script = Script::new(HOUR);
-    let cache = script.cache();
-    cache.token().await.unwrap();
-    sleep(HOUR - Duration::from_secs(250)).await;
-    script.close();
-    assert_eq!(header(&cache).as_deref(), Some("Bearer at-1"));
-    tokio::task::yield_now().await;
-    assert_eq!(script.count(), 2);
+    let (script, cache) = held_refresh_ahead().await;
     cache.credentials_replaced();
     script.fail_next(rejected(GrantType::RefreshToken, "invalid_grant"));
     script.open();
