@@ -54,6 +54,10 @@ const EXPIRED: u8 = 2;
 /// the phase at the next request, which times the entry again.
 const UNTIMED: u8 = 3;
 
+/// Why a token that arrived past its expiry margin is refused (see
+/// [`Shared::attempt`]).
+const EXPIRED_ON_ARRIVAL: &str = "the token expired before its answer arrived";
+
 /// How far the refresh-ahead point is moved earlier at random, as a fraction of
 /// the refresh-ahead window, so that processes started together spread out.
 const JITTER: f64 = 0.2;
@@ -163,9 +167,10 @@ struct Flight {
     forced_streak: u32,
     /// Whether the running refresh was forced by a 401.
     forcing: bool,
-    /// The generation whose refresh token Volt refused, or a refresh given
-    /// up or dropped at /oauth may have presented: later refreshes of that token go
-    /// straight to the password grant (0: none).
+    /// The generation whose refresh token Volt refused, or answered with a
+    /// token that arrived expired, or a refresh given up or dropped at
+    /// /oauth may have presented: later refreshes of that token go straight
+    /// to the password grant (0: none).
     refused_refresh: u64,
     /// The generation whose refresh token the last refresh presented and
     /// failed with otherwise than by a refusal (a 5xx, a timeout, an
@@ -700,7 +705,19 @@ impl Shared {
                     Err(error) => {
                         let mut flight = self.lock();
                         if flight.is_running(number) {
-                            flight.failed_refresh = previous.generation;
+                            if matches!(
+                                error,
+                                Error::InvalidResponse {
+                                    reason: EXPIRED_ON_ARRIVAL,
+                                    ..
+                                }
+                            ) {
+                                // Answered with a token: Volt rotated this
+                                // refresh token, so it is not presented again.
+                                flight.refused_refresh = previous.generation;
+                            } else {
+                                flight.failed_refresh = previous.generation;
+                            }
                         }
                         Err(error)
                     }
@@ -721,7 +738,7 @@ impl Shared {
                 return Err(Error::InvalidResponse {
                     grant: grant.kind(),
                     status: http::StatusCode::OK,
-                    reason: "the token expired before its answer arrived",
+                    reason: EXPIRED_ON_ARRIVAL,
                 });
             }
             Ok(token)

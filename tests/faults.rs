@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | 5xx (or timeout, broken body, refused connection) on the background refresh while the token is valid | nothing: every request succeeds with the current token; the new token is attached once `/oauth` answers again | one attempt per backoff window, none in between, alternating grants: a failed refresh, a failed password grant, a successful refresh |
 //! | `/oauth` slower than `token_timeout`, no valid token | `Error::Timeout { grant: Password, timeout }` after the timeout, shared by every waiter; requests within the backoff get it at once; success once `/oauth` answers in time | one per backoff window: 2 timed out + 1 successful |
-//! | `/oauth` so slow that its token arrives past the expiry margin (10 s token, 9.5 s answer) | `Error::InvalidResponse { status: 200, reason: "the token expired before its answer arrived" }`, backed off | 1, then success once answers are timely |
+//! | `/oauth` so slow that its token arrives past the expiry margin (10 s token, 9.5 s answer) | `Error::InvalidResponse { status: 200, reason: "the token expired before its answer arrived" }`, backed off | 1, then success once answers are timely; a refresh token so answered is not presented again: password grants |
 //! | Broken body: empty, HTML, truncated JSON, not JSON | `Error::InvalidResponse { status: 200, reason }` (`"the body is empty"` / `"the body is not JSON"`), no panic | one per backoff window: 2 broken + 1 successful |
 //! | Oversized body (over 64 KiB) | `Error::InvalidResponse { status: 200, reason: "the body is larger than 64 KiB" }` | one per backoff window: 2 oversized + 1 successful |
 //! | Connection refused (server stopped), then restarted | `Error::Transport { grant: Password }` (source: connection refused) until the backoff after the restart ends, then success; while a valid token is cached a stopped server costs no `/oauth` call | 0 reach the server while it is down; exactly 1 password grant after the restart |
@@ -539,6 +539,48 @@ async fn a_token_expired_on_arrival_is_an_invalid_response_with_a_backoff() {
     sleep(SEC).await;
     assert!(auth.access_token().await.is_ok());
     assert_eq!(mock.oauth_calls(), 2);
+}
+
+/// A refresh grant whose token arrives expired was answered: Volt issued a
+/// token for the refresh token presented, rotating it, so it is not
+/// presented again, as after a refusal; the attempts after it are password
+/// grants, not the alternation that follows a failed refresh grant (whose
+/// third attempt presented it again: `invalid_grant`, and a password grant in
+/// the same flight).
+#[tokio::test(start_paused = true)]
+async fn a_refresh_token_answered_with_a_token_expired_on_arrival_is_not_presented_again() {
+    let mock = MockVolt::builder()
+        .access_token_lifetime(10 * SEC)
+        .in_process();
+    let auth = layer(&mock, |b| b.token_timeout(30 * SEC).backoff(SEC, 60 * SEC));
+    auth.access_token().await.unwrap();
+    // Served until 9 s (a margin of 1 s), then the refresh grant: answered
+    // 9.5 s after it was sent, its token arrives expired.
+    mock.set_oauth_delay(9 * SEC + SEC / 2);
+    sleep(9 * SEC).await;
+    let error = auth.access_token().await.unwrap_err();
+    assert_eq!(error.grant(), Some(GrantType::RefreshToken), "{error:?}");
+    assert_eq!(mock.issued_refresh_tokens().len(), 2, "the token rotated");
+    // After the first window (1 s at most), the password grant: expired too.
+    sleep(SEC).await;
+    let error = auth.access_token().await.unwrap_err();
+    assert_eq!(error.grant(), Some(GrantType::Password), "{error:?}");
+    // After the second (2 s at most), timely answers: one password grant.
+    mock.set_oauth_delay(Duration::ZERO);
+    sleep(2 * SEC).await;
+    auth.access_token().await.unwrap();
+    let grants: Vec<_> = mock
+        .oauth_requests()
+        .iter()
+        .map(|request| request.grant_type.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        grants,
+        ["password", "refresh_token", "password", "password"]
+    );
+    let stats = auth.stats();
+    assert_eq!(counts(stats.password), (2, 0, 1));
+    assert_eq!(counts(stats.refresh), (0, 0, 1));
 }
 
 // ---------------------------------------------------------------------------------------------
