@@ -17,13 +17,15 @@
 //!
 //! Refreshes are spawned, so a caller that gives up does not cancel the refresh
 //! others wait for. A refresh presents the refresh token, and falls back to the
-//! password grant when Volt rejects it; after a refresh grant that failed
-//! otherwise, the next attempt is the password grant, and the one after that
-//! presents the refresh token again. A failed refresh is retried after an
-//! exponential, jittered backoff, cut short to end when the current token
-//! stops being served, or after the server's `Retry-After` if longer (at most
-//! the backoff maximum); until then, requests keep the token while it is
-//! valid and otherwise get the refresh's error at once.
+//! password grant when Volt rejects it; a refresh token is not presented again
+//! once refused, or answered with a token that arrived expired. After a
+//! refresh grant that failed otherwise, the next attempt is the password
+//! grant, and the one after that presents the refresh token again. A failed
+//! refresh is retried after an exponential, jittered backoff, cut short to end
+//! when the current token stops being served, or after the server's
+//! `Retry-After` if longer (at most the backoff maximum); until then, requests
+//! keep the token while it is valid and otherwise get the refresh's error at
+//! once.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -1260,7 +1262,8 @@ pub struct GrantStats {
     pub succeeded: u64,
     /// Refused by Volt (an [`Error::Rejected`]).
     pub rejected: u64,
-    /// Failed otherwise: 5xx, timeout, transport error, unreadable answer.
+    /// Failed otherwise: 5xx, timeout, transport error, unreadable answer, a
+    /// token that arrived expired.
     pub failed: u64,
 }
 

@@ -454,7 +454,7 @@ impl Origin {
     }
 
     /// An origin added with [`Builder::allow_origin`](crate::Builder::allow_origin):
-    /// the URLs [`Endpoint::custom`] takes, and their origin.
+    /// the URLs [`Endpoint::custom`] takes, whatever their path, and their origin.
     pub(crate) fn allowed(url: &str) -> Result<Self, ConfigError> {
         Endpoint::parse(url)?
             .secure()?

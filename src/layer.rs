@@ -422,7 +422,8 @@ impl<P> Builder<P> {
     /// Another origin (scheme, host, port of `url`) that may receive the
     /// token, besides the endpoint's own. Requests to any other origin pass
     /// through untouched. [`build`](Builder::build) refuses the URLs that
-    /// [`Endpoint::custom`] refuses, with the same errors: among them a plain
+    /// [`Endpoint::custom`] refuses (but for a path ending in `/oauth`: only
+    /// the origin is taken), with the same errors: among them a plain
     /// `http` origin that is not loopback, so that the token never travels in
     /// clear text.
     ///

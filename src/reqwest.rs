@@ -436,8 +436,8 @@ impl fmt::Debug for ResponseFuture {
 }
 
 /// Bodies made from bytes or strings (whose [`Body::as_bytes`] is known) up to
-/// the size limit are copied; streams are not. For `VoltAuth` services over
-/// [`ReqwestTransport`].
+/// the size limit are copied; streams are not. For [`VoltAuthMiddleware`], and
+/// `VoltAuth` services over [`ReqwestTransport`].
 impl ReplayPolicy<Body> for DefaultReplay {
     fn clone_body(&self, body: &Body) -> Option<Body> {
         let bytes = body.as_bytes()?;
