@@ -535,15 +535,12 @@ impl Shared {
 
     /// At the end of the backoff of the [`Rearm`] numbered `number`: starts
     /// the grant with new credentials it held back, unless a later backoff
-    /// took its place (whose end starts it) or a refresh has started since.
+    /// took its place (whose end starts it) or a refresh has started since:
+    /// as a stale read would, with the backoff over.
     fn start_deferred(self: &Arc<Self>, number: u64) {
         let mut flight = self.lock();
-        if !flight.deferred || self.rearms.load(Ordering::Acquire) != number {
-            return;
-        }
-        self.reclaim(&mut flight);
-        if !flight.running {
-            let _ = self.start(&mut flight);
+        if flight.deferred && self.rearms.load(Ordering::Acquire) == number {
+            self.start_if_due(&mut flight, Instant::now());
         }
     }
 
