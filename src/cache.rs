@@ -408,6 +408,11 @@ impl TokenCache {
                 Begin::Keep => return Ok(None),
                 Begin::Wait(flight, deadline) => (flight, deadline),
             };
+            // Waiting takes Tokio's timer: outside a runtime (another
+            // executor's `block_on`) the wait would panic.
+            if Handle::try_current().is_err() {
+                return Err(Error::NoRuntime);
+            }
             // A refresh spawned on a runtime that nothing drives (a sync
             // worker's `current_thread` runtime between `block_on` calls)
             // would hold up every waiter on other runtimes. Counted from the

@@ -789,6 +789,47 @@ fn without_a_runtime_the_cache_reports_it() {
     ));
 }
 
+/// A caller outside any Tokio runtime (sync code driving `access_token()`
+/// with another executor's `block_on`) while a refresh started elsewhere is
+/// under way: waiting for it takes a Tokio timer, so the caller gets
+/// `Error::NoRuntime`, as the docs say, instead of Tokio's "no reactor
+/// running" panic; and so does a 401's renewal.
+#[test]
+fn outside_a_runtime_a_refresh_under_way_is_no_runtime_not_a_panic() {
+    let script = Script::new(HOUR);
+    let cache = script.cache();
+    let runtime = paused_runtime();
+    let first = runtime.block_on(cache.token()).unwrap().ticket.generation;
+    // A 401 forces a refresh, held at /oauth; the runtime is not driven.
+    script.close();
+    runtime
+        .block_on(async { timeout(Duration::from_secs(1), cache.renew(first)).await })
+        .unwrap_err();
+    assert_eq!(script.count(), 2);
+    let mut context = Context::from_waker(std::task::Waker::noop());
+    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let token = std::pin::pin!(cache.token());
+        let renewal = std::pin::pin!(cache.renew(first));
+        (token.poll(&mut context), renewal.poll(&mut context))
+    }));
+    let Ok((token, renewal)) = polled else {
+        panic!("polled outside a runtime, waiting for the refresh panicked");
+    };
+    assert!(
+        matches!(token, Poll::Ready(Err(Error::NoRuntime))),
+        "{token:?}"
+    );
+    assert!(
+        matches!(renewal, Poll::Ready(Err(Error::NoRuntime))),
+        "{renewal:?}"
+    );
+    // The refresh went on, and its waiters on its runtime get its token.
+    script.open();
+    let renewed = runtime.block_on(cache.token()).unwrap();
+    assert_eq!(secret(&renewed), "at-2");
+    assert_eq!(script.count(), 2);
+}
+
 /// A `current_thread` runtime with a paused clock, for tests that run the
 /// cache on several runtimes, or leave one undriven.
 fn paused_runtime() -> tokio::runtime::Runtime {
