@@ -3,7 +3,7 @@
 //! built in code or read from the `VOLT_*` environment variables.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -210,7 +210,9 @@ impl Endpoint {
     /// # Errors
     /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
     /// with a host and without user info or a query (and with a port from 0 to 65535, if any,
-    /// written in digits without a sign or leading zeros), or one ending in
+    /// written in digits without a sign or leading zeros; a host ending in a
+    /// number written as an IPv4 address in dotted decimal, not `127.1` or
+    /// `10.0.0.010`), or one ending in
     /// `/oauth` (the token endpoint itself, not the base URL), and
     /// [`ConfigError::InsecureUrl`] for `http` to a host that is not loopback
     /// (see [`Endpoint::custom_insecure`]).
@@ -233,7 +235,9 @@ impl Endpoint {
     /// # Errors
     /// [`ConfigError::InvalidUrl`] for anything but an absolute `http`/`https` URL
     /// with a host and without user info or a query (and with a port from 0 to 65535, if any,
-    /// written in digits without a sign or leading zeros), or one ending in
+    /// written in digits without a sign or leading zeros; a host ending in a
+    /// number written as an IPv4 address in dotted decimal, not `127.1` or
+    /// `10.0.0.010`), or one ending in
     /// `/oauth`.
     pub fn custom_insecure(url: &str) -> Result<Self, ConfigError> {
         let endpoint = Self::parse(url)?;
@@ -273,6 +277,15 @@ impl Endpoint {
             .ok_or_else(|| invalid("no host"))?;
         if authority.as_str().contains('@') {
             return Err(invalid("user info is not allowed in the URL"));
+        }
+        // reqwest's URL parser (WHATWG's) and the system resolver (`inet_aton`)
+        // read such a host as an IPv4 address, also in shorthand, octal or hex
+        // (`10.0.0.010` is 10.0.0.8): another host than written, and one the
+        // reqwest middleware's origin check sees rewritten.
+        if ends_in_a_number(authority.host()) && authority.host().parse::<Ipv4Addr>().is_err() {
+            return Err(invalid(
+                "a host ending in a number must be an IPv4 address written as four decimal numbers without leading zeros",
+            ));
         }
         // An empty port is the scheme's default (RFC 3986, section 6.2.3).
         if authority.as_str().strip_suffix(':') == Some(authority.host()) {
@@ -568,6 +581,22 @@ fn last_segment(path: &str) -> Option<&str> {
         .into_iter()
         .rev()
         .find(|segment| !segment.is_empty())
+}
+
+/// Whether a URL parser reads `host` as an IPv4 address (WHATWG's "ends in a
+/// number"): its last label, a trailing dot aside, is decimal digits or `0x`
+/// and hex digits.
+fn ends_in_a_number(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let last = host.rsplit('.').next().unwrap_or(host);
+    let hex = last
+        .get(..2)
+        .filter(|prefix| prefix.eq_ignore_ascii_case("0x"))
+        .map(|_| &last[2..]);
+    match hex {
+        Some(digits) => digits.bytes().all(|byte| byte.is_ascii_hexdigit()),
+        None => !last.is_empty() && last.bytes().all(|byte| byte.is_ascii_digit()),
+    }
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -1173,6 +1202,49 @@ mod tests {
                     .matches(&format!("{url}/banks").parse().unwrap()),
                 "{url}"
             );
+        }
+    }
+
+    /// A host ending in a number is an IPv4 address to reqwest's URL parser
+    /// (WHATWG's) and to the system resolver (`inet_aton`), also written in
+    /// shorthand, octal or hex: `10.0.0.010` is 10.0.0.8. Taken as written,
+    /// credentials went to another host than the one written, and the
+    /// reqwest middleware, which sees the address rewritten, sent requests
+    /// to the base URL without the token.
+    #[test]
+    fn a_host_ending_in_a_number_must_be_an_ipv4_address_in_dotted_decimal() {
+        for url in [
+            "https://127.1:8443",
+            "https://10.0.0.010",
+            "https://0x7f.0.0.1",
+            "https://0X7F000001",
+            "https://2130706433/volt",
+            "https://127.0.0.1.:8443",
+            "https://1.2.3.4.5",
+            "https://volt.example.123",
+            "https://volt.example.0x",
+        ] {
+            assert_eq!(
+                Endpoint::custom(url),
+                Err(ConfigError::InvalidUrl {
+                    url: url.to_owned(),
+                    reason: "a host ending in a number must be an IPv4 address written as four decimal numbers without leading zeros",
+                }),
+                "{url}"
+            );
+            assert!(Origin::allowed(url).is_err(), "{url}");
+        }
+        for url in [
+            "https://10.0.0.8",
+            "http://127.0.0.1:8080",
+            "https://0.0.0.0",
+            "https://api.volt.io",
+            "https://v2.volt.example",
+            "https://volt.example.1a",
+            "https://volt.example.0xg",
+            "https://[::1]:8443",
+        ] {
+            assert!(Endpoint::custom(url).is_ok(), "{url}");
         }
     }
 
