@@ -158,47 +158,95 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        loop {
-            if let Some(call) = this.call.as_mut().as_pin_mut() {
-                let result = ready!(call.poll(cx));
-                // Finished: polled again, the future neither polls the inner
-                // future past its completion nor sends anything.
-                this.call.set(None);
-                let response = result.map_err(Into::into)?;
-                // A 401 without a copy to replay (or after the one replay)
-                // is settled here: the next request gets a new token.
-                let Some(ticket) = this.ticket.take() else {
-                    return Poll::Ready(Ok(response));
-                };
-                let Some(cache) = ticket.settle_response(&response, this.replay.is_some()) else {
-                    return Poll::Ready(Ok(response));
-                };
-                if let Err(response) = replay(&mut this, cache, ticket, response) {
-                    return Poll::Ready(Ok(response));
+        // The hot path: the call made in `call` answers, and its status says
+        // nothing about the token. The rest is out of line.
+        if let Some(call) = this.call.as_mut().as_pin_mut() {
+            let result = ready!(call.poll(cx));
+            // Finished: polled again, the future neither polls the inner
+            // future past its completion nor sends anything.
+            this.call.set(None);
+            let response = result.map_err(Into::into)?;
+            return match this.ticket.take() {
+                Some(ticket) if ticket.concerns(response.status()) => {
+                    settle(&mut this, cx, ticket, response)
                 }
+                _ => Poll::Ready(Ok(response)),
+            };
+        }
+        drive(&mut this, cx)
+    }
+}
+
+/// A response that tells something about the token of `ticket` (a 401, or
+/// any answer to a token not confirmed yet): settles it, and after a 401
+/// with a copy to replay, goes on to the replay.
+#[cold]
+#[inline(never)]
+fn settle<S, B, ResBody>(
+    this: &mut Proj<'_, S, B>,
+    cx: &mut Context<'_>,
+    ticket: Ticket,
+    response: Response<ResBody>,
+) -> Poll<Result<Response<ResBody>, BoxError>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    if let Err(response) = replay(this, ticket, response) {
+        return Poll::Ready(Ok(response));
+    }
+    drive(this, cx)
+}
+
+/// Everything but the hot path: waits for a token, makes the call with it,
+/// and settles its response, as often as a 401 and its replay take.
+#[cold]
+#[inline(never)]
+fn drive<S, B, ResBody>(
+    this: &mut Proj<'_, S, B>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Response<ResBody>, BoxError>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    loop {
+        if let Some(call) = this.call.as_mut().as_pin_mut() {
+            let result = ready!(call.poll(cx));
+            this.call.set(None);
+            let response = result.map_err(Into::into)?;
+            let Some(ticket) = this.ticket.take() else {
+                return Poll::Ready(Ok(response));
+            };
+            if let Err(response) = replay(this, ticket, response) {
+                return Poll::Ready(Ok(response));
             }
-            if let Err(output) = ready!(wait(&mut this, cx)) {
-                // Nothing is left to send: polled again, the future sends
-                // nothing more.
-                *this.wait = None;
-                return Poll::Ready(output);
-            }
+        }
+        if let Err(output) = ready!(wait(this, cx)) {
+            // Nothing is left to send: polled again, the future sends
+            // nothing more.
+            *this.wait = None;
+            return Poll::Ready(output);
         }
     }
 }
 
-/// After a 401 to the request of `ticket`: sets up its replay with a renewed
-/// token, or gives the 401 back when there is no copy to replay.
-#[cold]
+/// Settles the response to the request of `ticket`, and after a 401 sets up
+/// its replay with a renewed token; gives the response back when there is
+/// nothing to replay.
 fn replay<S, B, ResBody>(
     this: &mut Proj<'_, S, B>,
-    cache: TokenCache,
     ticket: Ticket,
     response: Response<ResBody>,
 ) -> Result<(), Response<ResBody>>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
 {
+    // A 401 without a copy to replay (or after the one replay) is settled
+    // here: the next request gets a new token.
+    let Some(cache) = ticket.settle_response(&response, this.replay.is_some()) else {
+        return Err(response);
+    };
     let Some((request, service)) = this.replay.take().map(|replay| replay.unpack()) else {
         return Err(response);
     };

@@ -121,7 +121,7 @@ impl Ticket {
 
     /// Whether a response of `status` tells anything about the token.
     #[inline(always)]
-    fn concerns(&self, status: StatusCode) -> bool {
+    pub(crate) fn concerns(&self, status: StatusCode) -> bool {
         status == StatusCode::UNAUTHORIZED || self.unconfirmed
     }
 
