@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::mem::ManuallyDrop;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -40,9 +41,9 @@ pin_project! {
         // What the call carried; `None` for requests to other origins.
         ticket: Option<Ticket>,
         // A copy to replay after a 401, and an unused service to send it with.
-        replay: Option<Box<Replay<S, B>>>,
+        replay: Spare<Replay<S, B>>,
         // A token being awaited and the call to make with it.
-        wait: Option<Box<Wait<S, B, S::Response>>>,
+        wait: Spare<Wait<S, B, S::Response>>,
     }
 }
 
@@ -87,6 +88,61 @@ impl<S, B> Replay<S, B> {
     }
 }
 
+/// An optional box whose drop, when empty, is one inlined test: the hot path
+/// leaves [`ResponseFuture`]'s boxes empty, and dropping what one holds is
+/// out of line.
+struct Spare<T>(Option<ManuallyDrop<Box<T>>>);
+
+impl<T> Spare<T> {
+    fn none() -> Self {
+        Self(None)
+    }
+
+    fn some(boxed: Box<T>) -> Self {
+        Self(Some(ManuallyDrop::new(boxed)))
+    }
+
+    fn of(boxed: Option<Box<T>>) -> Self {
+        Self(boxed.map(ManuallyDrop::new))
+    }
+
+    fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn as_mut(&mut self) -> Option<&mut T> {
+        self.0.as_deref_mut().map(|boxed| &mut **boxed)
+    }
+
+    fn take(&mut self) -> Option<Box<T>> {
+        self.0.take().map(ManuallyDrop::into_inner)
+    }
+
+    fn set(&mut self, boxed: Box<T>) {
+        self.clear();
+        self.0 = Some(ManuallyDrop::new(boxed));
+    }
+
+    fn clear(&mut self) {
+        if self.is_some() {
+            drop_boxed(self.take());
+        }
+    }
+}
+
+impl<T> Drop for Spare<T> {
+    #[inline]
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn drop_boxed<T>(boxed: Option<Box<T>>) {
+    drop(boxed);
+}
+
 /// Waiting for a token, then calling with it.
 struct Wait<S, B, R> {
     token: Option<TokenFuture>,
@@ -108,8 +164,8 @@ where
         Self {
             call: Some(future),
             ticket: None,
-            replay: None,
-            wait: None,
+            replay: Spare::none(),
+            wait: Spare::none(),
         }
     }
 
@@ -121,8 +177,8 @@ where
         Self {
             call: Some(future),
             ticket: Some(ticket),
-            replay,
-            wait: None,
+            replay: Spare::of(replay),
+            wait: Spare::none(),
         }
     }
 
@@ -135,8 +191,8 @@ where
         Self {
             call: None,
             ticket: None,
-            replay,
-            wait: Some(Box::new(Wait {
+            replay: Spare::of(replay),
+            wait: Spare::some(Box::new(Wait {
                 token: Some(token(cache)),
                 service: ready_service,
                 ready: true,
@@ -225,7 +281,7 @@ where
         if let Err(output) = ready!(wait(this, cx)) {
             // Nothing is left to send: polled again, the future sends
             // nothing more.
-            *this.wait = None;
+            this.wait.clear();
             return Poll::Ready(output);
         }
     }
@@ -251,7 +307,7 @@ where
         return Err(response);
     };
     let generation = ticket.generation;
-    *this.wait = Some(Box::new(Wait {
+    this.wait.set(Box::new(Wait {
         token: Some(Box::pin(async move { cache.renew(generation).await })),
         service,
         ready: false,
