@@ -212,8 +212,8 @@ where
     type Output = Result<Response<ResBody>, BoxError>;
 
     #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.as_mut().project();
         // The hot path: the call made in `call` answers, and its status says
         // nothing about the token. The rest is out of line.
         if let Some(call) = this.call.as_mut().as_pin_mut() {
@@ -222,14 +222,15 @@ where
             // future past its completion nor sends anything.
             this.call.set(None);
             let response = result.map_err(Into::into)?;
-            return match this.ticket.take() {
+            return match *this.ticket {
                 Some(ticket) if ticket.concerns(response.status()) => {
-                    settle(&mut this, cx, ticket, response)
+                    settle(self, cx, ticket, response)
                 }
+                // The ticket is left: nothing reads it once the call is done.
                 _ => Poll::Ready(Ok(response)),
             };
         }
-        drive(&mut this, cx)
+        drive(self, cx)
     }
 }
 
@@ -239,7 +240,7 @@ where
 #[cold]
 #[inline(never)]
 fn settle<S, B, ResBody>(
-    this: &mut Proj<'_, S, B>,
+    future: Pin<&mut ResponseFuture<S, B>>,
     cx: &mut Context<'_>,
     ticket: Ticket,
     response: Response<ResBody>,
@@ -248,10 +249,12 @@ where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
 {
-    if let Err(response) = replay(this, ticket, response) {
+    let mut this = future.project();
+    *this.ticket = None;
+    if let Err(response) = replay(&mut this, ticket, response) {
         return Poll::Ready(Ok(response));
     }
-    drive(this, cx)
+    poll_rest(&mut this, cx)
 }
 
 /// Everything but the hot path: waits for a token, makes the call with it,
@@ -259,6 +262,18 @@ where
 #[cold]
 #[inline(never)]
 fn drive<S, B, ResBody>(
+    future: Pin<&mut ResponseFuture<S, B>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Response<ResBody>, BoxError>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    poll_rest(&mut future.project(), cx)
+}
+
+/// [`drive`]'s loop, also where [`settle`] goes on after a 401.
+fn poll_rest<S, B, ResBody>(
     this: &mut Proj<'_, S, B>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Response<ResBody>, BoxError>>
