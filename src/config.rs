@@ -486,22 +486,16 @@ impl Origin {
                 || self.matches_folded(authority))
     }
 
-    /// Whether a request with `scheme` and `authority` spells this origin as
-    /// [`Origin::matches`] compares first: exactly, with `http`'s standard
-    /// scheme. A request this refuses may still match another spelling.
-    #[inline(always)]
-    pub(crate) fn spelled_by(&self, scheme: Option<&str>, authority: &str) -> bool {
-        let scheme = match scheme {
-            Some("https") => self.https,
-            Some("http") => !self.https,
-            _ => false,
-        };
-        scheme
-            && (same(authority, &self.with_port)
-                || match &self.without_port {
-                    Some(ours) => same(authority, ours),
-                    None => false,
-                })
+    /// What [`Spelling::spelled_by`] compares.
+    pub(crate) fn spelling(&self) -> Spelling {
+        let with_port = self.with_port.clone();
+        Spelling {
+            https: self.https,
+            authorities: match &self.without_port {
+                Some(host) => [host.clone(), with_port],
+                None => [with_port.clone(), with_port],
+            },
+        }
     }
 
     /// [`Origin::matches`] for other spellings: another case, an empty port
@@ -560,6 +554,32 @@ impl Origin {
     #[cold]
     fn same_ipv6(&self, host: &str) -> bool {
         ipv6_literal(&self.host).is_some_and(|ours| ipv6_literal(host) == Some(ours))
+    }
+}
+
+/// An origin's scheme and the spellings of its authority that
+/// [`Origin::matches`] compares first (`host` alone for the scheme's default
+/// port, then `host:port`; twice `host:port` for another port): what a
+/// request to it most likely carries, compared inline before the full check.
+/// The default spells no origin (a request's authority is never empty).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Spelling {
+    https: bool,
+    authorities: [String; 2],
+}
+
+impl Spelling {
+    /// Whether a request with `scheme` and `authority` spells this origin
+    /// exactly, with `http`'s standard scheme. A request this refuses may
+    /// still match [`Origin::matches`] with another spelling.
+    #[inline(always)]
+    pub(crate) fn spelled_by(&self, scheme: Option<&str>, authority: &str) -> bool {
+        let scheme = match scheme {
+            Some("https") => self.https,
+            Some("http") => !self.https,
+            _ => false,
+        };
+        scheme && (same(authority, &self.authorities[0]) || same(authority, &self.authorities[1]))
     }
 }
 
@@ -1067,13 +1087,17 @@ mod tests {
             ("http://127.0.0.1:8080", &["http://127.0.0.1:8080/banks"]),
             ("http://[::1]", &["http://[::1]/banks"]),
         ] {
+            let nowhere = Spelling::default();
             let origin = Endpoint::custom(base).unwrap().origin().unwrap();
             for request in requests {
                 let uri: Uri = request.parse().unwrap();
-                let spelled =
-                    origin.spelled_by(uri.scheme_str(), uri.authority().unwrap().as_str());
+                let spelled = origin
+                    .spelling()
+                    .spelled_by(uri.scheme_str(), uri.authority().unwrap().as_str());
                 assert_eq!(spelled, exact.contains(&request), "{base} {request}");
                 assert!(!spelled || origin.matches(&uri), "{base} {request}");
+                let authority = uri.authority().unwrap().as_str();
+                assert!(!nowhere.spelled_by(uri.scheme_str(), authority));
             }
         }
     }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tower::{BoxError, Layer, Service};
 
 use crate::cache::{Settings, Stats, Ticket, TokenCache};
-use crate::config::{Api, ConfigError, Credentials, Endpoint, Environment, Origin};
+use crate::config::{Api, ConfigError, Credentials, Endpoint, Environment, Origin, Spelling};
 use crate::error::Error;
 use crate::oauth::{self, OAuthClient, Token};
 use crate::replay::DefaultReplay;
@@ -73,7 +73,7 @@ pub struct VoltAuthLayer<P = DefaultReplay> {
 pub(crate) struct Auth {
     /// The endpoint's origin, first in `origins`: checked inline, by its
     /// exact spelling, before the full check (see [`Auth::allows`]).
-    primary: Option<Origin>,
+    primary: Spelling,
     pub(crate) cache: TokenCache,
     /// What the cache's `/oauth` client sends (see [`VoltAuthLayer::set_credentials`]).
     credentials: Arc<ArcSwap<Credentials>>,
@@ -91,12 +91,9 @@ impl Auth {
         };
         // The common case, a request spelling the endpoint's origin as it
         // was configured, costs no call; any other goes to the full check.
-        if let Some(origin) = &self.primary {
-            if origin.spelled_by(uri.scheme_str(), authority.as_str()) {
-                return true;
-            }
-        }
-        self.allows_otherwise(uri)
+        self.primary
+            .spelled_by(uri.scheme_str(), authority.as_str())
+            || self.allows_otherwise(uri)
     }
 
     /// [`Auth::allows`] for an absolute `uri` that does not spell the
@@ -632,7 +629,7 @@ impl<P> Builder<P> {
         );
         Ok(VoltAuthLayer {
             auth: Arc::new(Auth {
-                primary: origins.first().cloned(),
+                primary: origins.first().map(Origin::spelling).unwrap_or_default(),
                 credentials: client.credentials(),
                 cache: TokenCache::new(client, settings),
                 origins,
