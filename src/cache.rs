@@ -81,6 +81,11 @@ pub(crate) struct Settings {
 struct Entry {
     token: Option<Arc<Token>>,
     generation: u64,
+    /// The id of the cache it belongs to, for its [`Ticket`]s.
+    cache: u64,
+    /// The token came from a refresh a 401 forced and no response has
+    /// accepted it yet.
+    unconfirmed: AtomicBool,
     phase: AtomicU8,
     stale_at: Instant,
     expired_at: Instant,
@@ -129,9 +134,6 @@ struct Shared {
     /// [`FinishOnDrop`]); if it is the running one, the next caller under the
     /// lock ends it.
     abandoned: AtomicU64,
-    /// The generation a forced refresh produced, until a response accepts it
-    /// (0: none pending).
-    unconfirmed: AtomicU64,
     flight: Mutex<Flight>,
     /// The number of the latest refresh to end, and its error: a waiter takes
     /// only the outcome of the refresh it waits for (or a later one). Never
@@ -207,12 +209,15 @@ impl TokenCache {
     pub(crate) fn new(source: impl TokenSource, settings: Settings) -> Self {
         let (done, _) = watch::channel((0, None));
         let now = Instant::now();
+        let id = ticket::next_id();
         let cache = Self {
             shared: Arc::new(Shared {
-                id: ticket::next_id(),
+                id,
                 current: Arc::new(ArcSwap::from_pointee(Entry {
                     token: None,
                     generation: 0,
+                    cache: id,
+                    unconfirmed: AtomicBool::new(false),
                     phase: AtomicU8::new(EXPIRED),
                     stale_at: now,
                     expired_at: now,
@@ -220,7 +225,6 @@ impl TokenCache {
                 may_kick: AtomicBool::new(true),
                 rearms: AtomicU64::new(0),
                 abandoned: AtomicU64::new(0),
-                unconfirmed: AtomicU64::new(0),
                 flight: Mutex::new(Flight::default()),
                 done,
                 source: Box::new(source),
@@ -270,7 +274,7 @@ impl TokenCache {
             _ => {}
         }
         headers.insert(AUTHORIZATION, token.header().clone());
-        Some(self.shared.ticket(entry.generation))
+        Some(entry.ticket())
     }
 
     /// A per-service view of the current token.
@@ -287,7 +291,7 @@ impl TokenCache {
         }
         let token = entry.token.as_ref()?;
         headers.insert(AUTHORIZATION, token.header().clone());
-        Some(self.shared.ticket(entry.generation))
+        Some(entry.ticket())
     }
 
     /// A valid token, waiting for the one refresh if there is none.
@@ -365,8 +369,9 @@ impl TokenCache {
         // Under the lock that refreshes publish under: a newer forced token
         // keeps its own mark and its own streak.
         let mut flight = shared.lock();
-        if shared.unconfirmed.load(Ordering::Relaxed) == generation {
-            shared.unconfirmed.store(0, Ordering::Relaxed);
+        let entry = shared.current.load();
+        if entry.generation == generation && entry.unconfirmed.load(Ordering::Relaxed) {
+            entry.unconfirmed.store(false, Ordering::Relaxed);
             flight.forced_streak = 0;
         }
     }
@@ -595,7 +600,7 @@ impl Shared {
                 }
                 return Ok(Begin::Ready(Lease {
                     token: token.clone(),
-                    ticket: self.ticket(entry.generation),
+                    ticket: entry.ticket(),
                 }));
             }
         }
@@ -807,17 +812,14 @@ impl Shared {
                     let entry = Arc::new(Entry {
                         token: Some(Arc::new(token)),
                         generation: flight.generation,
+                        cache: self.id,
+                        // A request carrying a forced token sees that it is
+                        // unconfirmed.
+                        unconfirmed: AtomicBool::new(std::mem::take(&mut flight.forcing)),
                         phase: AtomicU8::new(FRESH),
                         stale_at,
                         expired_at,
                     });
-                    // Set before the token is published, so that a request
-                    // carrying a forced token sees that it is unconfirmed.
-                    let forced = std::mem::take(&mut flight.forcing);
-                    self.unconfirmed.store(
-                        if forced { flight.generation } else { 0 },
-                        Ordering::Release,
-                    );
                     self.current.store(entry.clone());
                     time(&mut flight, &entry);
                     self.may_kick.store(true, Ordering::Release);

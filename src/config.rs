@@ -499,6 +499,18 @@ impl Origin {
                 || self.matches_folded(authority))
     }
 
+    /// What [`Spelling::spelled_by`] compares.
+    pub(crate) fn spelling(&self) -> Spelling {
+        let with_port = self.with_port.clone();
+        Spelling {
+            https: self.https,
+            authorities: match &self.without_port {
+                Some(host) => [host.clone(), with_port],
+                None => [with_port.clone(), with_port],
+            },
+        }
+    }
+
     /// [`Origin::matches`] for other spellings: another case, an empty port
     /// (the scheme's default), or another spelling of an IPv6 address.
     #[cold]
@@ -555,6 +567,49 @@ impl Origin {
     #[cold]
     fn same_ipv6(&self, host: &str) -> bool {
         ipv6_literal(&self.host).is_some_and(|ours| ipv6_literal(host) == Some(ours))
+    }
+}
+
+/// An origin's scheme and the spellings of its authority that
+/// [`Origin::matches`] compares first (`host` alone for the scheme's default
+/// port, then `host:port`; twice `host:port` for another port): what a
+/// request to it most likely carries, compared inline before the full check.
+/// The default spells no origin (a request's authority is never empty).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Spelling {
+    https: bool,
+    authorities: [String; 2],
+}
+
+impl Spelling {
+    /// Whether a request with `scheme` and `authority` spells this origin
+    /// exactly, with `http`'s standard scheme. A request this refuses may
+    /// still match [`Origin::matches`] with another spelling.
+    #[inline(always)]
+    pub(crate) fn spelled_by(&self, scheme: Option<&str>, authority: &str) -> bool {
+        let scheme = match scheme {
+            Some("https") => self.https,
+            Some("http") => !self.https,
+            _ => false,
+        };
+        scheme && (same(authority, &self.authorities[0]) || same(authority, &self.authorities[1]))
+    }
+}
+
+/// `a == b`, without a call to `bcmp` for strings of 8 to 32 bytes (most
+/// authorities): two overlapping loads of each, compared as integers.
+#[inline(always)]
+fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    match a.len() {
+        8..=16 => a.first_chunk::<8>() == b.first_chunk() && a.last_chunk::<8>() == b.last_chunk(),
+        17..=32 => {
+            a.first_chunk::<16>() == b.first_chunk() && a.last_chunk::<16>() == b.last_chunk()
+        }
+        _ => a == b,
     }
 }
 
@@ -1028,6 +1083,67 @@ mod tests {
         assert!(!origin.matches(&"http://127.0.0.1/banks".parse().unwrap()));
         assert!(!origin.matches(&"http://127.0.0.1:80/banks".parse().unwrap()));
         assert!(!origin.matches(&"http://127.0.0.1:/banks".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_exact_spelling_check_accepts_a_subset_of_matches() {
+        let requests = [
+            "https://api.volt.io/banks",
+            "https://api.volt.io:443/banks",
+            "https://API.Volt.io/banks",
+            "https://api.volt.io:/banks",
+            "HTTPS://api.volt.io/banks",
+            "http://api.volt.io/banks",
+            "https://api.volt.io:8443/banks",
+            "https://api.volt.io.evil.example/banks",
+            "https://user@api.volt.io/banks",
+            "http://127.0.0.1:8080/banks",
+            "http://127.0.0.1:80/banks",
+            "http://127.0.0.1/banks",
+            "http://[::1]/banks",
+            "http://[0:0:0:0:0:0:0:1]:80/banks",
+        ];
+        for (base, exact) in [
+            (
+                "https://API.volt.io",
+                &[
+                    "https://api.volt.io/banks",
+                    "https://api.volt.io:443/banks",
+                    // `http` parses the scheme in any case as the standard one.
+                    "HTTPS://api.volt.io/banks",
+                ][..],
+            ),
+            ("http://127.0.0.1:8080", &["http://127.0.0.1:8080/banks"]),
+            ("http://[::1]", &["http://[::1]/banks"]),
+        ] {
+            let nowhere = Spelling::default();
+            let origin = Endpoint::custom(base).unwrap().origin().unwrap();
+            for request in requests {
+                let uri: Uri = request.parse().unwrap();
+                let spelled = origin
+                    .spelling()
+                    .spelled_by(uri.scheme_str(), uri.authority().unwrap().as_str());
+                assert_eq!(spelled, exact.contains(&request), "{base} {request}");
+                assert!(!spelled || origin.matches(&uri), "{base} {request}");
+                let authority = uri.authority().unwrap().as_str();
+                assert!(!nowhere.spelled_by(uri.scheme_str(), authority));
+            }
+        }
+    }
+
+    #[test]
+    fn same_is_string_equality_at_every_length() {
+        for len in 0..=40 {
+            let a: String = (0..len).map(|i| char::from(b'a' + i % 26)).collect();
+            assert!(same(&a, &a.clone()), "{a}");
+            assert!(!same(&a, &format!("{a}x")), "{a}");
+            for at in 0..usize::from(len) {
+                let mut b = a.clone().into_bytes();
+                b[at] = b'-';
+                let b = String::from_utf8(b).unwrap();
+                assert!(!same(&a, &b), "{a} {b}");
+            }
+        }
     }
 
     #[test]

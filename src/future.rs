@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::mem::ManuallyDrop;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -40,9 +41,9 @@ pin_project! {
         // What the call carried; `None` for requests to other origins.
         ticket: Option<Ticket>,
         // A copy to replay after a 401, and an unused service to send it with.
-        replay: Option<Box<Replay<S, B>>>,
+        replay: Spare<Replay<S, B>>,
         // A token being awaited and the call to make with it.
-        wait: Option<Box<Wait<S, B, S::Response>>>,
+        wait: Spare<Wait<S, B, S::Response>>,
     }
 }
 
@@ -87,6 +88,61 @@ impl<S, B> Replay<S, B> {
     }
 }
 
+/// An optional box whose drop, when empty, is one inlined test: the hot path
+/// leaves [`ResponseFuture`]'s boxes empty, and dropping what one holds is
+/// out of line.
+struct Spare<T>(Option<ManuallyDrop<Box<T>>>);
+
+impl<T> Spare<T> {
+    fn none() -> Self {
+        Self(None)
+    }
+
+    fn some(boxed: Box<T>) -> Self {
+        Self(Some(ManuallyDrop::new(boxed)))
+    }
+
+    fn of(boxed: Option<Box<T>>) -> Self {
+        Self(boxed.map(ManuallyDrop::new))
+    }
+
+    fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn as_mut(&mut self) -> Option<&mut T> {
+        self.0.as_deref_mut().map(|boxed| &mut **boxed)
+    }
+
+    fn take(&mut self) -> Option<Box<T>> {
+        self.0.take().map(ManuallyDrop::into_inner)
+    }
+
+    fn set(&mut self, boxed: Box<T>) {
+        self.clear();
+        self.0 = Some(ManuallyDrop::new(boxed));
+    }
+
+    fn clear(&mut self) {
+        if self.is_some() {
+            drop_boxed(self.take());
+        }
+    }
+}
+
+impl<T> Drop for Spare<T> {
+    #[inline]
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn drop_boxed<T>(boxed: Option<Box<T>>) {
+    drop(boxed);
+}
+
 /// Waiting for a token, then calling with it.
 struct Wait<S, B, R> {
     token: Option<TokenFuture>,
@@ -108,8 +164,8 @@ where
         Self {
             call: Some(future),
             ticket: None,
-            replay: None,
-            wait: None,
+            replay: Spare::none(),
+            wait: Spare::none(),
         }
     }
 
@@ -121,8 +177,8 @@ where
         Self {
             call: Some(future),
             ticket: Some(ticket),
-            replay,
-            wait: None,
+            replay: Spare::of(replay),
+            wait: Spare::none(),
         }
     }
 
@@ -135,8 +191,8 @@ where
         Self {
             call: None,
             ticket: None,
-            replay,
-            wait: Some(Box::new(Wait {
+            replay: Spare::of(replay),
+            wait: Spare::some(Box::new(Wait {
                 token: Some(token(cache)),
                 service: ready_service,
                 ready: true,
@@ -156,54 +212,117 @@ where
     type Output = Result<Response<ResBody>, BoxError>;
 
     #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        loop {
-            if let Some(call) = this.call.as_mut().as_pin_mut() {
-                let result = ready!(call.poll(cx));
-                // Finished: polled again, the future neither polls the inner
-                // future past its completion nor sends anything.
-                this.call.set(None);
-                let response = result.map_err(Into::into)?;
-                // A 401 without a copy to replay (or after the one replay)
-                // is settled here: the next request gets a new token.
-                let Some(ticket) = this.ticket.take() else {
-                    return Poll::Ready(Ok(response));
-                };
-                let Some(cache) = ticket.settle_response(&response, this.replay.is_some()) else {
-                    return Poll::Ready(Ok(response));
-                };
-                if let Err(response) = replay(&mut this, cache, ticket, response) {
-                    return Poll::Ready(Ok(response));
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.as_mut().project();
+        // The hot path: the call made in `call` answers, and its status says
+        // nothing about the token. The rest is out of line.
+        if let Some(call) = this.call.as_mut().as_pin_mut() {
+            let result = ready!(call.poll(cx));
+            // Finished: polled again, the future neither polls the inner
+            // future past its completion nor sends anything.
+            this.call.set(None);
+            let response = result.map_err(Into::into)?;
+            return match *this.ticket {
+                Some(ticket) if ticket.concerns(response.status()) => {
+                    settle(self, cx, ticket, response)
                 }
+                // The ticket is left: nothing reads it once the call is done.
+                _ => Poll::Ready(Ok(response)),
+            };
+        }
+        drive(self, cx)
+    }
+}
+
+/// A response that tells something about the token of `ticket` (a 401, or
+/// any answer to a token not confirmed yet): settles it, and after a 401
+/// with a copy to replay, goes on to the replay.
+#[cold]
+#[inline(never)]
+fn settle<S, B, ResBody>(
+    future: Pin<&mut ResponseFuture<S, B>>,
+    cx: &mut Context<'_>,
+    ticket: Ticket,
+    response: Response<ResBody>,
+) -> Poll<Result<Response<ResBody>, BoxError>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    let mut this = future.project();
+    *this.ticket = None;
+    if let Err(response) = replay(&mut this, ticket, response) {
+        return Poll::Ready(Ok(response));
+    }
+    poll_rest(&mut this, cx)
+}
+
+/// Everything but the hot path: waits for a token, makes the call with it,
+/// and settles its response, as often as a 401 and its replay take.
+#[cold]
+#[inline(never)]
+fn drive<S, B, ResBody>(
+    future: Pin<&mut ResponseFuture<S, B>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Response<ResBody>, BoxError>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    poll_rest(&mut future.project(), cx)
+}
+
+/// [`drive`]'s loop, also where [`settle`] goes on after a 401.
+fn poll_rest<S, B, ResBody>(
+    this: &mut Proj<'_, S, B>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Response<ResBody>, BoxError>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    loop {
+        if let Some(call) = this.call.as_mut().as_pin_mut() {
+            let result = ready!(call.poll(cx));
+            this.call.set(None);
+            let response = result.map_err(Into::into)?;
+            let Some(ticket) = this.ticket.take() else {
+                return Poll::Ready(Ok(response));
+            };
+            if let Err(response) = replay(this, ticket, response) {
+                return Poll::Ready(Ok(response));
             }
-            if let Err(output) = ready!(wait(&mut this, cx)) {
-                // Nothing is left to send: polled again, the future sends
-                // nothing more.
-                *this.wait = None;
-                return Poll::Ready(output);
-            }
+        }
+        if let Err(output) = ready!(wait(this, cx)) {
+            // Nothing is left to send: polled again, the future sends
+            // nothing more.
+            this.wait.clear();
+            return Poll::Ready(output);
         }
     }
 }
 
-/// After a 401 to the request of `ticket`: sets up its replay with a renewed
-/// token, or gives the 401 back when there is no copy to replay.
-#[cold]
+/// Settles the response to the request of `ticket`, and after a 401 sets up
+/// its replay with a renewed token; gives the response back when there is
+/// nothing to replay.
 fn replay<S, B, ResBody>(
     this: &mut Proj<'_, S, B>,
-    cache: TokenCache,
     ticket: Ticket,
     response: Response<ResBody>,
 ) -> Result<(), Response<ResBody>>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
 {
+    // A 401 without a copy to replay (or after the one replay) is settled
+    // here: the next request gets a new token.
+    let Some(cache) = ticket.settle_response(&response, this.replay.is_some()) else {
+        return Err(response);
+    };
     let Some((request, service)) = this.replay.take().map(|replay| replay.unpack()) else {
         return Err(response);
     };
     let generation = ticket.generation;
-    *this.wait = Some(Box::new(Wait {
+    this.wait.set(Box::new(Wait {
         token: Some(Box::pin(async move { cache.renew(generation).await })),
         service,
         ready: false,

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tower::{BoxError, Layer, Service};
 
 use crate::cache::{Settings, Stats, Ticket, TokenCache};
-use crate::config::{Api, ConfigError, Credentials, Endpoint, Environment, Origin};
+use crate::config::{Api, ConfigError, Credentials, Endpoint, Environment, Origin, Spelling};
 use crate::error::Error;
 use crate::oauth::{self, OAuthClient, Token};
 use crate::replay::DefaultReplay;
@@ -71,6 +71,9 @@ pub struct VoltAuthLayer<P = DefaultReplay> {
 /// What every service of one layer shares: the token cache and where the token
 /// may go.
 pub(crate) struct Auth {
+    /// The endpoint's origin, first in `origins`: checked inline, by its
+    /// exact spelling, before the full check (see [`Auth::allows`]).
+    primary: Spelling,
     pub(crate) cache: TokenCache,
     /// What the cache's `/oauth` client sends (see [`VoltAuthLayer::set_credentials`]).
     credentials: Arc<ArcSwap<Credentials>>,
@@ -81,9 +84,23 @@ pub(crate) struct Auth {
 impl Auth {
     /// Whether a request to `uri` gets the token: the configured origins, and
     /// relative URIs (the inner service decides where those go).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn allows(&self, uri: &http::Uri) -> bool {
-        uri.authority().is_none() || self.origins.iter().any(|origin| origin.matches(uri))
+        let Some(authority) = uri.authority() else {
+            return true;
+        };
+        // The common case, a request spelling the endpoint's origin as it
+        // was configured, costs no call; any other goes to the full check.
+        self.primary
+            .spelled_by(uri.scheme_str(), authority.as_str())
+            || self.allows_otherwise(uri)
+    }
+
+    /// [`Auth::allows`] for an absolute `uri` that does not spell the
+    /// endpoint's origin exactly: every origin, every spelling.
+    #[inline(never)]
+    fn allows_otherwise(&self, uri: &http::Uri) -> bool {
+        self.origins.iter().any(|origin| origin.matches(uri))
     }
 
     /// Whether a request to `scheme://host[:port]` gets the token (`port` is
@@ -612,6 +629,7 @@ impl<P> Builder<P> {
         );
         Ok(VoltAuthLayer {
             auth: Arc::new(Auth {
+                primary: origins.first().map(Origin::spelling).unwrap_or_default(),
                 credentials: client.credentials(),
                 cache: TokenCache::new(client, settings),
                 origins,

@@ -113,9 +113,10 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         if !self.auth.allows(request.uri()) {
-            return ResponseFuture::passthrough(self.inner.call(request));
+            return self.pass(request);
         }
         // The copy to replay after a 401 is taken before sending, with an
         // unused clone of the service to send it with.
@@ -129,15 +130,39 @@ where
             .attach_local(&mut self.token, request.headers_mut())
         {
             Some(ticket) => ResponseFuture::sent(self.inner.call(request), ticket, replay),
-            None => {
-                // The instance that was polled ready waits for the token in
-                // the future; a clone takes its place (tower's advice for
-                // services that are moved out of `call`).
-                let clone = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::authorize(self.auth.cache.clone(), ready, request, replay)
-            }
+            None => self.authorize(request, replay),
         }
+    }
+}
+
+impl<S, P> VoltAuth<S, P> {
+    /// Sends a request to another origin untouched (out of line: the hot path
+    /// is the origin's).
+    #[inline(never)]
+    fn pass<B>(&mut self, request: Request<B>) -> ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        ResponseFuture::passthrough(self.inner.call(request))
+    }
+
+    /// A request that must wait for a token.
+    #[cold]
+    #[inline(never)]
+    fn authorize<B>(
+        &mut self,
+        request: Request<B>,
+        replay: Option<Box<Replay<S, B>>>,
+    ) -> ResponseFuture<S, B>
+    where
+        S: Service<Request<B>> + Clone,
+    {
+        // The instance that was polled ready waits for the token in the
+        // future; a clone takes its place (tower's advice for services that
+        // are moved out of `call`).
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::authorize(self.auth.cache.clone(), ready, request, replay)
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use http::{HeaderMap, Response, StatusCode};
 
-use super::{Shared, TokenCache};
+use super::{Entry, Shared, TokenCache};
 
 /// Every live cache by id. Ids are never reused, so a ticket that outlives its
 /// cache finds nothing rather than another cache.
@@ -50,13 +50,14 @@ pub(crate) struct Ticket {
     unconfirmed: bool,
 }
 
-impl Shared {
+impl Entry {
+    /// The ticket of a request that carries this entry's token.
     #[inline]
-    pub(super) fn ticket(&self, generation: u64) -> Ticket {
+    pub(super) fn ticket(&self) -> Ticket {
         Ticket {
-            cache: self.id,
-            generation,
-            unconfirmed: generation != 0 && self.unconfirmed.load(Ordering::Acquire) == generation,
+            cache: self.cache,
+            generation: self.generation,
+            unconfirmed: self.unconfirmed.load(Ordering::Acquire),
         }
     }
 }
@@ -121,7 +122,7 @@ impl Ticket {
 
     /// Whether a response of `status` tells anything about the token.
     #[inline(always)]
-    fn concerns(&self, status: StatusCode) -> bool {
+    pub(crate) fn concerns(&self, status: StatusCode) -> bool {
         status == StatusCode::UNAUTHORIZED || self.unconfirmed
     }
 
