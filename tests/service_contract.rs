@@ -22,11 +22,11 @@ use tokio::sync::Semaphore;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tower::{BoxError, Layer, Service, ServiceExt};
 use volt_auth::mock::{MockService, MockVolt};
-use volt_auth::{VoltAuth, VoltAuthLayer};
+use volt_auth::{NoReplay, VoltAuth, VoltAuthLayer};
 
 mod common;
 
-use common::{Body, GUARD, bearer, get, joined, layer, send};
+use common::{Body, GUARD, bearer, builder, get, joined, layer, send};
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
@@ -504,6 +504,131 @@ async fn polling_again_after_a_replayed_success_sends_nothing() {
         0,
         "the finished inner future was polled again"
     );
+}
+
+/// Polled again after it ended otherwise than with a success: a failed wait
+/// for the token, a 401 without a copy to replay, an inner error. Each time
+/// `Error::Interrupted`, and nothing is sent or polled again.
+#[tokio::test]
+async fn polling_again_after_an_error_or_an_unreplayed_401_sends_nothing() {
+    let mock = MockVolt::builder().in_process();
+    mock.fail_oauth(1, StatusCode::UNAUTHORIZED, r#"{"error":"invalid_client"}"#);
+    let probe = Probe::new(&mock);
+    let counts = probe.counts.clone();
+    let mut api = layer(&mock).layer(probe);
+    api.ready().await.expect("ready");
+    let mut future = Box::pin(api.call(get(&mock, "/banks")));
+    future.as_mut().await.expect_err("no token");
+    assert_interrupted(poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await);
+    assert_eq!(snapshot(&counts), (1, 0, 0));
+    assert_eq!((mock.oauth_calls(), mock.api_calls()), (1, 0));
+
+    let mock = MockVolt::builder().in_process();
+    let probe = Probe::new(&mock);
+    let counts = probe.counts.clone();
+    let auth = builder(&mock)
+        .replay(NoReplay)
+        .build(mock.service())
+        .expect("layer");
+    let mut api = auth.layer(probe);
+    assert_eq!(
+        send(&mut api, get(&mock, "/banks")).await.status(),
+        StatusCode::OK
+    );
+    mock.revoke_access_tokens();
+    api.ready().await.expect("ready");
+    let mut future = Box::pin(api.call(payment(&mock, b"{}")));
+    let response = future.as_mut().await.expect("the 401");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_interrupted(poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await);
+    assert_eq!(snapshot(&counts), (2, 2, 0));
+    assert_eq!(counts.polled_after_ready.load(Ordering::SeqCst), 0);
+    assert_eq!(mock.api_calls(), 2);
+
+    // On the hot path (a token at hand): the inner future, an `async` block,
+    // panics if polled past its completion.
+    auth.access_token().await.expect("a token");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let failing = {
+        let calls = calls.clone();
+        tower::service_fn(move |_: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<Response<Body>, _>(std::io::Error::other("inner")) }
+        })
+    };
+    let mut api = auth.layer(failing);
+    api.ready().await.expect("ready");
+    let mut future = Box::pin(api.call(get(&mock, "/banks")));
+    let error = future.as_mut().await.expect_err("the inner error");
+    assert!(error.is::<std::io::Error>(), "{error:?}");
+    assert_interrupted(poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// Aborts `task`; its future has been dropped when this returns.
+async fn aborted<T>(task: tokio::task::JoinHandle<T>) {
+    task.abort();
+    assert!(task.await.is_err_and(|e| e.is_cancelled()));
+}
+
+/// Dropped in each state it can be in: waiting for a token, mid-call,
+/// answered (its copy to replay unused), waiting for the renewal after a 401
+/// (the 401 held), mid-replay. Each time, what it held goes with it: no clone
+/// of the service (in the copy to replay, the wait or the inner future) is
+/// left.
+#[tokio::test(start_paused = true)]
+async fn a_future_dropped_in_any_state_leaves_nothing_behind() {
+    let mock = MockVolt::builder().in_process();
+    let mut probe = Probe::new(&mock);
+    let gate = Arc::new(Semaphore::new(0));
+    probe.gate = Some(gate.clone());
+    probe.gate_from = 0;
+    let counts = probe.counts.clone();
+    let auth = layer(&mock);
+    let mut api = auth.layer(probe);
+    // Besides the test's `counts` and `api`'s probe.
+    let left = || Arc::strong_count(&counts) - 2;
+
+    let hold = mock.hold_oauth();
+    let task = tokio::spawn(api.clone().oneshot(payment(&mock, b"{}")));
+    timeout(GUARD, hold.wait_for(1)).await.expect("held");
+    aborted(task).await;
+    assert_eq!(left(), 0, "waiting for a token");
+    hold.release();
+
+    let task = tokio::spawn(api.clone().oneshot(payment(&mock, b"{}")));
+    sleep(ms(1)).await; // the call waits at the gate
+    assert_eq!(counts.calls.load(Ordering::SeqCst), 1);
+    aborted(task).await;
+    assert_eq!(left(), 0, "mid-call");
+
+    gate.add_permits(1);
+    let response = send(&mut api, payment(&mock, b"{}")).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(left(), 0, "answered");
+
+    mock.revoke_access_tokens();
+    let hold = mock.hold_oauth();
+    gate.add_permits(1);
+    let task = tokio::spawn(api.clone().oneshot(payment(&mock, b"{}")));
+    timeout(GUARD, hold.wait_for(1)).await.expect("held");
+    assert_eq!(mock.unauthorized(), 1);
+    aborted(task).await;
+    assert_eq!(left(), 0, "waiting for the renewal");
+    hold.release();
+
+    sleep(secs(2)).await; // past the throttle of forced refreshes
+    mock.revoke_access_tokens();
+    gate.add_permits(1); // the 401 goes through, the replay waits
+    let task = tokio::spawn(api.clone().oneshot(payment(&mock, b"{}")));
+    sleep(ms(1)).await;
+    assert_eq!(
+        (counts.calls.load(Ordering::SeqCst), auth.stats().replays),
+        (5, 1)
+    );
+    aborted(task).await;
+    assert_eq!(left(), 0, "mid-replay");
+    assert_eq!(mock.oauth_calls(), 3);
 }
 
 /// Many tasks on a multi-thread runtime, cold cache (`authorize` path), the

@@ -910,6 +910,36 @@ async fn an_accepted_forced_token_ends_the_throttles_escalation() {
     assert_eq!(cache.stats().replays, 1);
 }
 
+/// A late answer to a forced token that a newer one has replaced: the
+/// unconfirmed mark and the escalation are the newer token's, whether a 401
+/// forced it (it stays unconfirmed) or not (there is nothing to confirm).
+#[tokio::test(start_paused = true)]
+async fn a_late_answer_to_a_replaced_forced_token_confirms_nothing() {
+    let (_script, cache, first) = warm().await;
+    // Forced at 0 s and 1 s: the next forced refresh may come at 3 s.
+    let forced = cache.renew(first.generation).await.unwrap().unwrap().ticket;
+    sleep(Duration::from_secs(1)).await;
+    let newer = cache.renew(forced.generation).await.unwrap().unwrap();
+    let newer = newer.ticket;
+    assert!(forced.unconfirmed() && newer.unconfirmed());
+    assert!(forced.settle(StatusCode::OK, false).is_none());
+    let seen = cache.attach(&mut http::HeaderMap::new()).unwrap();
+    assert_eq!(seen, newer, "the newer forced token was confirmed");
+    // A refresh no 401 forced replaces the newer forced token.
+    cache.credentials_replaced();
+    sleep(Duration::from_millis(1)).await;
+    let fresh = cache.attach(&mut http::HeaderMap::new()).unwrap();
+    assert_eq!(fresh.generation, newer.generation + 1);
+    assert!(!fresh.unconfirmed());
+    assert!(newer.settle(StatusCode::OK, false).is_none());
+    // The escalation stands: a 401 at 2 s is throttled, one at 3 s is not.
+    sleep(Duration::from_millis(999)).await;
+    let throttled = cache.renew(fresh.generation).await.unwrap();
+    assert!(throttled.is_none(), "the escalation was ended");
+    sleep(Duration::from_secs(1)).await;
+    assert!(cache.renew(fresh.generation).await.unwrap().is_some());
+}
+
 /// The header a request would carry now, as sent.
 fn attached(cache: &TokenCache) -> HeaderValue {
     let mut headers = http::HeaderMap::new();
