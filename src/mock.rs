@@ -127,7 +127,8 @@ pub struct OAuthRequest {
     pub content_type: Option<String>,
     /// The `Accept` header, if present.
     pub accept: Option<String>,
-    /// The body fields in order (form or JSON; non-string JSON values in their JSON text).
+    /// The body fields in order (form or JSON; non-string JSON values in their JSON text,
+    /// a name repeated in JSON once, with its last value).
     /// Empty when the body could not be parsed.
     pub fields: Vec<(String, String)>,
 }
