@@ -117,7 +117,9 @@ struct Failure {
 /// What one `/oauth` request carried, as recorded by [`MockVolt::oauth_requests`].
 ///
 /// `Debug` shows `[redacted]` for the values of `client_secret`, `password`
-/// and `refresh_token`; [`OAuthRequest::field`] and `fields` hold them as sent.
+/// and `refresh_token`, and for the names and values of fields other than
+/// these and `grant_type`, `client_id` and `username` (a malformed body's names
+/// may hold secrets); [`OAuthRequest::field`] and `fields` hold them as sent.
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct OAuthRequest {
@@ -127,7 +129,8 @@ pub struct OAuthRequest {
     pub content_type: Option<String>,
     /// The `Accept` header, if present.
     pub accept: Option<String>,
-    /// The body fields in order (form or JSON; non-string JSON values in their JSON text).
+    /// The body fields in order (form or JSON; non-string JSON values in their JSON text,
+    /// a name repeated in JSON once, with its last value).
     /// Empty when the body could not be parsed.
     pub fields: Vec<(String, String)>,
 }
@@ -138,8 +141,10 @@ impl fmt::Debug for OAuthRequest {
             .fields
             .iter()
             .map(|(name, value)| match name.as_str() {
+                "grant_type" | "client_id" | "username" => (name.as_str(), value.as_str()),
                 "client_secret" | "password" | "refresh_token" => (name.as_str(), "[redacted]"),
-                _ => (name.as_str(), value.as_str()),
+                // A malformed body's names may hold secrets: JSON sent as a form, say.
+                _ => ("[redacted]", "[redacted]"),
             })
             .collect();
         f.debug_struct("OAuthRequest")

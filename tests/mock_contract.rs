@@ -267,3 +267,39 @@ async fn oauth_requests_debug_redacts_the_secret_password_and_refresh_token() {
     }
     assert!(format!("{:?}", requests[0]).contains(mock::USERNAME));
 }
+
+/// A body that is not the grant it should be (JSON labelled as a form, an
+/// unencoded `&` in the password) puts secrets in field names: `Debug` shows
+/// those neither.
+#[tokio::test]
+async fn oauth_requests_debug_redacts_secrets_in_malformed_bodies() {
+    let volt = MockVolt::builder().in_process();
+    let json = serde_json::json!({
+        "grant_type": "password",
+        "client_id": mock::CLIENT_ID,
+        "client_secret": mock::CLIENT_SECRET,
+        "username": mock::USERNAME,
+        "password": mock::PASSWORD,
+    });
+    let unencoded = format!(
+        "grant_type=password&client_id={}&client_secret={}&username={}&password=pass&Xq9z",
+        mock::CLIENT_ID,
+        mock::CLIENT_SECRET,
+        mock::USERNAME
+    );
+    for body in [json.to_string(), unencoded] {
+        let request = Request::post("/oauth")
+            .header(CONTENT_TYPE, FORM)
+            .body(Full::from(body))
+            .expect("request");
+        send(&volt, request).await;
+    }
+    let requests = volt.oauth_requests();
+    let debug = format!("{requests:?}");
+    for secret in [mock::CLIENT_SECRET, mock::PASSWORD, "Xq9z"] {
+        assert!(!debug.contains(secret), "{secret}: {debug}");
+    }
+    // The names Volt's grants use, and the values that are not secret, still show.
+    assert!(debug.contains(r#"("grant_type", "password")"#), "{debug}");
+    assert!(debug.contains(r#"("password", "[redacted]")"#), "{debug}");
+}

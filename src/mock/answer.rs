@@ -7,6 +7,8 @@
 //! then are its method, body and credentials checked. A call to an API route
 //! with the right method is recorded and counted before its token is checked.
 
+use std::collections::HashMap;
+use std::fmt;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
@@ -16,6 +18,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use serde::Serialize;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use tokio::time::Instant;
 
 use super::{
@@ -89,9 +92,8 @@ fn parse_fields(content_type: Option<&str>, body: &[u8]) -> Result<Vec<(String, 
     if essence == "application/x-www-form-urlencoded" {
         serde_urlencoded::from_bytes::<Vec<(String, String)>>(body).map_err(|_| ())
     } else if essence == "application/json" || essence.ends_with("+json") {
-        let map = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
-            .map_err(|_| ())?;
-        Ok(map
+        let JsonFields(fields) = serde_json::from_slice(body).map_err(|_| ())?;
+        Ok(fields
             .into_iter()
             .filter(|(_, value)| !value.is_null())
             .map(|(key, value)| match value {
@@ -101,6 +103,40 @@ fn parse_fields(content_type: Option<&str>, body: &[u8]) -> Result<Vec<(String, 
             .collect())
     } else {
         Err(())
+    }
+}
+
+/// A JSON object's members in the order sent (`serde_json::Map` sorts them by
+/// name); a repeated name keeps its first place and its last value.
+struct JsonFields(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for JsonFields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> Visitor<'de> for Members {
+            type Value = JsonFields;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonFields, A::Error> {
+                let mut fields: Vec<(String, serde_json::Value)> = Vec::new();
+                // Where each name is, so that a body of many names takes no quadratic time.
+                let mut places: HashMap<String, usize> = HashMap::new();
+                while let Some((name, value)) = map.next_entry::<String, serde_json::Value>()? {
+                    match places.get(&name).and_then(|&place| fields.get_mut(place)) {
+                        Some(field) => field.1 = value,
+                        None => {
+                            places.insert(name.clone(), fields.len());
+                            fields.push((name, value));
+                        }
+                    }
+                }
+                Ok(JsonFields(fields))
+            }
+        }
+        deserializer.deserialize_map(Members)
     }
 }
 
@@ -732,6 +768,30 @@ mod tests {
         let last = mock.oauth_requests().pop().expect("recorded");
         assert_eq!(last.field("client_id"), Some("5"));
         assert_eq!(last.field("client_secret"), None);
+    }
+
+    #[tokio::test]
+    async fn json_fields_are_recorded_in_the_order_sent() {
+        let mock = MockVolt::builder().in_process();
+        let request = Request::post("/oauth")
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from_static(
+                br#"{"username":"u","grant_type":"password","client_id":"a","client_id":"b","scope":null}"#,
+            )))
+            .expect("request");
+        send(&mock, request).await;
+        let recorded = mock.oauth_requests().pop().expect("recorded");
+        // A repeated name keeps its first place and its last value, as a JSON object does.
+        let expected = [
+            ("username", "u"),
+            ("grant_type", "password"),
+            ("client_id", "b"),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect();
+        assert_eq!(recorded.fields, expected);
     }
 
     #[tokio::test]
