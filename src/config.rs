@@ -437,13 +437,10 @@ impl Default for Endpoint {
 /// Scheme, host and port: where a request goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Origin {
-    https: bool,
     host: String,
     port: u16,
-    /// `host:port`, and `host` alone when the port is the scheme's default:
-    /// the two spellings of this origin's authority that requests compare to.
-    with_port: String,
-    without_port: Option<String>,
+    /// The scheme, and the spellings of the authority requests compare to.
+    spelling: Spelling,
 }
 
 impl Origin {
@@ -457,12 +454,19 @@ impl Origin {
         let default_port = if https { 443 } else { 80 };
         let host = authority.host().to_ascii_lowercase();
         let port = authority.port_u16().unwrap_or(default_port);
+        let with_port = format!("{host}:{port}");
+        let first = if port == default_port {
+            host.clone()
+        } else {
+            with_port.clone()
+        };
         Some(Self {
-            https,
-            with_port: format!("{host}:{port}"),
-            without_port: (port == default_port).then(|| host.clone()),
             host,
             port,
+            spelling: Spelling {
+                https,
+                authorities: [first, with_port],
+            },
         })
     }
 
@@ -483,32 +487,31 @@ impl Origin {
     /// as the origin does, and case-insensitive ones only when it does not.
     #[inline]
     pub(crate) fn matches(&self, uri: &Uri) -> bool {
-        // `http` spells the two standard schemes in lower case, however the
-        // request did.
-        let scheme = match uri.scheme_str() {
-            Some("https") => self.https,
-            Some("http") => !self.https,
-            _ => false,
-        };
         let Some(authority) = uri.authority().map(Authority::as_str) else {
             return false;
         };
-        scheme
-            && (authority == self.with_port
-                || self.without_port.as_deref() == Some(authority)
-                || self.matches_folded(authority))
+        self.spelling.scheme(uri.scheme_str())
+            && (self.spelling.exact(authority) || self.matches_folded(authority))
     }
 
-    /// What [`Spelling::spelled_by`] compares.
-    pub(crate) fn spelling(&self) -> Spelling {
-        let with_port = self.with_port.clone();
-        Spelling {
-            https: self.https,
-            authorities: match &self.without_port {
-                Some(host) => [host.clone(), with_port],
-                None => [with_port.clone(), with_port],
-            },
-        }
+    /// What [`Origin::matches`] compares first.
+    pub(crate) fn spelling(&self) -> &Spelling {
+        &self.spelling
+    }
+
+    fn https(&self) -> bool {
+        self.spelling.https
+    }
+
+    /// `host:port`.
+    fn with_port(&self) -> &str {
+        &self.spelling.authorities[1]
+    }
+
+    /// `host`, when the port is the scheme's default.
+    fn without_port(&self) -> Option<&str> {
+        let default_port = if self.https() { 443 } else { 80 };
+        (self.port == default_port).then_some(self.spelling.authorities[0].as_str())
     }
 
     /// [`Origin::matches`] for other spellings: another case, an empty port
@@ -516,10 +519,9 @@ impl Origin {
     #[cold]
     fn matches_folded(&self, authority: &str) -> bool {
         let default_port = authority.strip_suffix(':').unwrap_or(authority);
-        authority.eq_ignore_ascii_case(&self.with_port)
+        authority.eq_ignore_ascii_case(self.with_port())
             || self
-                .without_port
-                .as_deref()
+                .without_port()
                 .is_some_and(|host| default_port.eq_ignore_ascii_case(host))
             || self.same_ipv6_authority(authority)
     }
@@ -538,11 +540,11 @@ impl Origin {
             return false;
         }
         match port.strip_prefix(':') {
-            None if port.is_empty() => self.without_port.is_some(),
+            None if port.is_empty() => self.without_port().is_some(),
             None => false,
-            Some("") => self.without_port.is_some(),
+            Some("") => self.without_port().is_some(),
             // `with_port` is `host:port`.
-            Some(port) => self.with_port.get(self.host.len() + 1..) == Some(port),
+            Some(port) => self.with_port().get(self.host.len() + 1..) == Some(port),
         }
     }
 
@@ -556,7 +558,7 @@ impl Origin {
             _ => return false,
         };
         let default_port = if https { 443 } else { 80 };
-        https == self.https
+        https == self.https()
             && port.unwrap_or(default_port) == self.port
             && (host.eq_ignore_ascii_case(&self.host) || self.same_ipv6(host))
     }
@@ -575,7 +577,7 @@ impl Origin {
 /// port, then `host:port`; twice `host:port` for another port): what a
 /// request to it most likely carries, compared inline before the full check.
 /// The default spells no origin (a request's authority is never empty).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Spelling {
     https: bool,
     authorities: [String; 2],
@@ -587,12 +589,24 @@ impl Spelling {
     /// still match [`Origin::matches`] with another spelling.
     #[inline(always)]
     pub(crate) fn spelled_by(&self, scheme: Option<&str>, authority: &str) -> bool {
-        let scheme = match scheme {
+        self.scheme(scheme) && self.exact(authority)
+    }
+
+    /// Whether a request's `scheme` is this origin's. `http` spells the two
+    /// standard schemes in lower case, however the request did.
+    #[inline(always)]
+    fn scheme(&self, scheme: Option<&str>) -> bool {
+        match scheme {
             Some("https") => self.https,
             Some("http") => !self.https,
             _ => false,
-        };
-        scheme && (same(authority, &self.authorities[0]) || same(authority, &self.authorities[1]))
+        }
+    }
+
+    /// Whether a request's `authority` is one of these spellings, exactly.
+    #[inline(always)]
+    fn exact(&self, authority: &str) -> bool {
+        same(authority, &self.authorities[0]) || same(authority, &self.authorities[1])
     }
 }
 

@@ -629,7 +629,10 @@ impl<P> Builder<P> {
         );
         Ok(VoltAuthLayer {
             auth: Arc::new(Auth {
-                primary: origins.first().map(Origin::spelling).unwrap_or_default(),
+                primary: origins
+                    .first()
+                    .map(|origin| origin.spelling().clone())
+                    .unwrap_or_default(),
                 credentials: client.credentials(),
                 cache: TokenCache::new(client, settings),
                 origins,
