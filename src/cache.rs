@@ -415,9 +415,7 @@ impl TokenCache {
             };
             // Waiting takes Tokio's timer: outside a runtime (another
             // executor's `block_on`) the wait would panic.
-            if Handle::try_current().is_err() {
-                return Err(Error::NoRuntime);
-            }
+            Handle::try_current().map_err(|_| Error::NoRuntime)?;
             // A refresh spawned on a runtime that nothing drives (a sync
             // worker's `current_thread` runtime between `block_on` calls)
             // would hold up every waiter on other runtimes. Counted from the
